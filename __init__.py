@@ -1,0 +1,51 @@
+"""mixstack: sequence models made of matrix mixers, from one typed spec.
+
+Public API::
+
+    import mixstack as ms
+    spec = ms.load_spec("my_arch.yaml", overrides=["model.d_model=128"])
+    model = ms.build(spec, seed=0)
+    logits = model(input_ids)
+
+``import mixstack`` loads torch, pydantic and omegaconf, nothing heavier: lightning,
+huggingface_hub and plotting are imported inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+import sys as _sys
+
+# The repository root is the package. Under pytest (or `python -c` from the checkout)
+# this file may be imported under another name; alias it so `mixstack.*` imports
+# resolve to one module instead of a second copy.
+if __name__ != "mixstack":
+    _sys.modules.setdefault("mixstack", _sys.modules[__name__])
+
+from mixstack._version import __version__  # noqa: E402
+from mixstack.dsl import registry  # noqa: E402
+from mixstack.dsl.errors import BackendError, MixstackError, SpecError  # noqa: E402
+from mixstack.dsl.loader import load_spec  # noqa: E402
+from mixstack.dsl.spec import ModelSpec, Spec  # noqa: E402
+
+
+def build(spec, *, seed=None, device=None, dtype=None):  # noqa: ANN001, ANN201
+    """Build a model from a spec (``Spec``, ``ModelSpec``, path, ``zoo:NAME`` or dict).
+
+    See :func:`mixstack.archs.build`.
+    """
+    from mixstack.archs.builder import build as _build
+
+    return _build(spec, seed=seed, device=device, dtype=dtype)
+
+
+__all__ = [
+    "BackendError",
+    "MixstackError",
+    "ModelSpec",
+    "Spec",
+    "SpecError",
+    "__version__",
+    "build",
+    "load_spec",
+    "registry",
+]

@@ -1,0 +1,1 @@
+"""Whole models: causal LM, bidirectional encoder (MLM), sequence classifier."""

@@ -1,0 +1,1 @@
+"""Residual blocks, norms, embeddings, RoPE and composites."""

@@ -1,0 +1,1 @@
+"""The `mixstack` command."""

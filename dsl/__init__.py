@@ -1,0 +1,1 @@
+"""The spec language: Pydantic models, YAML loading, patterns and ratios, errors."""

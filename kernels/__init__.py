@@ -1,0 +1,1 @@
+"""Shared compute with a reference, a torch fast path and optional accelerated backends."""

@@ -1,0 +1,218 @@
+"""The mixer protocol (DESIGN §4).
+
+A sequence mixer maps ``x (B, L, D) -> (B, L, D)``. Its core is split into
+``coefficients`` (everything computed from the input) and ``mix`` (linear in the
+value stream ``v``); ``mixing_terms`` returns both plus the outer ``finish``, and the
+generic :func:`materialize` turns them into explicit ``(B, H, L, L)`` matrices by
+applying ``mix`` to an identity basis in fp64. Channel mixers (MLP) implement only
+``forward`` and the bookkeeping methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from mixstack.dsl.base import Capabilities, LayerConfig
+from mixstack.dsl.context import LayerContext
+
+
+@dataclass(frozen=True)
+class ParamHint:
+    """How the optimizer and casting treat one parameter.
+
+    no_weight_decay: exclude from weight decay (norms, biases, SSM scalars).
+    lr_scale: multiplies the base learning rate.
+    keep_fp32: stays fp32 when the model is cast to bf16/fp16 (A_log, D, dt_bias).
+    residual_out: the projection writing into the residual stream; the builder rescales
+        its init by 1/sqrt(n_layers) (GPT-2 / mamba_ssm convention).
+    """
+
+    no_weight_decay: bool = False
+    lr_scale: float = 1.0
+    keep_fp32: bool = False
+    residual_out: bool = False
+
+
+@dataclass
+class State:
+    """Decode state: a dataclass of tensors with static shapes, batch first.
+
+    Subclasses add tensor fields; non-tensor fields (ints) are shared by the whole
+    batch. ``index_select`` reorders the batch (beam search).
+    """
+
+    def index_select(self, index: Tensor) -> State:
+        changes = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor) and value.dim() > 0:
+                changes[f.name] = value.index_select(0, index)
+            elif isinstance(value, State):
+                changes[f.name] = value.index_select(index)
+            elif isinstance(value, list) and value and all(isinstance(v, State) for v in value):
+                changes[f.name] = [v.index_select(index) for v in value]
+        return dataclasses.replace(self, **changes)
+
+    def tensors(self) -> list[Tensor]:
+        out: list[Tensor] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                out.append(value)
+            elif isinstance(value, State):
+                out.extend(value.tensors())
+            elif isinstance(value, list):
+                for v in value:
+                    if isinstance(v, State):
+                        out.extend(v.tensors())
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+@dataclass
+class MixTerms:
+    """The matrix view of one call: ``out = finish(Σ_t mix(coeffs_t, v_t))``.
+
+    terms: ``[(coeffs, v (B, L, H, P)), ...]``; ``mix`` is linear in ``v`` and must
+        accept any P (materialize feeds P = L).
+    finish: ``(B, L, H, P) -> (B, L, D)``: outer gates, norms, projections.
+    """
+
+    terms: list[tuple[Any, Tensor]]
+    finish: Callable[[Tensor], Tensor]
+
+
+class Mixer(nn.Module):
+    """Base class of every registered layer module.
+
+    Subclasses are registered with ``@register(TheirConfig)`` and implement ``forward``;
+    sequence mixers with a matrix view implement ``mixing_terms`` and ``mix``; decode
+    mixers implement ``init_state`` and ``step``.
+    """
+
+    config_cls: ClassVar[type[LayerConfig]]
+
+    def __init__(self, cfg: LayerConfig, ctx: LayerContext):
+        super().__init__()
+        self.cfg = cfg
+        self.ctx = ctx
+        self.capabilities: Capabilities = cfg.capabilities(ctx)
+        # Shared by every layer of a model; the builder replaces it. Kernel calls go
+        # through it, so the backend is resolved lazily per (kernel, device, dtype).
+        from mixstack.kernels.backends import BackendPolicy
+
+        self.backends: BackendPolicy = BackendPolicy.default()
+
+    # -- the forward pass ---------------------------------------------------------
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        input_ids: Tensor | None = None,
+        seq_idx: Tensor | None = None,
+        state: State | None = None,
+    ) -> Tensor:
+        """``x (B, L, D) -> (B, L, D)``. Default: the matrix view, evaluated."""
+        if state is not None:
+            raise TypeError(f"{type(self).__name__} does not support decoding (capability `decode`)")
+        terms = self.mixing_terms(x, input_ids=input_ids, seq_idx=seq_idx)
+        return terms.finish(sum(self.mix(c, v) for c, v in terms.terms))
+
+    # -- matrix view ----------------------------------------------------------------
+    def mixing_terms(
+        self, x: Tensor, *, input_ids: Tensor | None = None, seq_idx: Tensor | None = None
+    ) -> MixTerms:
+        raise TypeError(f"{type(self).__name__} ({self.cfg.kind} layer) has no matrix view")
+
+    def mix(self, coeffs: Any, v: Tensor) -> Tensor:
+        raise TypeError(f"{type(self).__name__} ({self.cfg.kind} layer) has no matrix view")
+
+    @property
+    def has_matrix_view(self) -> bool:
+        return type(self).mixing_terms is not Mixer.mixing_terms
+
+    # -- decoding ---------------------------------------------------------------------
+    def init_state(
+        self, batch: int, max_len: int, *, device: torch.device | str | None, dtype: torch.dtype
+    ) -> State:
+        raise TypeError(f"{type(self).__name__} does not support decoding (capability `decode`)")
+
+    def step(self, x_t: Tensor, state: State, *, token_t: Tensor | None = None) -> Tensor:
+        """One token: ``x_t (B, D) -> (B, D)``, updating ``state`` in place."""
+        raise TypeError(f"{type(self).__name__} does not support decoding (capability `decode`)")
+
+    # -- bookkeeping --------------------------------------------------------------------
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """(Re)initialise every parameter; works after ``to_empty`` from the meta device."""
+        for module in self.modules():
+            if module is not self and isinstance(module, nn.Linear):
+                init_linear(module, self.ctx.init_std, generator)
+
+    def param_hints(self) -> dict[str, ParamHint]:
+        """Per parameter name (relative to this module). Missing names get defaults;
+        biases and 1-d parameters are excluded from weight decay by the trainer anyway."""
+        return {}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token (2·MACs), averaged over a sequence of ``seq_len``.
+
+        Default: 2 × (parameters used once per token); mixers with sequence-length
+        dependent work override this.
+        """
+        return 2.0 * sum(p.numel() for p in self.parameters())
+
+    def state_nbytes(self, seq_len: int, dtype: torch.dtype) -> int:
+        """Decode state size in bytes for one sequence of ``seq_len`` tokens."""
+        if not self.capabilities.decode:
+            return 0
+        return self.init_state(1, seq_len, device="meta", dtype=dtype).nbytes()
+
+
+def init_linear(linear: nn.Linear, std: float, generator: torch.Generator | None) -> None:
+    """Normal(0, std) weights and zero bias (GPT-2 / HF convention)."""
+    with torch.no_grad():
+        nn.init.normal_(linear.weight, mean=0.0, std=std, generator=generator)
+        if linear.bias is not None:
+            linear.bias.zero_()
+
+
+@torch.no_grad()
+def materialize(
+    mixer: Mixer,
+    x: Tensor,
+    *,
+    input_ids: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+) -> tuple[list[tuple[Tensor, Tensor]], Callable[[Tensor], Tensor]]:
+    """Explicit mixing matrices of one call, derived from ``mix`` alone.
+
+    Returns ``([(M (B, H, L, L), v (B, H, L, P)), ...], finish)`` such that
+    ``mixer(x) == finish(Σ (M @ v).transpose(1, 2))`` up to rounding. ``mix`` is applied
+    to the identity basis ``E (B, L, H, L)`` with ``E[b, j, h, p] = δ_jp``, so its output
+    at ``(b, i, h, p)`` is ``M_h[i, p]``. Run it in fp64 for exact comparisons.
+    """
+    terms = mixer.mixing_terms(x, input_ids=input_ids, seq_idx=seq_idx)
+    out = []
+    for coeffs, v in terms.terms:
+        B, L, H, _ = v.shape
+        basis = torch.eye(L, dtype=v.dtype, device=v.device)  # (L, L): [j, p]
+        basis = basis[None, :, None, :].expand(B, L, H, L)
+        matrix = mixer.mix(coeffs, basis).permute(0, 2, 1, 3)  # (B, H, L, L): [i, j]
+        out.append((matrix, v.permute(0, 2, 1, 3)))
+    return out, terms.finish
+
+
+def apply_materialized(
+    matrices: list[tuple[Tensor, Tensor]], finish: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """``finish(Σ M @ v)`` with the (B, L, H, P) layout ``finish`` expects."""
+    total = sum(m @ v for m, v in matrices)  # (B, H, L, P)
+    return finish(total.permute(0, 2, 1, 3))
