@@ -14,6 +14,8 @@ huggingface_hub and plotting are imported inside the functions that use them.
 from __future__ import annotations
 
 import sys as _sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 # The repository root is the package. Under pytest (or `python -c` from the checkout)
 # this file may be imported under another name; alias it so `mixstack.*` imports
@@ -21,14 +23,32 @@ import sys as _sys
 if __name__ != "mixstack":
     _sys.modules.setdefault("mixstack", _sys.modules[__name__])
 
-from mixstack._version import __version__  # noqa: E402
-from mixstack.dsl import registry  # noqa: E402
-from mixstack.dsl.errors import BackendError, MixstackError, SpecError  # noqa: E402
-from mixstack.dsl.loader import load_spec  # noqa: E402
-from mixstack.dsl.spec import ModelSpec, Spec  # noqa: E402
+from mixstack._version import __version__
+from mixstack.dsl import registry
+from mixstack.dsl.errors import BackendError, MixstackError, SpecError
+from mixstack.dsl.spec import ModelSpec, Spec
+
+if TYPE_CHECKING:
+    from mixstack.archs.models import MixStackModel
 
 
-def build(spec, *, seed=None, device=None, dtype=None):  # noqa: ANN001, ANN201
+def load_spec(source: Any, overrides: Sequence[str] = ()) -> Spec:
+    """Load and validate a spec: a YAML path, ``zoo:NAME``, a dict or a ``Spec``.
+
+    See :func:`mixstack.dsl.loader.load_spec`.
+    """
+    from mixstack.dsl.loader import load_spec as _load_spec
+
+    return _load_spec(source, overrides=overrides)
+
+
+def build(
+    spec: Any,
+    *,
+    seed: int | None = None,
+    device: Any = None,
+    dtype: Any = None,
+) -> MixStackModel:
     """Build a model from a spec (``Spec``, ``ModelSpec``, path, ``zoo:NAME`` or dict).
 
     See :func:`mixstack.archs.build`.

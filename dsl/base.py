@@ -54,6 +54,9 @@ class LayerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     kind: ClassVar[Kind] = "sequence"
+    # Names of fields holding nested layer configs (composites); the loader validates
+    # those children first so their errors carry their own paths and lines.
+    child_fields: ClassVar[tuple[str, ...]] = ()
     type: str
 
     def capabilities(self, ctx: LayerContext) -> Capabilities:
@@ -83,7 +86,11 @@ class LayerConfig(BaseModel):
 
     def children(self) -> list[LayerConfig]:
         """Nested layer configs (composites); empty for plain layers."""
-        return []
+        out: list[LayerConfig] = []
+        for name in self.child_fields:
+            value = getattr(self, name)
+            out.extend(value if isinstance(value, (list, tuple)) else [value])
+        return out
 
 
 @dataclass(frozen=True)

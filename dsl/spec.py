@@ -72,7 +72,9 @@ class EmbeddingConfig(StrictModel):
 class InitConfig(StrictModel):
     """Initialisation shared by all layers (mixers may apply their own, MATH.md)."""
 
-    std: float = Field(0.02, gt=0, description="std of Normal init for linear and embedding weights")
+    std: float = Field(
+        0.02, gt=0, description="std of Normal init for linear and embedding weights"
+    )
     residual_scaling: bool = Field(
         True,
         description="divide residual output projections by sqrt(n_layers) (GPT-2 / mamba_ssm)",

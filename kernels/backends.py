@@ -148,9 +148,7 @@ class BackendPolicy:
     """
 
     def __init__(self, request: str | Mapping[str, str] = "auto"):
-        self.request: str | dict[str, str] = (
-            request if isinstance(request, str) else dict(request)
-        )
+        self.request: str | dict[str, str] = request if isinstance(request, str) else dict(request)
         self._validate_request()
         self._cache: dict[tuple[str, str, torch.dtype], KernelBackend] = {}
 
@@ -214,8 +212,7 @@ class BackendPolicy:
                 return backend
             skipped.append(f"{provider}: {reason}")
         raise BackendError(
-            f"no backend of kernel {kernel!r} runs on {device.type}/{dtype}; "
-            + "; ".join(skipped)
+            f"no backend of kernel {kernel!r} runs on {device.type}/{dtype}; " + "; ".join(skipped)
         )
 
     def call(self, kernel: str, *args: Any, **kwargs: Any) -> Any:

@@ -122,7 +122,9 @@ class Mixer(nn.Module):
     ) -> Tensor:
         """``x (B, L, D) -> (B, L, D)``. Default: the matrix view, evaluated."""
         if state is not None:
-            raise TypeError(f"{type(self).__name__} does not support decoding (capability `decode`)")
+            raise TypeError(
+                f"{type(self).__name__} does not support decoding (capability `decode`)"
+            )
         terms = self.mixing_terms(x, input_ids=input_ids, seq_idx=seq_idx)
         return terms.finish(sum(self.mix(c, v) for c, v in terms.terms))
 

@@ -1,0 +1,334 @@
+"""The ``mixstack`` command: thin commands over the public Python API.
+
+    mixstack [--plugin FILE.py]... [--debug] COMMAND ...
+
+    validate SPEC [KEY=VALUE...]    load and check a spec; print its hash and pattern
+    info SPEC [KEY=VALUE...]        layer table, ratios, parameters, state, FLOPs (meta build)
+    schema [--out FILE]             JSON schema of the spec for editor completion
+    zoo list                        presets shipped in mixstack/zoo
+
+SPEC is a YAML path or ``zoo:NAME``; overrides are dotted ``key.path=value`` pairs
+(values parsed as YAML). Exit codes: 0 ok, 1 a mixstack error (bad spec, unknown
+backend, plugin failure, unwritable file), 2 bad command-line usage. Errors print as
+one clean red message; ``--debug`` re-raises them with the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from mixstack.dsl.errors import MixstackError
+
+if TYPE_CHECKING:
+    from mixstack.archs.report import Report
+    from mixstack.dsl.spec import Spec
+
+app = typer.Typer(
+    name="mixstack",
+    help="Build, inspect and compare sequence models made of matrix mixers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+zoo_app = typer.Typer(
+    help="Presets shipped with mixstack (use them as zoo:NAME).", no_args_is_help=True
+)
+app.add_typer(zoo_app, name="zoo")
+
+EXIT_ERROR = 1
+
+
+@dataclass
+class _Options:
+    debug: bool = False
+
+
+# Piped or captured output has no terminal width; rich would assume 80 columns and fold
+# the layer table into many lines per layer.
+PIPE_WIDTH = 160
+
+
+def _stdout() -> Console:
+    return Console(highlight=False, width=None if sys.stdout.isatty() else PIPE_WIDTH)
+
+
+@contextmanager
+def _handled(ctx: typer.Context) -> Iterator[None]:
+    """MixstackError / OSError -> red message on stderr and exit 1 (unless --debug)."""
+    debug = isinstance(ctx.obj, _Options) and ctx.obj.debug
+    try:
+        yield
+    except (MixstackError, OSError) as exc:
+        if debug:
+            raise
+        label = "error" if isinstance(exc, MixstackError) else type(exc).__name__
+        message = Text(f"{label}: ", style="bold red") + Text(str(exc), style="red")
+        Console(stderr=True, highlight=False).print(message, soft_wrap=True)
+        raise typer.Exit(EXIT_ERROR) from None
+
+
+SpecArg = Annotated[str, typer.Argument(help="YAML path or zoo:NAME", show_default=False)]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="dotted overrides, e.g. model.d_model=128", show_default=False),
+]
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    plugin: Annotated[
+        list[Path] | None,
+        typer.Option("--plugin", help="Python file registering extra layers (repeatable)"),
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")] = False,
+) -> None:
+    """Build, inspect and compare sequence models made of matrix mixers."""
+    ctx.obj = _Options(debug=debug)
+    with _handled(ctx):
+        from mixstack.dsl.registry import load_plugin_file
+
+        for path in plugin or []:
+            load_plugin_file(path)
+
+
+def _load(spec: str, overrides: list[str] | None) -> Spec:
+    from mixstack import load_spec
+
+    return load_spec(spec, overrides=list(overrides or []))
+
+
+@app.command()
+def validate(ctx: typer.Context, spec: SpecArg, overrides: OverridesArg = None) -> None:
+    """Load and check a spec; print 'ok', its hash and the realized pattern."""
+    with _handled(ctx):
+        loaded = _load(spec, overrides)
+        layers = loaded.model.layers
+        out = _stdout()
+        out.print("ok")
+        out.print(f"spec hash: {loaded.spec_hash}")
+        out.print(Text(f"pattern:   {layers.pattern}  ({layers.n_layers} layers)"))
+
+
+# -- info ---------------------------------------------------------------------------------
+def human(n: float, unit: str = "") -> str:
+    """``8_030_261_248 -> '8.03B'``; bytes with ``unit='B'`` -> ``'1.50 GiB'``."""
+    if unit == "B":
+        for suffix, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+            if n >= size:
+                return f"{n / size:.2f} {suffix}"
+        return f"{int(n)} B"
+    for suffix, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{suffix}"
+    return f"{n:g}"
+
+
+def _layer_table(report: Report) -> Table:
+    table = Table(title="layers", title_justify="left")
+    for name, justify in (
+        ("#", "right"),
+        ("sym", "center"),
+        ("type", "left"),
+        ("settings", "left"),
+        ("params", "right"),
+        ("state", "right"),
+        ("FLOPs/tok", "right"),
+    ):
+        table.add_column(name, justify=justify, overflow="fold")
+    for row in report.rows:
+        table.add_row(
+            str(row.index),
+            Text(row.symbol),
+            Text(row.type),
+            Text(row.settings),
+            human(row.params),
+            human(row.state_bytes, "B"),
+            human(row.flops_per_token),
+        )
+    return table
+
+
+def _ratio_table(spec: Spec) -> Table:
+    """Realized count per symbol next to what was requested (``layers.requested``)."""
+    layers = spec.model.layers
+    symbols = layers.symbols_in_order
+    requested = layers.requested
+    ratios = (requested.ratios or {}) if requested else {}
+    fill = requested.fill if requested else None
+    table = Table(title="realized vs requested", title_justify="left")
+    for name in ("symbol", "type", "realized", "fraction", "requested"):
+        table.add_column(name, no_wrap=True)
+    n = len(symbols)
+    for symbol in dict.fromkeys(symbols):
+        count = symbols.count(symbol)
+        if symbol in ratios:
+            asked = f"{ratios[symbol]:g}"
+        else:
+            asked = "fill" if symbol == fill else "-" if not ratios else "0"
+        table.add_row(
+            Text(symbol), layers.symbols[symbol].type, f"{count}/{n}", f"{count / n:.3f}", asked
+        )
+    return table
+
+
+def _type_table(report: Report) -> Table:
+    table = Table(title="per layer type", title_justify="left")
+    for name in ("type", "count", "params", "state", "FLOPs/tok"):
+        table.add_column(name, justify="left" if name == "type" else "right", overflow="fold")
+    for row in report.rows_by_type():
+        table.add_row(
+            Text(row.type),
+            str(row.count),
+            human(row.params),
+            human(row.state_bytes, "B"),
+            human(row.flops_per_token),
+        )
+    return table
+
+
+def _totals_table(report: Report, spec: Spec) -> Table:
+    dtype = str(report.dtype).removeprefix("torch.")
+    table = Table(title="totals", title_justify="left", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("parameters", f"{report.total_params:,} ({human(report.total_params)})")
+    table.add_row("  embedding", f"{report.embedding_params:,}")
+    table.add_row("  head", f"{report.head_params:,}" + (" (tied)" if _tied(spec) else ""))
+    table.add_row(
+        f"decode state ({report.seq_len} tokens, {dtype})",
+        f"{report.total_state_bytes:,} B ({human(report.total_state_bytes, 'B')})",
+    )
+    table.add_row(
+        f"forward FLOPs/token (seq {report.seq_len})",
+        f"{report.total_flops_per_token:,.0f} ({human(report.total_flops_per_token)})",
+    )
+    return table
+
+
+def _tied(spec: Spec) -> bool:
+    return spec.model.tie_embeddings and spec.model.arch != "classifier"
+
+
+@app.command()
+def info(
+    ctx: typer.Context,
+    spec: SpecArg,
+    overrides: OverridesArg = None,
+    seq_len: Annotated[
+        int | None, typer.Option("--seq-len", min=1, help="length for state and FLOPs")
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="decode-state dtype: bf16|fp16|fp32")
+    ] = "bf16",
+) -> None:
+    """Layer table, realized pattern and ratios, parameters, decode state, FLOPs per token."""
+    with _handled(ctx):
+        from mixstack.archs.builder import build, parse_dtype
+
+        loaded = _load(spec, overrides)
+        model = build(loaded, device="meta")
+        report = model.report(seq_len or loaded.model.max_seq_len, dtype=parse_dtype(dtype))
+        out = _stdout()
+        m = loaded.model
+        out.print(
+            Text(
+                f"{m.arch}  d_model {m.d_model}  vocab {m.total_vocab} "
+                f"(embedding rows {m.padded_vocab})  hash {loaded.spec_hash[:12]}"
+            )
+        )
+        out.print(_layer_table(report))
+        out.print(Text(f"pattern: {m.layers.pattern}  ({m.n_layers} layers)"))
+        out.print(_ratio_table(loaded))
+        out.print(_type_table(report))
+        out.print(_totals_table(report, loaded))
+
+
+# -- schema and zoo ----------------------------------------------------------------------
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and ``os.replace``: never half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@app.command()
+def schema(
+    ctx: typer.Context,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="write to FILE instead of stdout")
+    ] = None,
+) -> None:
+    """Print the JSON schema of a spec file (for editor completion)."""
+    with _handled(ctx):
+        from mixstack.dsl.schema import spec_json_schema
+
+        text = json.dumps(spec_json_schema(), indent=2) + "\n"
+        if out is None:
+            typer.echo(text, nl=False)
+        else:
+            write_atomic(out, text)
+            _stdout().print(Text(f"wrote {out}"))
+
+
+def zoo_presets() -> list[tuple[str, str]]:
+    """``(name, header comment)`` of every preset in the package's zoo folder."""
+    from importlib import resources
+
+    folder = resources.files("mixstack.zoo")
+    presets = []
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            presets.append((entry.name.removesuffix(".yaml"), _header(entry.read_text("utf-8"))))
+    return presets
+
+
+def _header(text: str) -> str:
+    """The leading ``#`` comment block of a YAML file, as one paragraph."""
+    lines = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped.startswith("#"):
+            break
+        lines.append(stripped.lstrip("#").strip())
+    return " ".join(part for part in lines if part)
+
+
+@zoo_app.command("list")
+def zoo_list(ctx: typer.Context) -> None:
+    """List the presets (use them as zoo:NAME)."""
+    with _handled(ctx):
+        table = Table(title="zoo presets (use as zoo:NAME)", title_justify="left")
+        table.add_column("name", no_wrap=True)
+        table.add_column("description", overflow="fold")
+        for name, header in zoo_presets():
+            table.add_row(name, Text(header))
+        _stdout().print(table)
+
+
+def main() -> None:
+    """Console-script entry point (``mixstack = "mixstack.cli.main:main"``)."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
