@@ -36,7 +36,11 @@ AUTO_PRIORITY: tuple[str, ...] = (
 PROVIDERS: tuple[str, ...] = ("reference", *AUTO_PRIORITY)
 
 # Kernel modules imported on first use of the registry.
-_KERNEL_MODULES = ("mixstack.kernels.attention",)
+_KERNEL_MODULES = (
+    "mixstack.kernels.attention",
+    "mixstack.kernels.ssd",
+    "mixstack.kernels.causal_conv1d",
+)
 
 Reason = str | None  # None: fine; a string: why not
 

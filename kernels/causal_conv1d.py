@@ -1,0 +1,424 @@
+"""Depthwise short convolutions: causal (Mamba-2, decode) and centred (Hydra).
+
+``x (B, L, C)`` with ``weight (C, K)`` and optional ``bias (C,)``, channel by channel.
+
+* **causal** (kernel ``causal_conv1d``): ``y_t = Σ_k weight[:, k] · x_{t−(K−1)+k} + bias``,
+  i.e. left-pad K−1 and keep the first L outputs; ``weight[:, K−1]`` multiplies the
+  current input (mamba_ssm / nn.Conv1d layout, MATH §2). Decode state: ``(B, C, K)``,
+  the last **K pre-conv input columns**, oldest first, exactly MATH §2's
+  ``conv_state``; a forward consumes its last K−1 columns, :func:`causal_conv1d_update`
+  shifts it left and appends the new input. The final state after a forward is the
+  last K columns of ``[initial_state | x]`` (zero-left-padded when there was no
+  initial state and L < K).
+* **centred** (kernel ``centered_conv1d``): odd K only, padding K//2 on both sides,
+  "same" length: ``y_t = Σ_k weight[:, k] · x_{t−K//2+k} + bias`` (Hydra's
+  ``nn.Conv1d(padding=K//2)``). No state: it sees the future.
+
+Packed sequences (``seq_idx (B, L)``, −1 = padding; documents as in
+:func:`mixstack.kernels.ssd.document_runs`): padding is **transparent**, as in the
+SSD scan: the taps run over the non-padding positions of the row in order, so a pad
+anywhere (left, right, inside a document) changes nothing, and its output is 0. An
+output only sees inputs of its own document; the initial state's columns belong to
+the first document of the row, and the final state holds the last K non-padding
+inputs of the last document (zeros for columns of earlier documents), so decoding
+continues that document exactly as a longer forward would.
+
+``activation`` is ``None`` or ``"silu"``, applied after the bias. Computation runs in
+fp32 (fp64 for fp64 inputs) and comes back in ``x.dtype``; states keep ``x.dtype``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mixstack.kernels.backends import register_backend, register_kernel
+from mixstack.kernels.ssd import compute_dtype, document_runs
+
+CAUSAL = "causal_conv1d"
+CENTERED = "centered_conv1d"
+
+Activation = Literal["silu"] | None
+ConvResult = Tensor | tuple[Tensor, Tensor]
+
+
+def _check_args(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    activation: str | None,
+    seq_idx: Tensor | None,
+    *,
+    kernel: str,
+) -> None:
+    """Raise ``ValueError`` naming the mismatch (kernels get shapes from code)."""
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
+        raise ValueError(
+            f"{kernel} expects x (B, L, C) and weight (C, K); got {tuple(x.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    if bias is not None and bias.shape != (x.shape[2],):
+        raise ValueError(f"{kernel}: bias must be (C,) = ({x.shape[2]},), got {tuple(bias.shape)}")
+    if activation not in (None, "silu"):
+        raise ValueError(f"{kernel}: activation must be None or 'silu', got {activation!r}")
+    if seq_idx is not None and seq_idx.shape != x.shape[:2]:
+        raise ValueError(
+            f"{kernel}: seq_idx must be (B, L) = {tuple(x.shape[:2])}, got {tuple(seq_idx.shape)}"
+        )
+    if kernel == CENTERED and weight.shape[1] % 2 == 0:
+        raise ValueError(
+            f"centered_conv1d needs an odd kernel width (padding K//2 keeps the length only "
+            f"then), got K={weight.shape[1]}"
+        )
+
+
+def _check_state(x: Tensor, width: int, state: Tensor | None) -> None:
+    if state is not None and state.shape != (x.shape[0], x.shape[2], width):
+        raise ValueError(
+            f"causal_conv1d: initial_state must be (B, C, K) = "
+            f"{(x.shape[0], x.shape[2], width)}, got {tuple(state.shape)}"
+        )
+
+
+def _activate(y: Tensor, activation: str | None) -> Tensor:
+    return F.silu(y) if activation == "silu" else y
+
+
+def _history(x: Tensor, width: int, initial_state: Tensor | None) -> Tensor:
+    """The K state columns before x (B, C, K) in ``x.dtype``: the initial state or zeros."""
+    if initial_state is None:
+        return x.new_zeros(x.shape[0], x.shape[2], width)
+    return initial_state.to(x.dtype)
+
+
+def _output(y: Tensor, x: Tensor, seq_idx: Tensor | None, activation: str | None) -> Tensor:
+    """Activation, zero at padding, ``(B, C, L)`` -> ``(B, L, C)`` in ``x.dtype``."""
+    y = _activate(y, activation)
+    if seq_idx is not None:
+        y = y.masked_fill((seq_idx < 0)[:, None, :], 0.0)
+    return y.transpose(1, 2).to(x.dtype)
+
+
+# -- reference: explicit loops over rows, positions and taps ----------------------------------
+
+
+def _row_tokens(seq_idx: Tensor | None, bsz: int, length: int) -> list[list[tuple[int, int]]]:
+    """Per row, ``(position, run)`` of every non-padding position, in order."""
+    if seq_idx is None:
+        return [[(t, 0) for t in range(length)] for _ in range(bsz)]
+    run, pad = document_runs(seq_idx)
+    return [[(t, int(run[b, t])) for t in range(length) if not pad[b, t]] for b in range(bsz)]
+
+
+@register_backend(CAUSAL, "reference")
+def causal_conv1d_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    activation: Activation = None,
+    seq_idx: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> ConvResult:
+    """Explicit loops: tap k of the r-th token of a row reads token r−(K−1)+k, or state
+    column K+(r−(K−1)+k) before the first token; only within the token's document.
+
+    x (B, L, C), weight (C, K), bias (C,) | None, seq_idx (B, L) | None,
+    initial_state (B, C, K) | None -> y (B, L, C) [, final_state (B, C, K)].
+    """
+    _check_args(x, weight, bias, activation, seq_idx, kernel=CAUSAL)
+    bsz, length, channels = x.shape
+    width = weight.shape[1]
+    _check_state(x, width, initial_state)
+    f = compute_dtype(x.dtype)
+    xs, w, hist = x.to(f), weight.to(f), _history(x, width, initial_state).to(f)
+    zero = xs.new_zeros(channels)
+    rows = []
+    for b, tokens in enumerate(_row_tokens(seq_idx, bsz, length)):
+        out = [zero] * length
+        for r, (t, run_t) in enumerate(tokens):
+            acc = zero if bias is None else bias.to(f)
+            for k in range(width):
+                s = r - (width - 1) + k
+                if s >= 0 and tokens[s][1] == run_t:
+                    acc = acc + w[:, k] * xs[b, tokens[s][0]]
+                elif s < 0 and run_t == 0:
+                    acc = acc + w[:, k] * hist[b, :, width + s]
+            out[t] = acc
+        rows.append(torch.stack(out, dim=-1))  # (C, L)
+    y = _output(torch.stack(rows), x, seq_idx, activation)
+    if not return_final_state:
+        return y
+    return y, _final_state_reference(x, width, initial_state, seq_idx)
+
+
+def _final_state_reference(
+    x: Tensor, width: int, initial_state: Tensor | None, seq_idx: Tensor | None
+) -> Tensor:
+    """Per row: the last K of [state columns (run 0), tokens], zeroed outside the last run."""
+    hist = _history(x, width, initial_state)
+    states = []
+    for b, tokens in enumerate(_row_tokens(seq_idx, x.shape[0], x.shape[1])):
+        cols = [(hist[b, :, k], 0) for k in range(width)] + [(x[b, t], run) for t, run in tokens]
+        last_run = cols[-1][1]
+        kept = [c if run == last_run else torch.zeros_like(c) for c, run in cols[-width:]]
+        states.append(torch.stack(kept, dim=-1))
+    return torch.stack(states)
+
+
+# -- torch: F.conv1d, or shifted masked products over the non-padding tokens ------------------
+
+
+class _Compacted(NamedTuple):
+    """Non-padding tokens of each row moved to the front, in order.
+
+    x (B, C, L): slots 0..n−1 hold the row's tokens, later slots 0; run (B, L): their
+    document runs, −1 in unused slots; slot (B, L): slot of each position (−1 before
+    the first token); pad (B, L); count (B,): n per row.
+    """
+
+    x: Tensor
+    run: Tensor
+    slot: Tensor
+    pad: Tensor
+    count: Tensor
+
+
+def _compact(xt: Tensor, seq_idx: Tensor) -> _Compacted:
+    """xt (B, C, L) -> its tokens without padding (see :class:`_Compacted`)."""
+    bsz, channels, length = xt.shape
+    run, pad = document_runs(seq_idx)
+    slot = (~pad).long().cumsum(dim=1) - 1  # (B, L)
+    target = torch.where(pad, length, slot)  # padding goes to a dropped extra slot
+    xc = xt.new_zeros(bsz, channels, length + 1).scatter(
+        2, target[:, None, :].expand(bsz, channels, length), xt
+    )[..., :length]
+    runc = run.new_full((bsz, length + 1), -1).scatter(1, target, run)[:, :length]
+    return _Compacted(xc, runc, slot, pad, (~pad).sum(dim=1))
+
+
+def _uncompact(yc: Tensor, comp: _Compacted) -> Tensor:
+    """(B, C, L) per slot -> per position; 0 at padding."""
+    index = comp.slot.clamp(min=0)[:, None, :].expand_as(yc)
+    return yc.gather(2, index).masked_fill(comp.pad[:, None, :], 0.0)
+
+
+def _shift_sum(
+    ext: Tensor, weight: Tensor, bias: Tensor | None, ext_run: Tensor, length: int, center: int
+) -> Tensor:
+    """``Σ_k weight[:, k] · ext[:, :, r+k] · [ext_run[r+k] == ext_run[r+center]]``.
+
+    ext (B, C, L+K−1) with runs (B, L+K−1); output slot r sits at ext index r + center.
+    -> (B, C, L). Unused slots carry run −1 and never match a token's run.
+    """
+    w = weight.to(ext.dtype)
+    here = ext_run[:, center : center + length]  # (B, L)
+    y = ext.new_zeros(ext.shape[0], ext.shape[1], length)
+    for k in range(weight.shape[1]):
+        visible = (ext_run[:, k : k + length] == here).to(ext.dtype)  # (B, L)
+        y = y + w[:, k, None] * ext[:, :, k : k + length] * visible[:, None, :]
+    return y if bias is None else y + bias.to(ext.dtype)[:, None]
+
+
+def _packed_final_state(hist: Tensor, comp: _Compacted, dtype: torch.dtype) -> Tensor:
+    """Last K columns of [hist | tokens] per row, zeroed outside the last document."""
+    width = hist.shape[-1]
+    ext = torch.cat([hist.to(comp.x.dtype), comp.x], dim=-1)  # (B, C, K + L)
+    ext_run = F.pad(comp.run, (width, 0), value=0)  # state columns: the first document
+    index = comp.count[:, None] + torch.arange(width, device=ext.device)  # (B, K)
+    cols = ext.gather(2, index[:, None, :].expand(-1, ext.shape[1], -1))
+    runs = ext_run.gather(1, index)
+    return (cols * (runs == runs[:, -1:])[:, None, :].to(cols.dtype)).to(dtype)
+
+
+@register_backend(CAUSAL, "torch")
+def causal_conv1d_torch(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    activation: Activation = None,
+    seq_idx: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> ConvResult:
+    """``F.conv1d`` (groups = C) on the state-padded input. With seq_idx: padding removed
+    by a scatter, K masked shifted products (a document mask depends on the output
+    position, which one convolution cannot express), gathered back. Contract of
+    :func:`causal_conv1d_reference`."""
+    _check_args(x, weight, bias, activation, seq_idx, kernel=CAUSAL)
+    width = weight.shape[1]
+    _check_state(x, width, initial_state)
+    f = compute_dtype(x.dtype)
+    hist = _history(x, width, initial_state)  # (B, C, K)
+    xt = x.to(f).transpose(1, 2)  # (B, C, L)
+    if seq_idx is None:
+        ext = torch.cat([hist[..., 1:].to(f), xt], dim=-1)  # (B, C, K−1+L)
+        b = bias.to(f) if bias is not None else None
+        y = F.conv1d(ext, weight.to(f)[:, None, :], b, groups=ext.shape[1])  # (B, C, L)
+        final = torch.cat([hist, x.transpose(1, 2)], dim=-1)[..., -width:]
+    else:
+        comp = _compact(xt, seq_idx)
+        ext = torch.cat([hist[..., 1:].to(f), comp.x], dim=-1)
+        ext_run = F.pad(comp.run, (width - 1, 0), value=0)
+        y = _uncompact(_shift_sum(ext, weight, bias, ext_run, x.shape[1], width - 1), comp)
+        final = _packed_final_state(hist, comp, x.dtype)
+    y = _output(y, x, seq_idx, activation)
+    return (y, final.contiguous()) if return_final_state else y
+
+
+def causal_conv1d_update(
+    x_t: Tensor,
+    conv_state: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    activation: Activation = None,
+) -> Tensor:
+    """One decoding step: shift ``conv_state`` left, append ``x_t``, convolve.
+
+    x_t (B, C), conv_state (B, C, K) updated in place, weight (C, K), bias (C,) | None
+    -> y_t (B, C) in ``x_t.dtype``.
+    """
+    if conv_state.shape != (*x_t.shape, weight.shape[1]) or weight.shape[0] != x_t.shape[1]:
+        raise ValueError(
+            f"causal_conv1d_update expects x_t (B, C), conv_state (B, C, K), weight (C, K); "
+            f"got {tuple(x_t.shape)}, {tuple(conv_state.shape)}, {tuple(weight.shape)}"
+        )
+    if activation not in (None, "silu"):
+        raise ValueError(
+            f"causal_conv1d_update: activation must be None or 'silu', got {activation!r}"
+        )
+    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+    conv_state[..., -1] = x_t
+    f = compute_dtype(x_t.dtype)
+    y = (conv_state.to(f) * weight.to(f)).sum(dim=-1)  # (B, C)
+    if bias is not None:
+        y = y + bias.to(f)
+    return _activate(y, activation).to(x_t.dtype)
+
+
+# -- centred (Hydra) ---------------------------------------------------------------------------
+
+
+@register_backend(CENTERED, "reference")
+def centered_conv1d_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    activation: Activation = None,
+    seq_idx: Tensor | None = None,
+) -> Tensor:
+    """Explicit loops: tap k of the r-th token of a row reads token r−K//2+k when it
+    exists and is in the same document (zero otherwise).
+
+    x (B, L, C), weight (C, K) with K odd, bias (C,) | None, seq_idx (B, L) | None
+    -> y (B, L, C).
+    """
+    _check_args(x, weight, bias, activation, seq_idx, kernel=CENTERED)
+    bsz, length, channels = x.shape
+    half = weight.shape[1] // 2
+    f = compute_dtype(x.dtype)
+    xs, w = x.to(f), weight.to(f)
+    zero = xs.new_zeros(channels)
+    rows = []
+    for b, tokens in enumerate(_row_tokens(seq_idx, bsz, length)):
+        out = [zero] * length
+        for r, (t, run_t) in enumerate(tokens):
+            acc = zero if bias is None else bias.to(f)
+            for k in range(weight.shape[1]):
+                s = r - half + k
+                if 0 <= s < len(tokens) and tokens[s][1] == run_t:
+                    acc = acc + w[:, k] * xs[b, tokens[s][0]]
+            out[t] = acc
+        rows.append(torch.stack(out, dim=-1))  # (C, L)
+    return _output(torch.stack(rows), x, seq_idx, activation)
+
+
+@register_backend(CENTERED, "torch")
+def centered_conv1d_torch(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    activation: Activation = None,
+    seq_idx: Tensor | None = None,
+) -> Tensor:
+    """``F.conv1d`` with padding K//2 (with seq_idx: masked shifted products over the
+    non-padding tokens); contract of :func:`centered_conv1d_reference`."""
+    _check_args(x, weight, bias, activation, seq_idx, kernel=CENTERED)
+    half = weight.shape[1] // 2
+    f = compute_dtype(x.dtype)
+    xt = x.to(f).transpose(1, 2)  # (B, C, L)
+    if seq_idx is None:
+        b = bias.to(f) if bias is not None else None
+        y = F.conv1d(xt, weight.to(f)[:, None, :], b, padding=half, groups=xt.shape[1])
+    else:
+        comp = _compact(xt, seq_idx)
+        ext = F.pad(comp.x, (half, half))
+        ext_run = F.pad(comp.run, (half, half), value=-1)  # outside the row: never visible
+        y = _uncompact(_shift_sum(ext, weight, bias, ext_run, x.shape[1], half), comp)
+    return _output(y, x, seq_idx, activation)
+
+
+# -- parity cases ------------------------------------------------------------------------------
+
+
+def _packed() -> Tensor:
+    return torch.tensor([[-1] * 2 + [0] * 5 + [1] * 1 + [2] * 9, [4] * 11 + [-1] * 6])  # (2, 17)
+
+
+def causal_parity_cases() -> list[dict[str, Any]]:
+    """Inputs on which every causal backend must match the reference (fp32)."""
+    g = torch.Generator().manual_seed(99)
+    return [
+        {
+            "x": torch.randn(2, 13, 6, generator=g),
+            "weight": torch.randn(6, 4, generator=g),
+            "bias": torch.randn(6, generator=g),
+            "activation": "silu",
+        },
+        {
+            "x": torch.randn(2, 3, 5, generator=g),
+            "weight": torch.randn(5, 4, generator=g),
+            "initial_state": torch.randn(2, 5, 4, generator=g),
+            "return_final_state": True,
+        },
+        {
+            "x": torch.randn(2, 17, 3, generator=g),
+            "weight": torch.randn(3, 3, generator=g),
+            "bias": torch.randn(3, generator=g),
+            "seq_idx": _packed(),
+            "initial_state": torch.randn(2, 3, 3, generator=g),
+            "return_final_state": True,
+        },
+        {"x": torch.randn(1, 9, 4, generator=g), "weight": torch.randn(4, 1, generator=g)},
+    ]
+
+
+def centered_parity_cases() -> list[dict[str, Any]]:
+    """Inputs on which every centred backend must match the reference (fp32)."""
+    g = torch.Generator().manual_seed(7)
+    return [
+        {
+            "x": torch.randn(2, 13, 6, generator=g),
+            "weight": torch.randn(6, 7, generator=g),
+            "bias": torch.randn(6, generator=g),
+            "activation": "silu",
+        },
+        {
+            "x": torch.randn(2, 17, 3, generator=g),
+            "weight": torch.randn(3, 5, generator=g),
+            "seq_idx": _packed(),
+        },
+        {"x": torch.randn(1, 2, 4, generator=g), "weight": torch.randn(4, 7, generator=g)},
+    ]
+
+
+register_kernel(CAUSAL, parity_cases=causal_parity_cases)
+register_kernel(CENTERED, parity_cases=centered_parity_cases)

@@ -1,0 +1,530 @@
+"""The state-space-dual (SSD) scan of Mamba-2, shared with Hydra (MATH.md §2, §5).
+
+Per head ``h`` (group ``g(h) = h // (H/G)``) the state ``S ∈ R^{P×N}`` follows
+
+    S_t = exp(Δ_t A_h)·S_{t−1} + Δ_t · x_t B_tᵀ,      y_t = S_t C_t (+ D_h x_t)
+
+Inputs: ``x (B, L, H, P)``, ``dt (B, L, H)`` (already softplus'ed and clamped: Δ),
+``A (H,)`` negative, ``B (B, L, G, N)``, ``C (B, L, G, N)``. The output is linear
+in ``x`` for fixed ``(dt, A, B, C)``, which is what the mixers' matrix view relies on.
+Hydra calls it with ``D=None`` on the batch-concatenation of its forward stream and
+its time-flipped backward stream; nothing here assumes causality of the caller.
+
+Backends (one signature, :func:`ssd_scan_reference`):
+
+* ``reference``: the recurrence above, one step at a time. Readable; tests only.
+* ``torch``: the chunked algorithm: quadratic (attention-like) within a chunk of
+  ``chunk_size`` steps, a **linear** sequential scan of chunk states across chunks.
+  Segment sums are built in fp32 by mask-then-cumsum and masked to −∞ *before*
+  ``exp``, so neither forward nor backward produces NaN for large Δ (MATH §10).
+
+:func:`ssd_scan_quadratic_states` is ssd_minimal's variant whose state passing is
+quadratic in the number of chunks; it is not a backend, only a baseline for
+``benchmarks/ssm.py``.
+
+Packed sequences (``seq_idx (B, L)``, document ids, −1 for padding): the state is
+zeroed where a new document starts (a non-padding position whose id differs from the
+previous non-padding position's), and padding positions are inert: they neither decay
+nor inject, and their output is 0. ``initial_state`` belongs to the first document of
+each row. The final state is the state after the last position.
+
+Computation runs in fp32 (fp64 for fp64 inputs); ``y`` comes back in ``x.dtype`` and
+the final state in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mixstack.kernels.backends import register_backend, register_kernel
+
+KERNEL = "ssd_scan"
+
+ScanResult = Tensor | tuple[Tensor, Tensor]
+
+
+# -- shared helpers --------------------------------------------------------------------
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64 (exact tests); everything else is computed in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def document_runs(seq_idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Segment packed rows into documents.
+
+    ``seq_idx (B, L)`` int -> ``run (B, L)`` int64 and ``pad (B, L)`` bool. ``run``
+    counts document starts so far: 0 for the first document of a row (the one an
+    initial state belongs to), +1 at each later start. A start is a non-padding position
+    whose id differs from the id of the previous non-padding position; padding keeps
+    the run of the position before it, so it never separates a document from itself.
+    """
+    bsz, length = seq_idx.shape
+    pad = seq_idx < 0
+    pos = torch.arange(length, device=seq_idx.device).expand(bsz, length)
+    last_real = torch.where(pad, -1, pos).cummax(dim=1).values  # (B, L): last non-pad <= t
+    prev_real = F.pad(last_real[:, :-1], (1, 0), value=-1)  # (B, L): last non-pad < t
+    prev_id = seq_idx.gather(1, prev_real.clamp(min=0))
+    start = ~pad & (prev_real >= 0) & (seq_idx != prev_id)
+    return start.long().cumsum(dim=1), pad
+
+
+def _check_args(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None,
+    seq_idx: Tensor | None,
+    initial_state: Tensor | None,
+) -> None:
+    """Raise ``ValueError`` naming the mismatch (kernels get shapes from code)."""
+    if x.dim() != 4 or dt.dim() != 3 or A.dim() != 1 or B.dim() != 4 or C.dim() != 4:
+        raise ValueError(
+            "ssd_scan expects x (B, L, H, P), dt (B, L, H), A (H,), B and C (B, L, G, N); got "
+            f"{tuple(x.shape)}, {tuple(dt.shape)}, {tuple(A.shape)}, {tuple(B.shape)}, "
+            f"{tuple(C.shape)}"
+        )
+    bsz, length, heads, hdim = x.shape
+    groups, nstate = B.shape[2], B.shape[3]
+    if dt.shape != (bsz, length, heads) or A.shape != (heads,):
+        raise ValueError(
+            f"ssd_scan: dt {tuple(dt.shape)} / A {tuple(A.shape)} do not match x "
+            f"{tuple(x.shape)} (need dt (B, L, H), A (H,))"
+        )
+    if B.shape != C.shape or B.shape[:2] != (bsz, length) or heads % groups != 0:
+        raise ValueError(
+            f"ssd_scan: B {tuple(B.shape)} and C {tuple(C.shape)} must both be (B, L, G, N) "
+            f"with B, L of x and H={heads} a multiple of G"
+        )
+    if D is not None and D.shape not in ((heads,), (heads, hdim)):
+        raise ValueError(
+            f"ssd_scan: D must be (H,) or (H, P) = ({heads}, {hdim}), got {tuple(D.shape)}"
+        )
+    if seq_idx is not None and seq_idx.shape != (bsz, length):
+        raise ValueError(
+            f"ssd_scan: seq_idx must be (B, L) = {(bsz, length)}, got {tuple(seq_idx.shape)}"
+        )
+    if initial_state is not None and initial_state.shape != (bsz, heads, hdim, nstate):
+        raise ValueError(
+            f"ssd_scan: initial_state must be (B, H, P, N) = {(bsz, heads, hdim, nstate)}, "
+            f"got {tuple(initial_state.shape)}"
+        )
+    if chunk_size < 1 or length < 1:
+        raise ValueError(
+            f"ssd_scan: chunk_size and length must be >= 1, got chunk_size "
+            f"{chunk_size} and x {tuple(x.shape)}"
+        )
+
+
+def _skip(x: Tensor, D: Tensor | None) -> Tensor | float:
+    """The ``D x`` skip term, ``x (B, L, H, P)``; D is (H,) or (H, P)."""
+    if D is None:
+        return 0.0
+    d = D.to(x.dtype)
+    return x * (d[:, None] if d.dim() == 1 else d)
+
+
+def _finish(
+    y: Tensor, state: Tensor, out_dtype: torch.dtype, return_final_state: bool
+) -> ScanResult:
+    y = y.to(out_dtype)
+    return (y, state) if return_final_state else y
+
+
+# -- reference: the recurrence, one step at a time -------------------------------------------
+
+
+def recurrence_step(
+    state: Tensor, x_t: Tensor, dt_t: Tensor, A: Tensor, B_t: Tensor, C_t: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One step without the D skip, out of place.
+
+    ``state (B, H, P, N)``, ``x_t (B, H, P)``, ``dt_t (B, H)``, ``A (H,)``,
+    ``B_t, C_t (B, G, N)`` -> ``(new_state (B, H, P, N), y_t (B, H, P))``.
+    """
+    rep = x_t.shape[1] // B_t.shape[1]  # heads per group
+    B_h = B_t.repeat_interleave(rep, dim=1)  # (B, H, N)
+    C_h = C_t.repeat_interleave(rep, dim=1)  # (B, H, N)
+    decay = torch.exp(dt_t * A)  # (B, H)
+    inject = (dt_t[..., None] * x_t)[..., None] * B_h[:, :, None, :]  # (B, H, P, N)
+    new_state = decay[..., None, None] * state + inject
+    y_t = torch.einsum("bhpn,bhn->bhp", new_state, C_h)
+    return new_state, y_t
+
+
+@register_backend(KERNEL, "reference")
+def ssd_scan_reference(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    *,
+    chunk_size: int = 256,
+    D: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> ScanResult:
+    """SSD as the plain recurrence (``chunk_size`` is accepted and ignored).
+
+    x (B, L, H, P), dt (B, L, H), A (H,), B/C (B, L, G, N), D (H,) | (H, P) | None,
+    seq_idx (B, L) | None, initial_state (B, H, P, N) | None ->
+    y (B, L, H, P) [, final_state (B, H, P, N)].
+    """
+    _check_args(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state)
+    f = compute_dtype(x.dtype)
+    bsz, _, heads, hdim = x.shape
+    xs, dts, A_, Bs, Cs = (t.to(f) for t in (x, dt, A, B, C))
+    live = starts = None
+    if seq_idx is not None:
+        run, pad = document_runs(seq_idx)
+        live = (~pad).to(f)  # (B, L): 0 at padding
+        starts = torch.diff(run, dim=1, prepend=run[:, :1]) > 0  # (B, L)
+        xs = xs * live[..., None, None]
+    state = x.new_zeros((bsz, heads, hdim, B.shape[-1]), dtype=f)
+    if initial_state is not None:
+        state = initial_state.to(f)
+    ys = []
+    # unbind once: indexing [:, t] inside the loop would make backward O(L²) (every
+    # select's gradient is a zero-filled full-size tensor)
+    steps = zip(xs.unbind(1), dts.unbind(1), Bs.unbind(1), Cs.unbind(1), strict=True)
+    for t, (x_t, dt_t, B_t, C_t) in enumerate(steps):
+        if live is not None and starts is not None:
+            dt_t = dt_t * live[:, t, None]  # padding: no decay, no injection
+            state = state * (~starts[:, t]).to(f)[:, None, None, None]  # new document
+        state, y_t = recurrence_step(state, x_t, dt_t, A_, B_t, C_t)
+        ys.append(y_t)
+    y = torch.stack(ys, dim=1) + _skip(xs, D)  # (B, L, H, P)
+    if live is not None:
+        y = y * live[..., None, None]
+    return _finish(y, state, x.dtype, return_final_state)
+
+
+def ssd_step(
+    state: Tensor,
+    x_t: Tensor,
+    dt_t: Tensor,
+    A: Tensor,
+    B_t: Tensor,
+    C_t: Tensor,
+    D: Tensor | None = None,
+) -> Tensor:
+    """One decoding step; updates ``state`` in place and returns ``y_t``.
+
+    state (B, H, P, N) (kept in its own dtype, fp32 in the mixers), x_t (B, H, P),
+    dt_t (B, H), A (H,), B_t/C_t (B, G, N), D (H,) | (H, P) | None -> y_t (B, H, P) in
+    ``x_t.dtype``.
+    """
+    f = state.dtype
+    xs = x_t.to(f)
+    new_state, y_t = recurrence_step(state, xs, dt_t.to(f), A.to(f), B_t.to(f), C_t.to(f))
+    state.copy_(new_state)
+    if D is not None:
+        y_t = y_t + _skip(xs[:, None], D)[:, 0]  # (B, H, P)
+    return y_t.to(x_t.dtype)
+
+
+# -- torch: chunked, linear scan over chunks ------------------------------------------------
+
+
+def segsum(a: Tensor) -> Tensor:
+    """``a (..., Q)`` -> ``(..., Q, Q)`` with ``[i, j] = Σ_{k=j+1..i} a_k`` for j <= i, −∞ above.
+
+    Mask-then-cumsum: ``a_i`` is placed in the strictly lower triangle and summed down
+    the rows, so no difference of large cumulative sums is ever taken (precision), and
+    the upper triangle is −∞ before any ``exp`` (no 0·∞ in backward).
+    """
+    q = a.shape[-1]
+    ones = torch.ones(q, q, dtype=torch.bool, device=a.device)
+    rows = a[..., :, None].expand(*a.shape, q)  # (..., Q, Q): [i, j] = a_i
+    rows = rows.masked_fill(~torch.tril(ones, diagonal=-1), 0.0)
+    return rows.cumsum(dim=-2).masked_fill(~torch.tril(ones), float("-inf"))
+
+
+def _pad_to_chunks(t: Tensor, extra: int) -> Tensor:
+    """Zero-pad dim 1 (time) at the end by ``extra`` steps (Δ = 0, x = 0: inert steps)."""
+    if extra == 0:
+        return t
+    pad = [0, 0] * (t.dim() - 2) + [0, extra]
+    return F.pad(t, pad)
+
+
+def _chunk_layout(
+    x: Tensor, dt: Tensor, B: Tensor, C: Tensor, q: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reshape padded inputs into chunks, heads split as (G, R = H/G):
+
+    x -> (B, c, G, R, Q, P), dt -> (B, c, G, R, Q), B/C -> (B, c, G, Q, N).
+    """
+    bsz, lp, heads, hdim = x.shape
+    groups, nstate = B.shape[2], B.shape[3]
+    nc, rep = lp // q, heads // groups
+    xc = x.view(bsz, nc, q, groups, rep, hdim).permute(0, 1, 3, 4, 2, 5)
+    dtc = dt.view(bsz, nc, q, groups, rep).permute(0, 1, 3, 4, 2)
+    Bc = B.view(bsz, nc, q, groups, nstate).permute(0, 1, 3, 2, 4)
+    Cc = C.view(bsz, nc, q, groups, nstate).permute(0, 1, 3, 2, 4)
+    return xc, dtc, Bc, Cc
+
+
+def _run_masks(run: Tensor, q: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Document masks of chunked runs ``(B, c·Q)``.
+
+    -> same (B, c, Q, Q): positions i, j of a chunk share a document;
+       from_prev (B, c, Q): position t continues the document open at the previous
+           chunk's end (for c = 0: the first document, which owns the initial state);
+       carry (B, c): the state entering chunk c survives to its end.
+    """
+    runc = run.view(run.shape[0], -1, q)  # (B, c, Q)
+    same = runc[..., :, None] == runc[..., None, :]
+    prev_end = F.pad(runc[:, :-1, -1], (1, 0), value=0)  # (B, c): run at previous chunk end
+    from_prev = runc == prev_end[..., None]
+    return same, from_prev, from_prev[..., -1]
+
+
+def _intra_chunk(
+    xdt: Tensor, a: Tensor, Bc: Tensor, Cc: Tensor, same: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Diagonal blocks and chunk states.
+
+    xdt (B, c, G, R, Q, P) = x·Δ, a (B, c, G, R, Q) = Δ·A, B/C (B, c, G, Q, N) ->
+    y_diag (B, c, G, R, Q, P) and the state each chunk adds, T (B, c, G, R, P, N).
+    """
+    seg = segsum(a)  # (B, c, G, R, Q, Q)
+    if same is not None:
+        seg = seg.masked_fill(~same[:, :, None, None], float("-inf"))
+    decay = torch.exp(seg)  # (B, c, G, R, Q, Q), 0 above the diagonal and across documents
+    scores = (Cc @ Bc.transpose(-1, -2))[:, :, :, None] * decay  # (B, c, G, R, Q, Q)
+    y_diag = scores @ xdt  # (B, c, G, R, Q, P)
+    # Row Q-1 of the decay matrix is exp(Σ_{k=s+1..Q-1} a_k): input s up to the chunk end.
+    weighted = xdt * decay[..., -1, :, None]  # (B, c, G, R, Q, P)
+    states = weighted.transpose(-1, -2) @ Bc[:, :, :, None]  # (B, c, G, R, P, N)
+    return y_diag, states
+
+
+def _carry_decays(
+    a: Tensor, from_prev: Tensor | None, carry: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """How the state entering a chunk decays: a (B, c, G, R, Q) log-decays ->
+    over the whole chunk, log (B, c, G, R) (−∞ where a document starts in the chunk),
+    and up to each position t, exp (B, c, G, R, Q) (0 where t is in a new document)."""
+    a_cum = a.cumsum(dim=-1)  # (B, c, G, R, Q): Σ_{k<=t} a_k <= 0, no differences taken
+    chunk_log_decay = a_cum[..., -1]
+    enter_decay = torch.exp(a_cum)  # in (0, 1]
+    if carry is not None and from_prev is not None:
+        chunk_log_decay = chunk_log_decay.masked_fill(~carry[:, :, None, None], float("-inf"))
+        enter_decay = enter_decay * from_prev[:, :, None, None]
+    return chunk_log_decay, enter_decay
+
+
+def _scan_chunk_states(states: Tensor, log_decay: Tensor, initial: Tensor) -> tuple[Tensor, Tensor]:
+    """Linear state passing: ``S_c = exp(log_decay_c) · S_{c−1} + T_c``.
+
+    states (B, c, G, R, P, N), log_decay (B, c, G, R) (−∞ where a document starts inside
+    the chunk), initial (B, G, R, P, N) -> state entering each chunk (B, c, G, R, P, N)
+    and the final state.
+    """
+    decay = torch.exp(log_decay)[..., None, None]  # (B, c, G, R, 1, 1)
+    s = initial
+    entering = []
+    # unbind once: indexing [:, c] in the loop would make backward O(c²) in memory traffic
+    for decay_c, state_c in zip(decay.unbind(1), states.unbind(1), strict=True):
+        entering.append(s)
+        s = decay_c * s + state_c
+    return torch.stack(entering, dim=1), s
+
+
+def _quadratic_chunk_states(
+    states: Tensor, log_decay: Tensor, initial: Tensor
+) -> tuple[Tensor, Tensor]:
+    """ssd_minimal's state passing: one (c+1)×(c+1) segment-sum matrix over chunks.
+
+    Same contract as :func:`_scan_chunk_states`; O(c²) work and memory (benchmark
+    baseline). The −∞ of dropped carries propagates through mask-then-cumsum without NaN.
+    """
+    log_decay = F.pad(log_decay.permute(0, 2, 3, 1), (1, 0))  # (B, G, R, c+1)
+    transfer = torch.exp(segsum(log_decay))  # (B, G, R, c+1, c+1)
+    all_states = torch.cat([initial[:, None], states], dim=1)  # (B, c+1, G, R, P, N)
+    out = torch.einsum("bgrzc,bcgrpn->bzgrpn", transfer, all_states)
+    return out[:, :-1], out[:, -1]
+
+
+def _ssd_chunked(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    *,
+    chunk_size: int,
+    D: Tensor | None,
+    seq_idx: Tensor | None,
+    initial_state: Tensor | None,
+    return_final_state: bool,
+    quadratic_states: bool,
+) -> ScanResult:
+    """The chunked algorithm (MATH §2 steps 1-4); state passing linear or quadratic."""
+    _check_args(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state)
+    f = compute_dtype(x.dtype)
+    bsz, length, heads, hdim = x.shape
+    groups, nstate = B.shape[2], B.shape[3]
+    rep = heads // groups
+    xs, dts, Bs, Cs = (t.to(f) for t in (x, dt, B, C))
+    q = min(chunk_size, length)
+    extra = -length % q
+    run = pad = None
+    if seq_idx is not None:
+        run, pad = document_runs(seq_idx)
+        xs = xs.masked_fill(pad[..., None, None], 0.0)
+        dts = dts.masked_fill(pad[..., None], 0.0)
+        run = F.pad(run, (0, extra), mode="replicate") if extra else run
+    xc, dtc, Bc, Cc = _chunk_layout(*(_pad_to_chunks(t, extra) for t in (xs, dts, Bs, Cs)), q)
+    a = dtc * A.to(f).view(groups, rep, 1)  # (B, c, G, R, Q): log-decay per step
+    xdt = xc * dtc[..., None]  # (B, c, G, R, Q, P)
+    same, from_prev, carry = _run_masks(run, q) if run is not None else (None, None, None)
+    y, states = _intra_chunk(xdt, a, Bc, Cc, same)
+    chunk_log_decay, enter_decay = _carry_decays(a, from_prev, carry)
+    initial = xs.new_zeros(bsz, groups, rep, hdim, nstate)
+    if initial_state is not None:
+        initial = initial_state.to(f).reshape(bsz, groups, rep, hdim, nstate)
+    passing = _quadratic_chunk_states if quadratic_states else _scan_chunk_states
+    entering, final = passing(states, chunk_log_decay, initial)
+    y_off = Cc[:, :, :, None] @ entering.transpose(-1, -2)  # (B, c, G, R, Q, P)
+    y = y + y_off * enter_decay[..., None]
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(bsz, -1, heads, hdim)[:, :length]
+    y = y + _skip(xs, D)
+    if pad is not None:
+        y = y.masked_fill(pad[..., None, None], 0.0)
+    return _finish(y, final.reshape(bsz, heads, hdim, nstate), x.dtype, return_final_state)
+
+
+@register_backend(KERNEL, "torch")
+def ssd_scan_chunked(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    *,
+    chunk_size: int = 256,
+    D: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> ScanResult:
+    """Chunked SSD with a linear scan over chunks; contract of :func:`ssd_scan_reference`.
+
+    Work is O(L·Q) within chunks plus O(L/Q) sequential chunk steps; memory holds the
+    (Q, Q) decay blocks of every chunk and one (P, N) state per chunk and head.
+    """
+    return _ssd_chunked(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        chunk_size=chunk_size,
+        D=D,
+        seq_idx=seq_idx,
+        initial_state=initial_state,
+        return_final_state=return_final_state,
+        quadratic_states=False,
+    )
+
+
+def ssd_scan_quadratic_states(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    *,
+    chunk_size: int = 256,
+    D: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> ScanResult:
+    """ssd_minimal's quadratic inter-chunk state passing (not a backend; a baseline).
+
+    Identical results to :func:`ssd_scan_chunked`; the state passing costs
+    O((L/Q)²·H·P·N), which dominates at long lengths (``benchmarks/ssm.py``).
+    """
+    return _ssd_chunked(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        chunk_size=chunk_size,
+        D=D,
+        seq_idx=seq_idx,
+        initial_state=initial_state,
+        return_final_state=return_final_state,
+        quadratic_states=True,
+    )
+
+
+# -- parity cases for the backend contract test ------------------------------------------------
+
+
+def random_inputs(
+    g: torch.Generator,
+    bsz: int,
+    length: int,
+    heads: int,
+    hdim: int,
+    groups: int,
+    nstate: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Tensor]:
+    """Well-scaled random SSD inputs: Δ in (1e-3, 0.5), A in (−8, −0.5)."""
+    dt = torch.exp(
+        torch.empty(bsz, length, heads).uniform_(math.log(1e-3), math.log(0.5), generator=g)
+    )
+    return {
+        "x": torch.randn(bsz, length, heads, hdim, generator=g).to(dtype),
+        "dt": dt.to(dtype),
+        "A": -torch.empty(heads).uniform_(0.5, 8.0, generator=g).to(dtype),
+        "B": torch.randn(bsz, length, groups, nstate, generator=g).to(dtype),
+        "C": torch.randn(bsz, length, groups, nstate, generator=g).to(dtype),
+    }
+
+
+def parity_cases() -> list[dict[str, Any]]:
+    """Inputs on which every backend must match the reference (fp32, CPU-sized)."""
+    g = torch.Generator().manual_seed(4321)
+    packed = torch.tensor(
+        [[-1] * 2 + [0] * 9 + [1] * 12 + [2] * 6, [5] * 17 + [-1] * 3 + [6] * 9]
+    )  # (2, 29)
+    return [
+        {**random_inputs(g, 2, 37, 4, 8, 1, 8), "chunk_size": 16},
+        {
+            **random_inputs(g, 2, 37, 4, 8, 2, 8),
+            "chunk_size": 8,
+            "D": torch.randn(4, generator=g),
+            "initial_state": torch.randn(2, 4, 8, 8, generator=g),
+            "return_final_state": True,
+        },
+        {**random_inputs(g, 1, 5, 6, 3, 3, 4), "chunk_size": 64},  # L < chunk
+        {
+            **random_inputs(g, 2, 29, 4, 4, 2, 4),
+            "chunk_size": 8,
+            "seq_idx": packed,
+            "D": torch.randn(4, 4, generator=g),
+            "return_final_state": True,
+        },
+    ]
+
+
+register_kernel(KERNEL, parity_cases=parity_cases)
