@@ -6,6 +6,7 @@ Public API::
     spec = ms.load_spec("my_arch.yaml", overrides=["model.d_model=128"])
     model = ms.build(spec, seed=0)
     logits = model(input_ids)
+    model = ms.from_pretrained("runs/my_arch/model")   # a trained model directory
 
 ``import mixstack`` loads torch, pydantic and omegaconf, nothing heavier: lightning,
 huggingface_hub and plotting are imported inside the functions that use them.
@@ -25,7 +26,7 @@ if __name__ != "mixstack":
 
 from mixstack._version import __version__
 from mixstack.dsl import registry
-from mixstack.dsl.errors import BackendError, MixstackError, SpecError
+from mixstack.dsl.errors import BackendError, CheckpointError, MixstackError, SpecError
 from mixstack.dsl.spec import ModelSpec, Spec
 
 if TYPE_CHECKING:
@@ -58,14 +59,34 @@ def build(
     return _build(spec, seed=seed, device=device, dtype=dtype)
 
 
+def from_pretrained(
+    path: Any,
+    *,
+    device: Any = None,
+    dtype: Any = None,
+) -> MixStackModel:
+    """Load a local model directory (``config.json``, ``spec.yaml``, ``model.safetensors``).
+
+    Safetensors only, strict: a missing, unexpected or mis-shaped tensor, a spec-hash
+    mismatch or ``config.json`` / ``spec.yaml`` disagreeing raise
+    :class:`~mixstack.dsl.errors.CheckpointError` naming them. See
+    :func:`mixstack.training.modeldir.load_model_dir`.
+    """
+    from mixstack.training.modeldir import load_model_dir
+
+    return load_model_dir(path, device=device, dtype=dtype)
+
+
 __all__ = [
     "BackendError",
+    "CheckpointError",
     "MixstackError",
     "ModelSpec",
     "Spec",
     "SpecError",
     "__version__",
     "build",
+    "from_pretrained",
     "load_spec",
     "registry",
 ]

@@ -4,6 +4,10 @@
 
     validate SPEC [KEY=VALUE...]    load and check a spec; print its hash and pattern
     info SPEC [KEY=VALUE...]        layer table, ratios, parameters, state, FLOPs (meta build)
+    train SPEC [KEY=VALUE...] [--out DIR] [--resume] [--overwrite]
+                                    train with Lightning; run directory, model directory
+    eval MODEL_DIR [KEY=VALUE...] [--spec SPEC]
+                                    metrics of a model directory on a task's validation set
     schema [--out FILE]             JSON schema of the spec for editor completion
     zoo list                        presets shipped in mixstack/zoo
 
@@ -35,6 +39,7 @@ from mixstack.dsl.errors import MixstackError
 if TYPE_CHECKING:
     from mixstack.archs.report import Report
     from mixstack.dsl.spec import Spec
+    from mixstack.training.run import RunResult
 
 app = typer.Typer(
     name="mixstack",
@@ -255,6 +260,143 @@ def info(
         out.print(_ratio_table(loaded))
         out.print(_type_table(report))
         out.print(_totals_table(report, loaded))
+
+
+# -- train and eval ---------------------------------------------------------------------------
+RUNS_DIR = Path("runs")
+
+
+def _train_source(spec: str, overrides: list[str] | None) -> tuple[str, list[str], Path | None]:
+    """A run directory given as SPEC means its ``spec.yaml`` (its run section's
+    ``stop_after`` dropped: a stop applies to one invocation) and that directory."""
+    folder = Path(spec)
+    if folder.is_dir() and (folder / "spec.yaml").is_file():
+        return str(folder / "spec.yaml"), ["run.stop_after=null", *(overrides or [])], folder
+    return spec, list(overrides or []), None
+
+
+def _run_name(spec: str) -> str:
+    name = spec.removeprefix("zoo:") if spec.startswith("zoo:") else Path(spec).stem
+    return name or "run"
+
+
+def _quiet_lightning() -> None:
+    """Lightning's start-up chatter (accelerator lines, tips) and a deprecation notice
+    from its own internals say nothing actionable to a mixstack user."""
+    import logging
+    import warnings
+
+    import lightning.pytorch  # noqa: F401  (it sets its loggers' levels when imported)
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=Warning)
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*", category=Warning)
+
+
+def _metric_rows(metrics: dict[str, float]) -> list[tuple[str, str]]:
+    order = ("val/accuracy", "val/loss", "val/ppl", "train/loss")
+    names = [n for n in order if n in metrics] + sorted(set(metrics) - set(order))
+    return [(name, f"{metrics[name]:.4f}") for name in names]
+
+
+def _summary(result: RunResult) -> Table:
+    table = Table(title=f"mixstack train: {result.status}", title_justify="left", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
+    steps = f"{result.step} / {result.total_steps}"
+    table.add_row("steps", steps + (f"  ({result.reason})" if result.reason else ""))
+    table.add_row("time", f"{result.elapsed_s:.1f} s")
+    for name, value in _metric_rows(result.metrics):
+        table.add_row(name, value)
+    table.add_row("parameters", f"{result.params:,}")
+    table.add_row("backends", ", ".join(f"{k}: {v}" for k, v in result.backends.items()) or "-")
+    table.add_row("run directory", str(result.run_dir))
+    if result.model_dir is not None:
+        table.add_row("model", f"{result.model_dir}  (mixstack.from_pretrained / mixstack eval)")
+    else:
+        table.add_row("continue with", f"mixstack train {result.run_dir} --resume")
+    return table
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    spec: Annotated[
+        str, typer.Argument(help="YAML path, zoo:NAME, or a run directory", show_default=False)
+    ],
+    overrides: OverridesArg = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="run directory (default: runs/<spec name>)")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue the run in --out from its checkpoint")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace a run already in --out")
+    ] = False,
+) -> None:
+    """Train a spec (its train: section) with Lightning; export the model; print a summary."""
+    with _handled(ctx):
+        source, overrides, folder = _train_source(spec, overrides)
+        loaded = _load(source, overrides)
+        if loaded.train is None:
+            raise MixstackError(
+                f"{spec} has no train: section; add one, e.g. train: {{task: {{type: mqar}}, "
+                "max_steps: 1000}}, or give it as overrides (train.task.type=mqar ...)"
+            )
+        target = out or folder or RUNS_DIR / _run_name(spec)
+        if not (isinstance(ctx.obj, _Options) and ctx.obj.debug):
+            _quiet_lightning()
+        from mixstack.training.run import fit
+
+        result = fit(loaded, target, resume=resume, overwrite=overwrite)
+        if result.is_global_zero:
+            _stdout().print(_summary(result))
+
+
+@app.command("eval")
+def evaluate(
+    ctx: typer.Context,
+    model_dir: Annotated[Path, typer.Argument(help="model directory", show_default=False)],
+    overrides: OverridesArg = None,
+    spec: Annotated[
+        str | None,
+        typer.Option(
+            "--spec",
+            help="spec whose train: section gives the task (default: the run's spec.yaml "
+            "when MODEL_DIR sits in a run directory)",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="validation batch size")
+    ] = None,
+) -> None:
+    """Evaluate a model directory on the fixed validation set of a task."""
+    with _handled(ctx):
+        from mixstack.training.evaluate import evaluate as run_eval
+        from mixstack.training.evaluate import spec_for
+        from mixstack.training.modeldir import load_model_dir
+
+        model = load_model_dir(model_dir)
+        run_spec = model_dir.parent / "spec.yaml"
+        if spec is None and not run_spec.is_file():
+            raise MixstackError(
+                f"{model_dir} is not inside a run directory; pass --spec SPEC (a spec with a "
+                "train: section naming the task)"
+            )
+        source = spec or str(run_spec)
+        combined = spec_for(model, _load(source, overrides))
+        metrics = run_eval(model, combined, batch_size=batch_size)
+        task = combined.train.task if combined.train else None
+        table = Table(title=f"mixstack eval: {model_dir}", title_justify="left")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for name, value in _metric_rows({f"val/{k}": v for k, v in metrics.items()}):
+            table.add_row(name, value)
+        out = _stdout()
+        out.print(Text(f"task: {task.type if task else '?'} (from {source})"))
+        out.print(table)
 
 
 # -- schema and zoo ----------------------------------------------------------------------

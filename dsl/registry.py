@@ -82,7 +82,7 @@ def register(config_cls: type[LayerConfig]) -> Callable[[type[M]], type[M]]:
 
 
 def set_default_bindings(bindings: dict[str, dict[str, Any]]) -> None:
-    """Called by ``mixstack.archs.defaults``: symbol -> binding used when a spec leaves it unbound."""
+    """Called by ``mixstack.archs.defaults``: the bindings of symbols a spec leaves unbound."""
     _default_bindings.clear()
     _default_bindings.update(bindings)
 

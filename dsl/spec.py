@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -226,22 +226,462 @@ class ModelSpec(StrictModel):
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
+# -- the train section: what a run does ----------------------------------------------------
+
+# A problem a train/run config finds against the model: (path relative to the config,
+# message, what is allowed or None).
+Problem = tuple[tuple[str | int, ...], str, str | None]
+
+
+class TaskConfig(StrictModel):
+    """Base of the ``train.task`` configs (one per ``type``).
+
+    ``archs``: the model archs the task trains. ``resolve`` fills model-dependent
+    defaults (``vocab_size: null`` -> the model's), ``check`` compares with the model.
+    """
+
+    archs: ClassVar[tuple[str, ...]] = ("causal_lm",)
+    type: str
+    seq_len: int = Field(64, ge=3, description="tokens per sample (<= model.max_seq_len)")
+
+    def resolve(self, model: ModelSpec) -> TaskConfig:
+        if getattr(self, "vocab_size", 0) is None:
+            return self.model_copy(update={"vocab_size": model.vocab_size})
+        return self
+
+    def check(self, model: ModelSpec) -> list[Problem]:
+        out: list[Problem] = []
+        if self.seq_len > model.max_seq_len:
+            out.append(
+                (
+                    ("seq_len",),
+                    f"seq_len {self.seq_len} exceeds the model's max_seq_len {model.max_seq_len}",
+                    f"<= {model.max_seq_len}, or raise model.max_seq_len",
+                )
+            )
+        vocab = getattr(self, "vocab_size", None)
+        if vocab is not None and vocab > model.vocab_size:
+            out.append(
+                (
+                    ("vocab_size",),
+                    f"the task uses ids 0..{vocab - 1} but the model's vocab_size is "
+                    f"{model.vocab_size}",
+                    f"<= {model.vocab_size}, or raise model.vocab_size",
+                )
+            )
+        return out
+
+
+class _GeneratedTask(TaskConfig):
+    val_size: int = Field(1000, ge=1, description="samples in the fixed validation set")
+    epoch_size: int | None = Field(
+        None,
+        ge=1,
+        description="training samples per epoch (the stream is endless); "
+        "None: one epoch is the whole run (needs max_steps)",
+    )
+
+
+class MQARTask(_GeneratedTask):
+    """Multi-query associative recall (zoology semantics; accuracy on answer positions)."""
+
+    type: Literal["mqar"] = "mqar"
+    n_pairs: int = Field(4, ge=1, description="key-value pairs per sequence, all queried")
+    vocab_size: int | None = Field(
+        None,
+        ge=4,
+        description="ids used: keys 1..V/2-1, values V/2..V-1; null: the model's vocab_size",
+    )
+    power_a: float = Field(
+        0.01, gt=0, le=1, description="query gap g drawn with probability ∝ a·(g+1)^(a-1)"
+    )
+    random_non_queries: bool = Field(True, description="fill other positions with random ids")
+
+    def check(self, model: ModelSpec) -> list[Problem]:
+        out = super().check(model)
+        if 4 * self.n_pairs > self.seq_len:
+            out.append(
+                (
+                    ("n_pairs",),
+                    f"{self.n_pairs} pairs need seq_len >= 4·n_pairs = {4 * self.n_pairs} "
+                    f"(pairs, then one query slot per pair among (seq_len - 2n)/2), "
+                    f"seq_len is {self.seq_len}",
+                    f"n_pairs <= {self.seq_len // 4}",
+                )
+            )
+        vocab = self.vocab_size or model.vocab_size
+        if vocab // 2 - 1 < self.n_pairs:
+            out.append(
+                (
+                    ("vocab_size",),
+                    f"{self.n_pairs} distinct keys need vocab_size >= {2 * self.n_pairs + 2} "
+                    f"(keys come from 1..V/2-1), got {vocab}",
+                    f">= {2 * self.n_pairs + 2}",
+                )
+            )
+        return out
+
+
+class SelectiveCopyTask(_GeneratedTask):
+    """Selective copying (Mamba §3.1): copy the scattered data tokens at the markers."""
+
+    type: Literal["selective_copy"] = "selective_copy"
+    n_tokens: int = Field(8, ge=1, description="data tokens to copy")
+    vocab_size: int | None = Field(
+        None, ge=3, description="ids used: 0 blank, 1 marker, data 2..V-1; null: the model's"
+    )
+
+    def check(self, model: ModelSpec) -> list[Problem]:
+        out = super().check(model)
+        if 2 * self.n_tokens > self.seq_len:
+            out.append(
+                (
+                    ("n_tokens",),
+                    f"{self.n_tokens} tokens need seq_len >= 2·n_tokens = {2 * self.n_tokens} "
+                    f"(a context holding them, then one marker each), seq_len is {self.seq_len}",
+                    f"n_tokens <= {self.seq_len // 2}",
+                )
+            )
+        return out
+
+
+class InductionTask(_GeneratedTask):
+    """Induction heads: after the trigger's second occurrence, recall what followed it."""
+
+    type: Literal["induction"] = "induction"
+    vocab_size: int | None = Field(
+        None, ge=2, description="ids used: 0 trigger, others 1..V-1; null: the model's"
+    )
+
+
+class MajorityTask(_GeneratedTask):
+    """Sequence classification: the id that occurs most often (arch classifier)."""
+
+    archs: ClassVar[tuple[str, ...]] = ("classifier",)
+    type: Literal["majority"] = "majority"
+    n_classes: int | None = Field(
+        None, ge=2, description="ids and classes 0..C-1; null: model.classifier.n_classes"
+    )
+
+    def resolve(self, model: ModelSpec) -> MajorityTask:
+        if self.n_classes is None and model.classifier is not None:
+            return self.model_copy(update={"n_classes": model.classifier.n_classes})
+        return self
+
+    def check(self, model: ModelSpec) -> list[Problem]:
+        out = super().check(model)
+        head = model.classifier.n_classes if model.classifier is not None else None
+        if head is not None and self.n_classes is not None and self.n_classes != head:
+            out.append(
+                (
+                    ("n_classes",),
+                    f"the task has {self.n_classes} classes, the model's classifier {head}",
+                    f"{head} (model.classifier.n_classes)",
+                )
+            )
+        if self.n_classes is not None and self.n_classes > model.vocab_size:
+            out.append(
+                (
+                    ("n_classes",),
+                    f"the task uses ids 0..{self.n_classes - 1} but the model's vocab_size "
+                    f"is {model.vocab_size}",
+                    f"<= {model.vocab_size}",
+                )
+            )
+        return out
+
+
+class TextTask(TaskConfig):
+    """Byte-level language modelling on local UTF-8 text files (no downloads).
+
+    Documents (files, or paragraphs) are encoded as bytes followed by ``eos`` when the
+    model has that special token, concatenated, split into train (first part) and
+    validation (last ``val_fraction``), and packed into rows of ``seq_len`` with
+    ``seq_idx`` marking document boundaries. causal_lm predicts the next byte; encoder
+    trains masked-LM (``train.mlm``).
+    """
+
+    archs: ClassVar[tuple[str, ...]] = ("causal_lm", "encoder")
+    type: Literal["text"] = "text"
+    seq_len: int = Field(256, ge=3, description="tokens per packed row (<= model.max_seq_len)")
+    files: list[str] = Field(
+        default_factory=list,
+        description="UTF-8 text files (relative to the working directory); "
+        "empty: the small corpus bundled with mixstack",
+    )
+    documents: Literal["file", "paragraph"] = Field(
+        "file", description="a document is a whole file, or a paragraph (blank-line separated)"
+    )
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="last fraction of the bytes, for validation"
+    )
+    val_size: int | None = Field(
+        None, ge=1, description="validation rows (consecutive, fixed); null: all of them"
+    )
+
+    def check(self, model: ModelSpec) -> list[Problem]:
+        out = super().check(model)
+        if model.vocab_size < 256:
+            out.append(
+                (
+                    ("type",),
+                    f"byte-level text needs ids 0..255 but the model's vocab_size is "
+                    f"{model.vocab_size}",
+                    "model.vocab_size >= 256",
+                )
+            )
+        return out
+
+
+AnyTask = Annotated[
+    MQARTask | SelectiveCopyTask | InductionTask | MajorityTask | TextTask,
+    Field(discriminator="type"),
+]
+TASK_TYPES: dict[str, type[TaskConfig]] = {
+    "mqar": MQARTask,
+    "selective_copy": SelectiveCopyTask,
+    "induction": InductionTask,
+    "majority": MajorityTask,
+    "text": TextTask,
+}
+
+
+class AdamWConfig(StrictModel):
+    """AdamW (Loshchilov & Hutter 2019): decoupled weight decay."""
+
+    type: Literal["adamw", "adam"] = Field(
+        "adamw", description="adamw, or adam (weight decay added to the gradient)"
+    )
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="moment decay rates")
+    eps: float = Field(1e-8, gt=0, description="added to the denominator")
+    weight_decay: float = Field(0.1, ge=0, description="not applied to norms, biases, SSM scalars")
+
+
+class SGDConfig(StrictModel):
+    """SGD with optional (Nesterov) momentum."""
+
+    type: Literal["sgd"] = "sgd"
+    lr: float = Field(1e-2, gt=0, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum factor")
+    nesterov: bool = Field(False, description="Nesterov momentum")
+    weight_decay: float = Field(0.0, ge=0, description="not applied to norms, biases, SSM scalars")
+
+
+AnyOptimizer = Annotated[AdamWConfig | SGDConfig, Field(discriminator="type")]
+OPTIMIZER_TYPES: dict[str, type[StrictModel]] = {
+    "adamw": AdamWConfig,
+    "adam": AdamWConfig,
+    "sgd": SGDConfig,
+}
+
+
+class ScheduleConfig(StrictModel):
+    """Learning rate: linear warmup, then cosine / linear decay or constant (per step)."""
+
+    type: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay shape")
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warmup from lr/warmup")
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="cosine/linear: final lr as a fraction of the peak"
+    )
+
+
+class MLMConfig(StrictModel):
+    """Masked-LM objective (arch encoder)."""
+
+    mask_rate: float = Field(0.15, gt=0, lt=1, description="fraction of positions masked")
+    mask_id: int | None = Field(
+        None, ge=0, description="id written at masked positions; null: the 'mask' special token"
+    )
+
+
+class EarlyStopConfig(StrictModel):
+    """Finish as soon as a validation metric reaches a target (checked at each validation)."""
+
+    metric: Literal["val/accuracy", "val/loss", "val/ppl"] = Field(
+        "val/accuracy", description="validation metric to watch"
+    )
+    threshold: float = Field(
+        ..., description="stop once the metric is >= this (accuracy) or <= this (loss, ppl)"
+    )
+
+    @property
+    def mode(self) -> Literal["max", "min"]:
+        return "max" if self.metric == "val/accuracy" else "min"
+
+
+class TrainSpec(StrictModel):
+    """What a run does: task, optimisation, length, evaluation. Not part of the model."""
+
+    task: AnyTask
+    optimizer: AnyOptimizer = Field(default_factory=AdamWConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    max_steps: int | None = Field(
+        None, ge=1, description="optimizer steps; the schedule spans them"
+    )
+    max_epochs: int | None = Field(None, ge=1, description="epochs (task.epoch_size samples each)")
+    batch_size: int = Field(
+        32, ge=1, description="samples per optimizer step over all devices and accumulation"
+    )
+    accumulate_grad_batches: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    grad_clip: float | None = Field(1.0, gt=0, description="gradient clipping threshold; null: off")
+    grad_clip_algorithm: Literal["norm", "value"] = Field(
+        "norm", description="clip the gradient norm, or each value"
+    )
+    seed: int = Field(0, ge=0, lt=2**63, description="weights, data and dropout derive from it")
+    val_every: int = Field(100, ge=1, description="validate every this many optimizer steps")
+    val_batch_size: int | None = Field(None, ge=1, description="null: batch_size")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="checkpoint every this many steps; null: val_every"
+    )
+    log_every: int = Field(10, ge=1, description="log training metrics every this many steps")
+    mlm: MLMConfig = Field(default_factory=MLMConfig)
+    early_stop: EarlyStopConfig | None = Field(
+        None, description="finish early once a validation metric reaches a threshold"
+    )
+
+    @model_validator(mode="after")
+    def _has_length(self) -> TrainSpec:
+        if self.max_steps is None and self.max_epochs is None:
+            raise ValueError("set max_steps or max_epochs (how long to train)")
+        return self
+
+    def resolve(self, model: ModelSpec) -> TrainSpec:
+        """Model-dependent defaults filled in (the task's vocabulary, the mask id)."""
+        update: dict[str, Any] = {"task": self.task.resolve(model)}
+        if model.arch == "encoder" and self.mlm.mask_id is None and "mask" in model.special_ids:
+            update["mlm"] = self.mlm.model_copy(update={"mask_id": model.special_ids["mask"]})
+        return self.model_copy(update=update)
+
+    def check(self, model: ModelSpec) -> list[Problem]:
+        """Problems of this (resolved) train section against ``model``."""
+        task = self.task
+        if model.arch not in task.archs:
+            return [
+                (
+                    ("task", "type"),
+                    f"task {task.type!r} does not train arch {model.arch}",
+                    "tasks for "
+                    + model.arch
+                    + ": "
+                    + ", ".join(n for n, c in TASK_TYPES.items() if model.arch in c.archs),
+                )
+            ]
+        out = [(("task", *rel), msg, allowed) for rel, msg, allowed in task.check(model)]
+        if getattr(task, "epoch_size", 0) is None and self.max_steps is None:
+            out.append(
+                (
+                    ("max_epochs",),
+                    f"task {task.type!r} is an endless stream: epochs need task.epoch_size",
+                    "max_steps, or set task.epoch_size",
+                )
+            )
+        out.extend(self._check_mlm(model))
+        return out
+
+    def _check_mlm(self, model: ModelSpec) -> list[Problem]:
+        if model.arch != "encoder":
+            return []
+        if self.mlm.mask_id is None:
+            return [
+                (
+                    ("mlm", "mask_id"),
+                    "arch encoder trains masked-LM and needs a mask id; the model has no "
+                    "'mask' special token",
+                    "add 'mask' to model.special_tokens, or set train.mlm.mask_id",
+                )
+            ]
+        if self.mlm.mask_id >= model.total_vocab:
+            return [
+                (
+                    ("mlm", "mask_id"),
+                    f"mask_id {self.mlm.mask_id} is not an id of the model "
+                    f"(0..{model.total_vocab - 1})",
+                    f"0..{model.total_vocab - 1}",
+                )
+            ]
+        return []
+
+
+# -- the run section: how a run executes ----------------------------------------------------
+
+PRECISIONS = ("32-true", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+
+
+class TrainerConfig(StrictModel):
+    """Passed to Lightning's Trainer: many GPUs or nodes are configuration, not code."""
+
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = Field(
+        "auto", description="Lightning accelerator"
+    )
+    devices: int | list[int] | Literal["auto"] = Field(
+        1, description="devices per node: a count, a list of indices, or auto (all)"
+    )
+    strategy: Literal[
+        "auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed"
+    ] = Field("auto", description="Lightning strategy (DDP / FSDP across devices and nodes)")
+    num_nodes: int = Field(1, ge=1, description="machines")
+
+
+class CSVLoggerConfig(StrictModel):
+    type: Literal["csv"] = "csv"
+
+
+class TensorBoardLoggerConfig(StrictModel):
+    type: Literal["tensorboard"] = "tensorboard"
+
+
+class WandbLoggerConfig(StrictModel):
+    type: Literal["wandb"] = "wandb"
+    project: str = Field("mixstack", description="W&B project")
+    entity: str | None = Field(None, description="W&B team or user")
+    mode: Literal["online", "offline"] = Field("offline", description="offline needs no network")
+
+
+AnyLogger = Annotated[
+    CSVLoggerConfig | TensorBoardLoggerConfig | WandbLoggerConfig, Field(discriminator="type")
+]
+LOGGER_TYPES: dict[str, type[StrictModel]] = {
+    "csv": CSVLoggerConfig,
+    "tensorboard": TensorBoardLoggerConfig,
+    "wandb": WandbLoggerConfig,
+}
+
+
 class RunSpec(StrictModel):
-    """How a run executes (not the model's identity)."""
+    """How a run executes (not the model's identity; a resumed run may change it)."""
 
     backend: str | dict[str, str] = Field(
         "auto", description="auto, a provider name, or {kernel: provider}"
     )
     compile: bool = Field(False, description="torch.compile the model")
-    precision: str = Field("32-true", description="Lightning precision, e.g. bf16-mixed")
+    precision: Literal[PRECISIONS] = Field(  # type: ignore[valid-type]
+        "32-true", description="Lightning precision; bf16-true keeps keep_fp32 params fp32"
+    )
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    logger: AnyLogger = Field(
+        default_factory=CSVLoggerConfig,
+        description="metrics.csv is always written; tensorboard / wandb log as well",
+    )
+    activation_checkpointing: bool | list[int | str] = Field(
+        False,
+        description="recompute blocks in backward: all (true), or layer indices / 'a:b' slices",
+    )
+    stop_after: int | None = Field(
+        None,
+        ge=1,
+        description="stop this invocation at this global step (checkpointed; continue with "
+        "--resume); the schedule still follows train.max_steps",
+    )
+    num_workers: int = Field(0, ge=0, description="data loader worker processes")
+    deterministic: bool = Field(False, description="torch deterministic algorithms")
 
 
 class Spec(StrictModel):
     """A whole spec file: ``model`` plus optional ``train`` and ``run``."""
 
     model: ModelSpec
-    # Full schema arrives with the training issue; until then any mapping is kept as is.
-    train: dict[str, Any] | None = None
+    train: TrainSpec | None = None
     run: RunSpec = Field(default_factory=RunSpec)
 
     @property
@@ -254,7 +694,7 @@ class Spec(StrictModel):
             "model": self.model.canonical(),
         }
         if self.train is not None:
-            data["train"] = self.train
+            data["train"] = self.train.model_dump(mode="json")
         data["run"] = self.run.model_dump(mode="json")
         return data
 

@@ -49,14 +49,21 @@ from mixstack.dsl.pattern import GRAMMAR_HELP, PatternError, realize_pattern, sy
 from mixstack.dsl.provenance import Provenance
 from mixstack.dsl.ratios import RatioError, allocate
 from mixstack.dsl.spec import (
+    LOGGER_TYPES,
+    OPTIMIZER_TYPES,
     SCHEMA_VERSION,
     STAGE_MARK,
+    TASK_TYPES,
+    AdamWConfig,
+    CSVLoggerConfig,
     LayersRequest,
     LayersSpec,
     ModelSpec,
+    MQARTask,
     OverrideSpec,
     RunSpec,
     Spec,
+    TrainSpec,
 )
 
 log = logging.getLogger(__name__)
@@ -431,9 +438,7 @@ class _Validator:
                     value=version,
                     allowed=f"{SCHEMA_VERSION} (written by this mixstack)",
                 )
-        train = data.get("train")
-        if train is not None and not isinstance(train, dict):
-            self.add("train must be a mapping", ("train",), value=train, allowed="a mapping")
+        train = self.train(data.get("train"))
         run = self.run(data.get("run"))
         if "model" not in data:
             self.add(
@@ -443,6 +448,10 @@ class _Validator:
             )
             return None
         model = self.model(data["model"])
+        if model is not None and train is not None:
+            train = self.train_against(train, model)
+        if model is not None and run is not None:
+            self.run_against(run, model)
         if model is None or run is None or self.issues:
             return None
         return self.assemble(Spec, {"model": model, "train": train, "run": run}, ())
@@ -450,6 +459,80 @@ class _Validator:
     def assemble(self, cls: type[BaseModel], fields: dict[str, Any], path: Path) -> Any:
         """Build a validated model from already-validated parts."""
         return self.pydantic(cls, fields, path)
+
+    def tagged(
+        self, data: Any, path: Path, classes: dict[str, type[BaseModel]], default: str | None
+    ) -> Any:
+        """Two-stage validation of a ``type``-tagged config: the tag first (unknown ones
+        listed, with a near-miss suggestion), then that class's fields."""
+        kinds = _keys_text(classes)
+        if data is None and default is not None:
+            return classes[default]()
+        if not isinstance(data, dict):
+            self.add(
+                f"{format_path(path)} must be a mapping with a `type`",
+                path,
+                value=data,
+                allowed=f"{{type: NAME, ...}} with NAME one of {kinds}",
+            )
+            return None
+        kind = data.get("type", default)
+        if kind is None:
+            self.add("missing `type`", path, allowed=f"one of {kinds}")
+            return None
+        if not isinstance(kind, str) or kind not in classes:
+            self.add(
+                f"unknown {path[-1]} type {kind!r}",
+                (*path, "type"),
+                value=kind,
+                allowed=f"one of {kinds}",
+                suggestion=did_you_mean(kind, classes) if isinstance(kind, str) else None,
+            )
+            return None
+        return self.pydantic(classes[kind], data, path)
+
+    # -- train and run ---------------------------------------------------------------------
+    def train(self, data: Any) -> TrainSpec | None:
+        """The train section's own fields (its checks against the model come later)."""
+        path = ("train",)
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            self.add("train must be a mapping", path, value=data, allowed="a mapping")
+            return None
+        task = None
+        if "task" in data:
+            task = self.tagged(data["task"], (*path, "task"), TASK_TYPES, None)
+        else:
+            self.add(
+                "missing required key 'task'",
+                (*path, "task"),
+                allowed=f"task: {{type: NAME, ...}} with NAME one of {_keys_text(TASK_TYPES)}",
+                at=path,
+            )
+        optimizer = self.tagged(
+            data.get("optimizer"), (*path, "optimizer"), OPTIMIZER_TYPES, "adamw"
+        )
+        length = data.get("max_steps") is not None or data.get("max_epochs") is not None
+        if not length:
+            self.add(
+                "train needs max_steps or max_epochs (how long to train)",
+                (*path, "max_steps"),
+                allowed="max_steps: N (optimizer steps) or max_epochs: N",
+                at=path,
+            )
+        # Failed parts get a stand-in so the other fields are still checked.
+        fields = {**data, "task": task or MQARTask(), "optimizer": optimizer or AdamWConfig()}
+        train = self.pydantic(TrainSpec, fields if length else {**fields, "max_steps": 1}, path)
+        return train if task is not None and optimizer is not None and length else None
+
+    def train_against(self, train: TrainSpec, model: ModelSpec) -> TrainSpec | None:
+        """Fill model-dependent defaults and check the task against the model."""
+        resolved = train.resolve(model)
+        problems = resolved.check(model)
+        for rel, message, allowed in problems:
+            self.add(message, ("train", *rel), allowed=allowed)
+        return None if problems else resolved
 
     def run(self, data: Any) -> RunSpec | None:
         path = ("run",)
@@ -473,7 +556,15 @@ class _Validator:
                 allowed="auto, a provider name, or a {kernel: provider} mapping of strings",
             )
             return None
-        return self.pydantic(RunSpec, data, path)
+        logger = self.tagged(data.get("logger"), (*path, "logger"), LOGGER_TYPES, "csv")
+        run = self.pydantic(RunSpec, {**data, "logger": logger or CSVLoggerConfig()}, path)
+        return run if logger is not None else None
+
+    def run_against(self, run: RunSpec, model: ModelSpec) -> None:
+        """Activation-checkpointing selectors must name layers of the model."""
+        selectors = run.activation_checkpointing
+        if isinstance(selectors, list):
+            self.selectors(selectors, ("run", "activation_checkpointing"), model.n_layers)
 
     # -- the model ---------------------------------------------------------------------
     def model(self, data: Any) -> ModelSpec | None:

@@ -35,6 +35,7 @@ run: {backend: auto}
 model:
   arch: encoder
   d_model: 24
+  special_tokens: [pad, mask]
   layers:
     n_layers: 8
     ratios: {"*": 0.25, "-": 0.5}
@@ -43,7 +44,10 @@ model:
       A: {type: fake_stack, layers: [{type: fake_seq, width: 3}, {type: fake_channel}]}
       "*": {type: fake_wrap, inner: {type: fake_noncausal}}
       "-": {type: fake_seq, mode: beta}
-train: {lr: 0.001, steps: [1, 2]}
+train:
+  task: {type: text, seq_len: 16, files: [a.txt, b.txt]}
+  optimizer: {lr: 0.001}
+  max_steps: 20
 """),
     yaml.safe_load("""
 model:

@@ -36,6 +36,11 @@ model:
       "-": {type: fake_channel}
       U: {type: fake_noncausal}
 """
+TRAIN = """
+train:
+  task: {type: text, seq_len: 32, files: [a.txt, b.txt]}
+  max_steps: 10
+"""
 
 
 def issue_at(err: SpecError, path: str) -> object:
@@ -294,8 +299,11 @@ def test_overridden_value_errors_point_at_the_override(write: Write) -> None:
 
 
 def test_override_value_starting_with_a_yaml_indicator_is_a_string(write: Write) -> None:
-    spec = load_spec(write("base.yaml", BASE), ["model.layers.pattern=*-*-", "train.x=@y"])
-    assert spec.model.layers.pattern == "*-*-" and spec.train == {"x": "@y"}
+    spec = load_spec(
+        write("base.yaml", BASE + TRAIN),
+        ["model.layers.pattern=*-*-", "train.task.files[1]=@y"],
+    )
+    assert spec.model.layers.pattern == "*-*-" and spec.train.task.files == ["a.txt", "@y"]
 
 
 def test_failed_override_leaves_nothing_behind(write: Write) -> None:
@@ -318,9 +326,15 @@ def test_python_containers_are_plain_data() -> None:
 def test_override_creates_missing_mappings(write: Write) -> None:
     spec = load_spec(
         write("base.yaml", BASE),
-        ["train.optimizer.lr=0.01", "model.layers.symbols.Z={type: fake_seq}"],
+        [
+            "train.task.type=mqar",
+            "train.optimizer.lr=0.01",
+            "train.max_steps=5",
+            "model.layers.symbols.Z={type: fake_seq}",
+        ],
     )
-    assert spec.train == {"optimizer": {"lr": 0.01}}
+    assert spec.train is not None and spec.train.task.type == "mqar"
+    assert spec.train.optimizer.lr == 0.01 and spec.train.max_steps == 5
     assert "Z" not in spec.model.layers.symbols  # bound but unused
 
 
@@ -359,20 +373,25 @@ def test_interpolation(write: Write) -> None:
         BASE
         + """
 train:
-  seq_len: ${model.max_seq_len}
-  name: "w${model.layers.symbols.A.width}-${model.special_tokens[1]}-${train.flag}"
-  copy: ${model.special_tokens}
-  chain: ${train.seq_len}
-  flag: true
-  literal: "\\\\${not.a.reference}"
+  task:
+    type: text
+    seq_len: ${model.max_seq_len}
+    files:
+      - "w${model.layers.symbols.A.width}-${model.special_tokens[1]}-${train.seed}.txt"
+      - "\\\\${not.a.reference}"
+    val_size: ${train.max_steps}
+  max_steps: ${train.task.seq_len}
+  seed: 3
+  early_stop: {metric: val/loss, threshold: "${train.optimizer.lr}"}
+  optimizer: {lr: 0.5}
 """,
     )
     spec = load_spec(path, ["model.max_seq_len=${model.d_model}"])
     assert spec.model.max_seq_len == 64
-    assert spec.train["seq_len"] == 64 and spec.train["chain"] == 64
-    assert spec.train["name"] == "w4-bos-true"
-    assert spec.train["copy"] == ["pad", "bos"]
-    assert spec.train["literal"] == "${not.a.reference}"
+    task = spec.train.task
+    assert task.seq_len == 64 and spec.train.max_steps == 64 and task.val_size == 64
+    assert task.files == ["w4-bos-3.txt", "${not.a.reference}"]
+    assert spec.train.early_stop.threshold == 0.5
 
 
 @pytest.mark.parametrize(
@@ -435,7 +454,7 @@ model:
         type: fake_stack
         layers: [{type: fake_seq}, {type: fake_wrap, inner: {type: fake_channel}}]
       "-": {type: fake_channel, hidden: 5}
-train: {task: {type: mqar}, lr: 0.001}
+train: {task: {type: majority, seq_len: 16}, optimizer: {lr: 0.001}, max_steps: 3}
 run: {backend: {attention: torch}, compile: true}
 """,
 }
@@ -501,7 +520,11 @@ def test_spec_hash_identity(write: Write) -> None:
     # unused bindings, train and run sections
     extra = load_spec(
         spec,
-        ["model.layers.symbols.Q={type: fake_noncausal, k: 3}", "train.lr=1", "run.compile=true"],
+        [
+            "model.layers.symbols.Q={type: fake_noncausal, k: 3}",
+            "train={task: {type: mqar}, max_steps: 1}",
+            "run.compile=true",
+        ],
     )
     assert extra.spec_hash == spec.spec_hash
     # ratios vs the literal pattern they realize to

@@ -1,0 +1,125 @@
+"""Byte-level language modelling on local text files (no tokenizer, no downloads).
+
+Every document (a whole file, or a blank-line separated paragraph) becomes its UTF-8
+bytes (ids 0..255) followed by the model's ``eos`` id when it has one. The documents
+are concatenated into one stream with a parallel document-id stream; the first
+``1 - val_fraction`` of it trains, the rest validates. A row is a window of
+``seq_len + 1`` consecutive tokens (inputs = all but the last, labels = all but the
+first), so rows are packed across documents: ``seq_idx`` gives each position's
+document (0, 1, ... within the row) and a label that belongs to the next document is
+ignored. Training rows start at offsets drawn from ``(seed, step, index)``;
+validation rows are the consecutive windows of the validation part.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mixstack.dsl.errors import MixstackError
+from mixstack.dsl.spec import TextTask
+from mixstack.tasks.base import IGNORE_INDEX, Sample, Split, Task
+
+BUNDLED = "corpus.txt"
+_PARAGRAPH_BREAK = re.compile(rb"\n[ \t\r]*\n")
+
+
+def bundled_corpus() -> bytes:
+    """The small English text shipped as ``mixstack/tasks/corpus.txt`` (written for mixstack)."""
+    return resources.files("mixstack.tasks").joinpath(BUNDLED).read_bytes()
+
+
+def read_sources(files: list[str]) -> list[tuple[str, bytes]]:
+    """``(name, bytes)`` of each file, or of the bundled corpus when ``files`` is empty."""
+    if not files:
+        return [(f"<bundled {BUNDLED}>", bundled_corpus())]
+    out = []
+    for i, name in enumerate(files):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise MixstackError(
+                f"train.task.files[{i}]: text file {name!r} does not exist "
+                f"(resolved to {path.resolve()}; relative paths start at the working directory)"
+            )
+        out.append((name, path.read_bytes()))
+    return out
+
+
+def split_documents(sources: list[tuple[str, bytes]], documents: str) -> list[bytes]:
+    """Files -> documents: each file whole, or its non-empty paragraphs."""
+    if documents == "file":
+        return [data for _, data in sources if data]
+    docs: list[bytes] = []
+    for _, data in sources:
+        docs.extend(p.strip() for p in _PARAGRAPH_BREAK.split(data) if p.strip())
+    return docs
+
+
+def encode(docs: list[bytes], eos_id: int | None) -> tuple[Tensor, Tensor]:
+    """Documents -> ``(tokens (N,), doc (N,))`` int64 streams; ``eos_id`` ends each one."""
+    tokens, doc_ids = [], []
+    for d, data in enumerate(docs):
+        ids = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+        if eos_id is not None:
+            ids = torch.cat([ids, torch.tensor([eos_id])])
+        tokens.append(ids)
+        doc_ids.append(torch.full_like(ids, d))
+    if not tokens:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat(tokens), torch.cat(doc_ids)
+
+
+def window(tokens: Tensor, docs: Tensor, start: int, seq_len: int) -> Sample:
+    """One packed row from ``seq_len + 1`` tokens at ``start`` of the streams."""
+    toks = tokens[start : start + seq_len + 1]  # (L + 1,)
+    ids = docs[start : start + seq_len + 1]
+    labels = toks[1:].clone()
+    labels[ids[1:] != ids[:-1]] = IGNORE_INDEX  # the next byte is another document's
+    seq_idx = ids[:-1] - ids[0]  # documents numbered 0, 1, ... inside the row
+    return {"input_ids": toks[:-1].clone(), "labels": labels, "seq_idx": seq_idx}
+
+
+class ByteText(Task):
+    """Byte-level LM over local files (see the module docstring)."""
+
+    def __init__(self, cfg: TextTask, seed: int, eos_id: int | None) -> None:
+        super().__init__(seed)
+        self.cfg = cfg
+        docs = split_documents(read_sources(cfg.files), cfg.documents)
+        tokens, doc_ids = encode(docs, eos_id)
+        n_train = round(tokens.numel() * (1 - cfg.val_fraction))
+        self.train_tokens, self.train_docs = tokens[:n_train], doc_ids[:n_train]
+        self.val_tokens, self.val_docs = tokens[n_train:], doc_ids[n_train:]
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        need = self.cfg.seq_len + 1
+        for what, stream in (("training", self.train_tokens), ("validation", self.val_tokens)):
+            if stream.numel() < need:
+                raise MixstackError(
+                    f"train.task: the {what} part of the text has {stream.numel()} tokens, "
+                    f"fewer than seq_len + 1 = {need}; use more text, a shorter seq_len or "
+                    f"another val_fraction (now {self.cfg.val_fraction})"
+                )
+
+    @property
+    def val_size(self) -> int:
+        rows = (self.val_tokens.numel() - 1) // self.cfg.seq_len
+        return rows if self.cfg.val_size is None else min(rows, self.cfg.val_size)
+
+    @property
+    def epoch_size(self) -> int:
+        """Rows in one pass over the training text (rows start at random offsets)."""
+        return max(1, (self.train_tokens.numel() - 1) // self.cfg.seq_len)
+
+    def sample(self, split: Split, step: int, index: int) -> Sample:
+        L = self.cfg.seq_len
+        if split == "val":
+            return window(self.val_tokens, self.val_docs, index * L, L)
+        high = self.train_tokens.numel() - L  # starts 0..N-L-1 leave L + 1 tokens
+        start = int(torch.randint(high, (1,), generator=self.generator(split, step, index)))
+        return window(self.train_tokens, self.train_docs, start, L)

@@ -1,0 +1,103 @@
+"""Optimizer parameter groups from the mixers' ``param_hints``, and LR schedules.
+
+Weight decay is for matrices: norms (every 1-d weight), biases and parameters a mixer
+hints ``no_weight_decay`` (SSM scalars such as ``A_log``, ``D``, ``dt_bias``) are
+excluded. A hint's ``lr_scale`` multiplies the base learning rate of its parameter.
+Parameters are grouped by (decay, lr_scale); a tied weight counts once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixstack.dsl.spec import AdamWConfig, ScheduleConfig, SGDConfig
+from mixstack.mixers.base import ParamHint
+
+
+def decays(name: str, param: nn.Parameter, hint: ParamHint) -> bool:
+    """Whether weight decay applies: matrices only, and not when hinted away."""
+    return param.ndim >= 2 and not name.endswith("bias") and not hint.no_weight_decay
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float) -> list[dict[str, Any]]:
+    """Parameter groups for a torch optimizer.
+
+    Each group holds ``params``, ``param_names`` (full names, for reading a checkpoint),
+    ``weight_decay`` (``weight_decay`` or 0), ``lr`` (``lr · lr_scale``) and ``lr_scale``.
+    ``model`` may provide ``param_hints()`` (a :class:`MixStackModel` does); parameters
+    without a hint get the defaults. Frozen parameters are left out.
+    """
+    hints_fn = getattr(model, "param_hints", None)
+    hints: dict[str, ParamHint] = hints_fn() if callable(hints_fn) else {}
+    groups: dict[tuple[bool, float], dict[str, Any]] = {}
+    for name, param in model.named_parameters():  # tied parameters are yielded once
+        if not param.requires_grad:
+            continue
+        hint = hints.get(name, ParamHint())
+        key = (decays(name, param, hint), hint.lr_scale)
+        group = groups.setdefault(
+            key,
+            {
+                "params": [],
+                "param_names": [],
+                "weight_decay": weight_decay if key[0] else 0.0,
+                "lr": lr * hint.lr_scale,
+                "lr_scale": hint.lr_scale,
+            },
+        )
+        group["params"].append(param)
+        group["param_names"].append(name)
+    return [groups[k] for k in sorted(groups, key=lambda k: (not k[0], k[1]))]
+
+
+def build_optimizer(model: nn.Module, cfg: AdamWConfig | SGDConfig) -> torch.optim.Optimizer:
+    """The optimizer of ``train.optimizer`` over :func:`param_groups`."""
+    groups = param_groups(model, cfg.weight_decay, cfg.lr)
+    if isinstance(cfg, SGDConfig):
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    optimizer = torch.optim.AdamW if cfg.type == "adamw" else torch.optim.Adam
+    return optimizer(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+@dataclass
+class Schedule:
+    """Learning-rate factor per optimizer step (multiplies each group's base lr).
+
+    Warmup: ``(step + 1) / warmup_steps`` for ``step < warmup_steps``. Then, with
+    ``p = (step - warmup) / (total - warmup)`` clipped to [0, 1] and ``m = min_lr_ratio``:
+    cosine ``m + (1 - m)·(1 + cos(π p))/2``, linear ``1 - (1 - m)·p``, constant ``1``.
+    A plain dataclass (``LambdaLR`` stores its ``__dict__`` in checkpoints: plain data).
+    """
+
+    kind: str
+    warmup_steps: int
+    total_steps: int
+    min_lr_ratio: float
+
+    @classmethod
+    def from_config(cls, cfg: ScheduleConfig, total_steps: int) -> Schedule:
+        return cls(cfg.type, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, max(0.0, (step - self.warmup_steps) / span))
+        m = self.min_lr_ratio
+        if self.kind == "cosine":
+            return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1 - (1 - m) * progress
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` stepping :class:`Schedule` once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule.from_config(cfg, total_steps))

@@ -1,0 +1,276 @@
+"""``fit``: one call from a spec to a trained, exported model (what ``mixstack train`` runs).
+
+Wiring only: :class:`~mixstack.training.lit.LitModel` and
+:class:`~mixstack.training.lit.TaskData` go to a Lightning ``Trainer`` configured from
+the spec (``run.trainer`` for accelerator / devices / strategy / nodes, so DDP and FSDP
+are configuration; precision; loggers; gradient clipping and accumulation); the run
+directory (:mod:`.rundir`) records the resolved spec, metrics, checkpoints and
+metadata; the model directory (:mod:`.modeldir`) is exported at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mixstack.dsl.errors import MixstackError
+from mixstack.dsl.spec import Spec
+from mixstack.training import rundir
+from mixstack.training.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a ``fit`` call did. Only the launching process (global rank 0) fills
+    ``metrics``; the extra processes of a multi-process strategy return with
+    ``is_global_zero`` False."""
+
+    run_dir: Path
+    status: str  # "finished" | "stopped"
+    step: int
+    total_steps: int
+    elapsed_s: float
+    is_global_zero: bool = True
+    model_dir: Path | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: int = 0
+    backends: dict[str, str] = field(default_factory=dict)
+    reason: str | None = None  # why a run finished before max_steps (train.early_stop)
+
+
+def _loggers(spec: Spec, run: RunDir, segment: int) -> list[Any]:
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers: list[Any] = [CSVLogger(save_dir=str(run.root), name=rundir.LOGS_DIR, version=segment)]
+    cfg = spec.run.logger
+    if cfg.type == "tensorboard":
+        try:
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(save_dir=str(run.root), name="tensorboard"))
+        except ModuleNotFoundError as exc:
+            raise MixstackError(
+                f"run.logger tensorboard needs the tensorboard package ({exc}); "
+                "pip install tensorboard"
+            ) from None
+    elif cfg.type == "wandb":
+        try:
+            from lightning.pytorch.loggers import WandbLogger
+
+            loggers.append(
+                WandbLogger(
+                    project=cfg.project,
+                    entity=cfg.entity,
+                    offline=cfg.mode == "offline",
+                    save_dir=str(run.root),
+                )
+            )
+        except ModuleNotFoundError as exc:
+            raise MixstackError(
+                f"run.logger wandb needs the wandb package ({exc}); pip install wandb"
+            ) from None
+    return loggers
+
+
+def _precision(spec: Spec) -> dict[str, Any]:
+    """``precision=`` for Lightning, or our plugin for the two true-half precisions."""
+    from mixstack.training.lit import KeepFP32HalfPrecision
+
+    precision = spec.run.precision
+    if precision in ("bf16-true", "16-true"):
+        return {"plugins": [KeepFP32HalfPrecision(precision)]}  # type: ignore[arg-type]
+    return {"precision": precision}
+
+
+def _callbacks(spec: Spec, run: RunDir, every: int, also: set[int], *, progress: bool) -> list[Any]:
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from mixstack.training.callbacks import ProgressBar, StepCheckpoint
+
+    callbacks: list[Any] = [StepCheckpoint(run.checkpoint, every=every, also=also)]
+    if progress:
+        callbacks.append(ProgressBar())
+    target = spec.train.early_stop if spec.train else None
+    if target is not None:
+        callbacks.append(
+            EarlyStopping(
+                monitor=target.metric,
+                mode=target.mode,
+                stopping_threshold=target.threshold,
+                patience=2**31,  # only the threshold stops the run
+                check_on_train_epoch_end=False,
+            )
+        )
+    return callbacks
+
+
+def make_trainer(
+    spec: Spec, run: RunDir, segment: int, total: int, steps_per_epoch: int, *, progress: bool
+) -> Any:
+    """The Lightning Trainer of a run (see the module docstring)."""
+    import lightning.pytorch as L
+
+    train, cfg = spec.train, spec.run
+    assert train is not None
+    stop = min(cfg.stop_after, total) if cfg.stop_after is not None else total
+    epochs = train.max_epochs or math.ceil(total / steps_per_epoch)
+    every = train.checkpoint_every or train.val_every
+    return L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        strategy=cfg.trainer.strategy,
+        num_nodes=cfg.trainer.num_nodes,
+        max_steps=stop,
+        max_epochs=epochs,
+        val_check_interval=train.val_every * train.accumulate_grad_batches,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        accumulate_grad_batches=train.accumulate_grad_batches,
+        gradient_clip_val=train.grad_clip,
+        gradient_clip_algorithm=train.grad_clip_algorithm,
+        log_every_n_steps=train.log_every,
+        logger=_loggers(spec, run, segment),
+        callbacks=_callbacks(spec, run, every, {stop, total}, progress=progress),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        deterministic=cfg.deterministic,
+        default_root_dir=str(run.root),
+        use_distributed_sampler=False,
+        **_precision(spec),
+    )
+
+
+def _resume_step(run: RunDir) -> int:
+    """The global step stored in the run's last checkpoint (read without unpickling code)."""
+    import torch
+
+    state = torch.load(run.checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    return int(state["global_step"])
+
+
+def fit(
+    spec: Spec,
+    out: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> RunResult:
+    """Train ``spec`` (which needs a ``train`` section) into the run directory ``out``.
+
+    ``resume``: continue the run in ``out`` from its last checkpoint (same model and train
+    sections; batches, dropout and the schedule continue exactly). ``overwrite``: replace
+    a run already in ``out``. Returns a :class:`RunResult`.
+    """
+    from mixstack.training.lit import LitModel, TaskData, as_spec
+
+    spec = as_spec(spec)
+    launching = rundir.is_launching_process()
+    run = RunDir(Path(out))
+    if launching:
+        rundir.check(run.root, spec, resume=resume, overwrite=overwrite)
+        segment = rundir.next_segment(run, resume=resume)
+    else:  # the launching process has already recorded this invocation
+        segment = _current_segment(run)
+    # Everything that can fail on user input (task files, loggers, strategy) before any write.
+    lit = LitModel(spec)
+    data = TaskData(spec, lit)
+    assert lit.total_steps is not None
+    trainer = make_trainer(
+        spec, run, segment, lit.total_steps, data.steps_per_epoch, progress=progress
+    )
+    if launching:
+        rundir.prepare(run.root, spec, resume=resume, overwrite=overwrite)
+        rundir.start_segment(run, spec, _resume_step(run) if resume else 0)
+    began = time.monotonic()
+    status = "failed"
+    try:
+        status = _train(trainer, lit, data, run.checkpoint if resume else None)
+    except (KeyboardInterrupt, SystemExit):
+        status = "interrupted"
+        raise
+    finally:
+        if trainer.is_global_zero:
+            _close_segment(run, segment, status, trainer.global_step, lit)
+    result = RunResult(
+        run_dir=run.root,
+        status=status,
+        step=trainer.global_step,
+        total_steps=lit.total_steps,
+        elapsed_s=time.monotonic() - began,
+        is_global_zero=trainer.is_global_zero,
+        reason=_target_text(spec) if _target_reached(trainer) else None,
+    )
+    if trainer.is_global_zero:
+        _finish(run, lit, result)
+    return result
+
+
+def _train(trainer: Any, lit: Any, data: Any, checkpoint: Path | None) -> str:
+    """Fit (from ``checkpoint`` when resuming); validate at the last step if the schedule of
+    validations missed it. Returns "finished" or "stopped" (``run.stop_after``)."""
+    ckpt = str(checkpoint) if checkpoint is not None else None
+    trainer.fit(lit, datamodule=data, ckpt_path=ckpt, weights_only=True)
+    done = trainer.global_step >= lit.total_steps or _target_reached(trainer)
+    if done and lit.last_val_step != trainer.global_step:
+        trainer.validate(lit, datamodule=data, verbose=False)
+    return "finished" if done else "stopped"
+
+
+def _target_text(spec: Spec) -> str | None:
+    target = spec.train.early_stop if spec.train else None
+    return f"{target.metric} reached {target.threshold:g}" if target else None
+
+
+def _current_segment(run: RunDir) -> int:
+    return max(0, len(run.read_metadata().get("segments", [])) - 1)
+
+
+def _target_reached(trainer: Any) -> bool:
+    """Whether ``train.early_stop`` ended the run (its threshold was reached)."""
+    from lightning.pytorch.callbacks import EarlyStopping
+    from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+
+    return any(
+        isinstance(c, EarlyStopping) and c.stopping_reason == EarlyStoppingReason.STOPPING_THRESHOLD
+        for c in trainer.callbacks
+    )
+
+
+def _close_segment(run: RunDir, segment: int, status: str, step: int, lit: Any) -> None:
+    meta = run.read_metadata()
+    meta["segments"][segment].update({"finished": rundir.now(), "status": status, "end_step": step})
+    meta["status"] = status
+    meta["step"] = step
+    meta["backends"] = lit.model.backends.resolved()
+    run.write_metadata(meta)
+
+
+def _finish(run: RunDir, lit: Any, result: RunResult) -> None:
+    """Merge the metrics, export the model (finished runs), complete ``run.json``."""
+    from mixstack.training.modeldir import save_model_dir
+
+    rows = rundir.merge_metrics(run)
+    result.metrics = rundir.last_metrics(rows)
+    result.params = sum(p.numel() for p in lit.model.parameters())
+    result.backends = lit.model.backends.resolved()
+    if result.status == "finished":
+        val = {k: v for k, v in result.metrics.items() if k.startswith("val/")}
+        result.model_dir = save_model_dir(lit.model, run.model_dir, metrics=val)
+    meta = run.read_metadata()
+    meta.update(
+        {
+            "metrics": result.metrics,
+            "params": result.params,
+            "model_dir": str(result.model_dir) if result.model_dir else None,
+        }
+    )
+    run.write_metadata(meta)

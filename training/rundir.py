@@ -1,0 +1,302 @@
+"""The run directory: what a ``mixstack train`` run leaves behind, and resuming it.
+
+::
+
+    RUN_DIR/
+      spec.yaml           the resolved spec (model + train + run) of the run
+      run.json            metadata: versions, git sha, resolved backends, segments, result
+      metrics.csv         every logged metric (train rows, val rows), one run's history
+      logs/version_K/     Lightning's CSV log of invocation K (merged into metrics.csv)
+      checkpoints/last.ckpt   Lightning checkpoint (weights_only-loadable)
+      model/              the exported model directory (config.json, spec.yaml,
+                          model.safetensors, README.md)
+
+A run may take several invocations (``run.stop_after``, an interruption, ``--resume``):
+each is a *segment* starting at the global step restored from ``last.ckpt``. Every
+file is written atomically (temporary file, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mixstack.dsl.errors import MixstackError
+from mixstack.dsl.spec import Spec
+
+SPEC_FILE = "spec.yaml"
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.csv"
+CHECKPOINT = Path("checkpoints") / "last.ckpt"
+MODEL_DIR = "model"
+LOGS_DIR = "logs"
+
+
+class RunDirError(MixstackError):
+    """A run directory cannot be created, reused or resumed as asked."""
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write via a temporary file in the same folder and ``os.replace``: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def is_launching_process() -> bool:
+    """False in the extra processes a multi-process strategy starts (Lightning sets
+    ``LOCAL_RANK`` / ``NODE_RANK``, torchrun ``RANK``): only one process writes files."""
+    if "RANK" in os.environ:
+        return os.environ["RANK"] == "0"
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def _diff(old: Any, new: Any, path: str = "") -> list[str]:
+    """Dotted paths where two plain-data trees differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out.extend(_diff(old.get(key), new.get(key), f"{path}.{key}" if path else str(key)))
+        return out
+    return [] if old == new else [path or "<root>"]
+
+
+@dataclass
+class RunDir:
+    """Paths of one run directory."""
+
+    root: Path
+
+    @property
+    def spec_file(self) -> Path:
+        return self.root / SPEC_FILE
+
+    @property
+    def run_file(self) -> Path:
+        return self.root / RUN_FILE
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.root / METRICS_FILE
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / CHECKPOINT
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / MODEL_DIR
+
+    @property
+    def logs(self) -> Path:
+        return self.root / LOGS_DIR
+
+    def holds_run(self) -> bool:
+        return self.spec_file.is_file() or self.run_file.is_file()
+
+    def read_metadata(self) -> dict[str, Any]:
+        if not self.run_file.is_file():
+            return {}
+        try:
+            return json.loads(self.run_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RunDirError(f"cannot read {self.run_file}: {exc}") from None
+
+    def write_metadata(self, data: dict[str, Any]) -> None:
+        write_atomic(self.run_file, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def check(root: Path, spec: Spec, *, resume: bool, overwrite: bool) -> RunDir:
+    """Refuse what cannot be done with ``root``; writes nothing.
+
+    New run: ``root`` must not hold a run (unless ``overwrite``) nor anything else.
+    Resume: ``root`` must hold a run with a checkpoint, and the same model and train
+    sections (the run section may change: devices, precision, stop_after...).
+    """
+    run = RunDir(Path(root))
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite exclude each other")
+    if resume:
+        _check_resumable(run, spec)
+    elif run.holds_run():
+        if not overwrite:
+            raise RunDirError(
+                f"{run.root} already holds a run; continue it with --resume, replace it with "
+                "--overwrite, or pick another --out"
+            )
+    elif run.root.exists() and (not run.root.is_dir() or any(run.root.iterdir())):
+        raise RunDirError(f"{run.root} exists and is not an empty directory or a run directory")
+    return run
+
+
+def prepare(root: Path, spec: Spec, *, resume: bool, overwrite: bool) -> RunDir:
+    """:func:`check`, then write the spec (a new run replaces an old one if ``overwrite``).
+    Launching process only."""
+    run = check(root, spec, resume=resume, overwrite=overwrite)
+    if not resume and run.holds_run():
+        shutil.rmtree(run.root)
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_atomic(run.spec_file, spec.dump())  # on resume: this invocation's run section
+    return run
+
+
+def next_segment(run: RunDir, *, resume: bool) -> int:
+    """Index of the invocation about to start (0 for a new or replaced run)."""
+    return len(run.read_metadata().get("segments", [])) if resume else 0
+
+
+def _check_resumable(run: RunDir, spec: Spec) -> None:
+    if not run.spec_file.is_file():
+        raise RunDirError(f"nothing to resume: {run.spec_file} does not exist")
+    if not run.checkpoint.is_file():
+        raise RunDirError(
+            f"nothing to resume: {run.checkpoint} does not exist (the run stopped before its "
+            "first checkpoint; start it again with --overwrite)"
+        )
+    from mixstack.dsl.loader import load_spec
+
+    old = load_spec(str(run.spec_file))
+    old_data, new_data = old.to_dict(), spec.to_dict()
+    changed = [
+        p
+        for section in ("model", "train")
+        for p in _diff(old_data.get(section), new_data.get(section), section)
+    ]
+    if changed:
+        raise RunDirError(
+            f"cannot resume {run.root}: the spec differs from the run's in "
+            f"{', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''} (only the run "
+            "section may change on --resume)"
+        )
+
+
+def versions() -> dict[str, str]:
+    """Versions of mixstack and the libraries a run depends on."""
+    from importlib import metadata
+
+    from mixstack import __version__
+
+    out = {"mixstack": __version__, "python": platform.python_version()}
+    for name in ("torch", "lightning", "torchmetrics", "safetensors"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_revision() -> dict[str, Any] | None:
+    """Commit (and whether the tree is dirty) of the mixstack checkout, if it is one."""
+    import mixstack
+
+    where = Path(mixstack.__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"sha": sha, "dirty": bool(status.strip())}
+
+
+def start_segment(run: RunDir, spec: Spec, start_step: int) -> int:
+    """Record a new invocation starting at ``start_step``; returns its index."""
+    meta = run.read_metadata() or {
+        "spec_hash": spec.spec_hash,
+        "created": now(),
+        "segments": [],
+    }
+    meta.update(
+        {
+            "status": "running",
+            "versions": versions(),
+            "git": git_revision(),
+            "platform": platform.platform(),
+        }
+    )
+    meta["segments"].append({"start_step": start_step, "started": now()})
+    run.write_metadata(meta)
+    return len(meta["segments"]) - 1
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def merge_metrics(run: RunDir) -> list[dict[str, str]]:
+    """Join the segments' CSV logs into ``metrics.csv`` as one uninterrupted history.
+
+    Lightning logs a row at the 0-based index of the optimizer step it belongs to
+    (training rows: the step taken; validation rows: the last step before it). A
+    segment resumed from a checkpoint of global step ``S`` redoes everything from index
+    ``S`` on, so its predecessor's rows from ``S`` on (logged after that checkpoint,
+    before an interruption) are dropped.
+    """
+    segments = run.read_metadata().get("segments", [])
+    rows: list[dict[str, str]] = []
+    for k in range(len(segments)):
+        part = read_csv(run.logs / f"version_{k}" / METRICS_FILE)
+        if k + 1 < len(segments):
+            resume = segments[k + 1]["start_step"]
+            part = [row for row in part if int(row["step"]) < resume]
+        rows.extend(part)
+    columns = sorted(
+        {key for row in rows for key in row}, key=lambda c: (c not in ("epoch", "step"), c)
+    )
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(run.metrics_file, buffer.getvalue())
+    return rows
+
+
+def last_metrics(rows: list[dict[str, str]]) -> dict[str, float]:
+    """The latest value of every metric in ``rows`` (empty cells skipped)."""
+    out: dict[str, float] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key not in ("epoch", "step") and value not in ("", None):
+                out[key] = float(value)
+    return out
+
+
+def spec_yaml_of(run: RunDir) -> dict[str, Any]:
+    return yaml.safe_load(run.spec_file.read_text(encoding="utf-8"))
