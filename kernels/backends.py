@@ -39,7 +39,9 @@ PROVIDERS: tuple[str, ...] = ("reference", *AUTO_PRIORITY)
 _KERNEL_MODULES = (
     "mixstack.kernels.attention",
     "mixstack.kernels.ssd",
+    "mixstack.kernels.selective_scan",
     "mixstack.kernels.causal_conv1d",
+    "mixstack.kernels.fftconv",
 )
 
 Reason = str | None  # None: fine; a string: why not
