@@ -114,13 +114,24 @@ def test_hybrid_8b_shape_builds_on_meta_with_the_published_parameter_count() -> 
     d, heads, kv_heads, head_dim, hidden, vocab = 4096, 32, 8, 128, 16384, 256000
     attention = d * heads * head_dim * 2 + 2 * d * kv_heads * head_dim  # q, o + k, v
     mlp = 2 * d * hidden  # non-gated, no bias
-    n_attention, n_mlp = pattern.count("M") + pattern.count("*"), pattern.count("-")
-    assert (n_attention, n_mlp) == (28, 28)
+    # Mamba-2 (MATH §2): d_inner 8192, N 128, G 8, H = 8192 / 64 = 128, conv 4.
+    d_inner, n, g, h, conv = 2 * d, 128, 8, 128, 4
+    conv_dim = d_inner + 2 * g * n
+    in_proj = (2 * d_inner + 2 * g * n + h) * d
+    assert in_proj // d == 18560 and conv_dim == 10240  # the widths MATH §9 quotes
+    mamba2 = in_proj + conv_dim * conv + conv_dim + 3 * h + d_inner + d * d_inner
+    counts = {s: pattern.count(s) for s in "M*-"}
+    assert counts == {"M": 24, "*": 4, "-": 28}
     expected = (
-        n_attention * (attention + d)
-        + n_mlp * (mlp + d)
+        counts["M"] * (mamba2 + d)  # + the pre-norm weight of each sub-layer
+        + counts["*"] * (attention + d)
+        + counts["-"] * (mlp + d)
         + 2 * vocab * d  # untied embedding and head
         + d  # final norm
     )
-    assert report.total_params == expected == 7_029_886_976
-    assert [t.count for t in report.rows_by_type()] == [28, 28]
+    assert report.total_params == expected == 8_654_517_248
+    assert {t.type: t.count for t in report.rows_by_type()} == {
+        "mamba2": 24,
+        "attention": 4,
+        "mlp": 28,
+    }

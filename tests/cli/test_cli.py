@@ -84,11 +84,11 @@ def test_info_hybrid_8b_shows_realized_and_requested_ratios() -> None:
     assert "4/56" in rows["*"] and "0.08" in rows["*"]
     assert "28/56" in rows["-"] and "0.5" in rows["-"]
     assert "M-M-M--M-M*-M-M-M-M--M*-M-M-M-M-M*--M-M-M-M-M*-M--M-M-M-" in out
-    assert "7,029,886,976" in out  # parameters (see tests/archs/test_report.py)
+    assert "8,654,517,248" in out  # parameters (see tests/archs/test_report.py)
     report = mixstack.build("zoo:hybrid-8b-shape", device="meta").report(4096)
     assert f"{report.total_state_bytes:,} B" in out
     assert f"{report.total_flops_per_token:,.0f}" in out
-    assert "window=2048" in out  # key settings of the M layers
+    assert "ngroups=8 chunk_size=128" in out  # key settings of the M layers
 
 
 def test_info_layer_table_of_a_small_spec(tiny) -> None:
