@@ -293,10 +293,12 @@ def causal_conv1d_update(
         raise ValueError(
             f"causal_conv1d_update: activation must be None or 'silu', got {activation!r}"
         )
-    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-    conv_state[..., -1] = x_t
+    # The shifted window is a new tensor: autograd may save it, and conv_state, which is
+    # overwritten in place at every step, never is (backward through steps works).
+    window = torch.cat([conv_state[..., 1:], x_t[..., None].to(conv_state.dtype)], dim=-1)
+    conv_state.copy_(window)  # (B, C, K)
     f = compute_dtype(x_t.dtype)
-    y = (conv_state.to(f) * weight.to(f)).sum(dim=-1)  # (B, C)
+    y = (window.to(f) * weight.to(f)).sum(dim=-1)  # (B, C)
     if bias is not None:
         y = y + bias.to(f)
     return _activate(y, activation).to(x_t.dtype)

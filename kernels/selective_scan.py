@@ -420,8 +420,12 @@ def selective_scan_step(
     C_d = C.to(f).repeat_interleave(per_group, dim=1)
     dt = delta.to(f)[..., None]  # (B, Dn, 1)
     u_f = u.to(f)
-    state.copy_(torch.exp(dt * A.to(f)) * state + dt * u_f[..., None] * B_d)
-    y = (state * C_d).sum(dim=-1)  # (B, Dn)
+    # Under autograd the step saves the state it reads; it is overwritten below, so read a
+    # copy (backward through decoding steps then works; no copy at inference).
+    prev = state.clone() if torch.is_grad_enabled() else state
+    new_state = torch.exp(dt * A.to(f)) * prev + dt * u_f[..., None] * B_d  # (B, Dn, N)
+    state.copy_(new_state)
+    y = (new_state * C_d).sum(dim=-1)  # (B, Dn)
     if D is not None:
         y = y + D.to(f) * u_f
     if z is not None:

@@ -227,7 +227,10 @@ def ssd_step(
     """
     f = state.dtype
     xs = x_t.to(f)
-    new_state, y_t = recurrence_step(state, xs, dt_t.to(f), A.to(f), B_t.to(f), C_t.to(f))
+    # Under autograd the step saves the state it reads; it is overwritten below, so read a
+    # copy (backward through decoding steps then works; no copy at inference).
+    prev = state.clone() if torch.is_grad_enabled() else state
+    new_state, y_t = recurrence_step(prev, xs, dt_t.to(f), A.to(f), B_t.to(f), C_t.to(f))
     state.copy_(new_state)
     if D is not None:
         y_t = y_t + _skip(xs[:, None], D)[:, 0]  # (B, H, P)

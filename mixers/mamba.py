@@ -239,7 +239,8 @@ class Mamba(Mixer):
             self.conv1d.bias,
             activation="silu",
             seq_idx=seq_idx,
-            initial_state=None if state is None else state.conv_state,
+            # a copy: autograd may save what the kernel reads, and the state is overwritten
+            initial_state=None if state is None else state.conv_state.clone(),
             return_final_state=state is not None,
         )
         if state is not None:
@@ -286,7 +287,7 @@ class Mamba(Mixer):
         if st is None:
             y = self._scan(xs, coeffs, z, None, False)
         else:
-            y, ssm_state = self._scan(xs, coeffs, z, st.ssm_state, True)
+            y, ssm_state = self._scan(xs, coeffs, z, st.ssm_state.clone(), True)  # as the conv
             st.ssm_state.copy_(ssm_state)
         return self._out(y, seq_idx)
 

@@ -364,7 +364,8 @@ class Mamba2(Mixer):
             self.conv1d.bias,
             activation="silu",
             seq_idx=seq_idx,
-            initial_state=None if state is None else state.conv_state,
+            # a copy: autograd may save what the kernel reads, and the state is overwritten
+            initial_state=None if state is None else state.conv_state.clone(),
             return_final_state=state is not None,
         )
         if state is not None:
@@ -396,7 +397,7 @@ class Mamba2(Mixer):
         if st is None:
             y = self._scan(xs, coeffs, None, False)
         else:
-            y, ssm_state = self._scan(xs, coeffs, st.ssm_state, True)
+            y, ssm_state = self._scan(xs, coeffs, st.ssm_state.clone(), True)  # as the conv
             st.ssm_state.copy_(ssm_state)
         return self._finish(y + self._channel_skip(xs), parts, seq_idx)
 

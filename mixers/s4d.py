@@ -286,7 +286,8 @@ class S4D(Mixer):
         """
         bsz, length, _ = u.shape
         log_abar, cbar = self.kernel.modes()  # (H, N/2), (1, H, N/2)
-        x0 = state.ssm_state.to(cbar.dtype)  # (B, H, N/2)
+        # a copy: autograd saves what it multiplies, and the state is overwritten below
+        x0 = state.ssm_state.clone().to(cbar.dtype)  # (B, H, N/2)
         run, pad = _runs(seq_idx, bsz, length, u.device)
         rank = (~pad).long().cumsum(dim=1) - 1  # (B, L)
         count = rank[:, -1] + 1  # tokens per row (B,)
@@ -324,7 +325,10 @@ class S4D(Mixer):
         log_abar, cbar = self.kernel.modes()
         f = log_abar.real.dtype
         u = x_t.to(f)
-        x = torch.exp(log_abar) * st.ssm_state.to(cbar.dtype) + u[..., None]  # (B, H, N/2)
+        prev = st.ssm_state.to(cbar.dtype)  # (B, H, N/2)
+        if torch.is_grad_enabled():  # autograd saves it and it is overwritten below
+            prev = prev.clone()
+        x = torch.exp(log_abar) * prev + u[..., None]  # (B, H, N/2)
         st.ssm_state.copy_(x)
         y = 2 * (cbar[0] * x).sum(dim=-1).real + self.D.to(f) * u
         return self._finish(y[:, None], None)[:, 0]

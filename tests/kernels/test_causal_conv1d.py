@@ -127,6 +127,30 @@ def test_decode_after_prefill_equals_forward(prefill, fn):
     )
 
 
+def test_backward_through_steps_equals_the_forward():
+    """The update overwrites conv_state in place at every step; autograd must still see
+    the values it used: gradients of steps after a prefill equal the full forward's."""
+    x, w, b, cot = _rand(40, 2, 9, 3), _rand(41, 3, 4), _rand(42, 3), _rand(43, 2, 9, 3)
+    grads = {}
+    for mode in ("forward", "steps"):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        xs, ws, bs = leaves
+        if mode == "forward":
+            y = cc.causal_conv1d_torch(xs, ws, bs, activation="silu")
+        else:
+            y0, state = cc.causal_conv1d_torch(
+                xs[:, :3], ws, bs, activation="silu", return_final_state=True
+            )
+            steps = [
+                cc.causal_conv1d_update(xs[:, t], state, ws, bs, activation="silu")
+                for t in range(3, 9)
+            ]
+            y = torch.cat([y0, torch.stack(steps, 1)], 1)
+        grads[mode] = torch.autograd.grad((y * cot).sum(), leaves)
+    for a, b_ in zip(grads["steps"], grads["forward"], strict=True):
+        torch.testing.assert_close(a, b_, rtol=1e-12, atol=1e-12)
+
+
 def test_chunked_prefill_continues_from_state():
     x, w = _rand(15, 1, 12, 3), _rand(16, 3, 4)
     full, full_state = cc.causal_conv1d_torch(x, w, return_final_state=True)

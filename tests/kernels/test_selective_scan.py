@@ -167,12 +167,14 @@ def test_chunked_matches_reference_without_extras(length, chunks_per_segment, se
         assert_rel(fast[2][name], grad, 1e-11, f"d{name}")
 
 
-@pytest.mark.parametrize("length", [65, 300])
-def test_chunked_matches_fp64_reference_in_fp32(length: int) -> None:
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("length", [65, 300, 1000])
+def test_chunked_matches_fp64_reference_in_fp32(length: int, packed: bool) -> None:
     case64 = inputs(5, 2, length, 8, 6, groups=2)
     case32 = {k: v.float() if torch.is_tensor(v) else v for k, v in case64.items()}
-    fast = outputs_and_grads(selective_scan_chunked, case32)
-    ref = outputs_and_grads(selective_scan_reference, case64)
+    kw = {"seq_idx": random_packing(length, seed=length)} if packed else {}
+    fast = outputs_and_grads(selective_scan_chunked, case32, **kw)
+    ref = outputs_and_grads(selective_scan_reference, case64, **kw)
     assert fast[0].dtype == torch.float32 and fast[1].dtype == torch.float32
     assert_rel(fast[0].double(), ref[0], 1e-5, "y")
     assert_rel(fast[1].double(), ref[1], 1e-5, "final state")
@@ -270,6 +272,59 @@ def test_padding_inside_a_document_is_transparent() -> None:
     assert_rel(final, want_final, 1e-12, "final state")
 
 
+def random_packing(length: int, seed: int, bsz: int = 2) -> torch.Tensor:
+    """(B, L) document ids: random document lengths, increasing ids per row, padding runs
+    (−1) at random places (start, between and inside documents, end)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b in range(bsz):
+        row: list[int] = []
+        doc = 10 * b
+        while len(row) < length:
+            n = int(torch.randint(1, length // 3 + 2, (1,), generator=g))
+            if torch.rand(1, generator=g).item() < 0.25:
+                row += [-1] * min(n, 4)
+            else:
+                row += [doc] * n
+                doc += 1
+        rows.append(row[:length])
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("initial", [False, True])
+@pytest.mark.parametrize(
+    ("length", "chunk", "chunks_per_segment"),
+    [
+        (1, 8, None),
+        (7, 4, 1),
+        (63, 8, None),
+        (64, 8, 3),
+        (65, 16, 2),
+        (1000, 32, None),
+        (1000, 8, 5),
+    ],
+)
+@pytest.mark.parametrize("groups", [0, 3])
+def test_packed_chunked_matches_reference_fp64(
+    groups, length, chunk, chunks_per_segment, initial, segments
+) -> None:
+    """Packed rows, also across segment boundaries: outputs, final state and gradients of
+    every input (initial state included); the reference is tied to separate runs by
+    test_packed_documents_equal_separate_runs."""
+    seq_idx = random_packing(length, seed=length + chunk)
+    case = inputs(length + groups, 2, length, 6, 4, groups)
+    if not initial:
+        del case["initial_state"]
+    segments(case, chunk, chunks_per_segment)
+    fast = outputs_and_grads(selective_scan_chunked, case, seq_idx=seq_idx, chunk_size=chunk)
+    ref = outputs_and_grads(selective_scan_reference, case, seq_idx=seq_idx)
+    assert_rel(fast[0], ref[0], 1e-12, "y")
+    assert_rel(fast[1], ref[1], 1e-12, "final state")
+    assert set(fast[2]) == set(ref[2])
+    for name, grad in ref[2].items():
+        assert_rel(fast[2][name], grad, 1e-11, f"d{name}")
+
+
 def test_packed_gradients_match_reference() -> None:
     seq_idx = packed_layout()
     case = inputs(11, 2, seq_idx.shape[1], 4, 2)
@@ -302,6 +357,38 @@ def test_steps_equal_the_scan(groups: int) -> None:
     ]
     torch.testing.assert_close(torch.stack(steps, dim=1), want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(state, want_final, rtol=1e-12, atol=1e-12)
+
+
+def test_backward_through_steps_equals_the_reference() -> None:
+    """selective_scan_step overwrites the state in place; under autograd it must not
+    corrupt what backward needs: a step-by-step run has the reference's gradients."""
+    case = {k: v.requires_grad_() for k, v in inputs(17, 2, 9, 6, 4, groups=2).items()}
+    g = torch.Generator().manual_seed(2)
+    cot, cot_final = (
+        torch.randn(2, 9, 6, generator=g, dtype=F64),
+        torch.randn(2, 6, 4, generator=g, dtype=F64),
+    )
+    y, final = selective_scan_reference(**case, return_final_state=True)
+    want = torch.autograd.grad((y * cot).sum() + (final * cot_final).sum(), list(case.values()))
+    state = torch.zeros(2, 6, 4, dtype=F64)
+    state.copy_(case["initial_state"])  # the state tensor itself is not a leaf
+    steps = [
+        selective_scan_step(
+            state,
+            case["u"][:, t],
+            case["delta"][:, t],
+            case["A"],
+            case["B"][:, t],
+            case["C"][:, t],
+            D=case["D"],
+            z=case["z"][:, t],
+        )
+        for t in range(9)
+    ]
+    loss = (torch.stack(steps, dim=1) * cot).sum() + (state * cot_final).sum()
+    got = torch.autograd.grad(loss, list(case.values()))
+    for name, a, b in zip(case, got, want, strict=True):
+        assert_rel(a, b, 1e-12, f"d{name}")
 
 
 # -- errors ----------------------------------------------------------------------------------------

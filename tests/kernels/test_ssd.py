@@ -104,20 +104,23 @@ def test_chunked_matches_recurrence_fp64(groups, chunk_size, length, initial):
     assert_close_all(fast, ref)
 
 
+@pytest.mark.parametrize("initial", [False, True])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_chunked_matches_recurrence_long_sequence(groups):
-    inputs = make_inputs(7, 1, 1000, 2, 2, groups, 3, initial=True, D="channel")
+def test_chunked_matches_recurrence_long_sequence(groups, initial):
+    inputs = make_inputs(7, 1, 1000, 2, 2, groups, 3, initial=initial, D="channel")
     fast = run_with_grads(ssd.ssd_scan_chunked, inputs, 64)
     ref = run_with_grads(ssd.ssd_scan_reference, inputs, 64)
     assert_close_all(fast, ref)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize(("length", "chunk_size"), [(65, 16), (1000, 256)])
-def test_fp32_within_tolerance_of_fp64(length, chunk_size):
+def test_fp32_within_tolerance_of_fp64(length, chunk_size, packed):
     inputs64 = make_inputs(3, 2, length, 4, 4, 2, 8, initial=True)
     inputs32 = {k: v.detach().float().requires_grad_(True) for k, v in inputs64.items()}
-    ref = run_with_grads(ssd.ssd_scan_reference, inputs64, chunk_size)
-    fast = run_with_grads(ssd.ssd_scan_chunked, inputs32, chunk_size)
+    kw = {"seq_idx": random_packing(length, seed=length)} if packed else {}
+    ref = run_with_grads(ssd.ssd_scan_reference, inputs64, chunk_size, **kw)
+    fast = run_with_grads(ssd.ssd_scan_chunked, inputs32, chunk_size, **kw)
     assert fast[0].dtype == torch.float32 and fast[1].dtype == torch.float32
     for a, b in [(fast[0], ref[0]), (fast[1], ref[1])] + [(fast[2][k], ref[2][k]) for k in ref[2]]:
         scale = b.abs().max().item()
@@ -225,16 +228,55 @@ def test_packed_equals_separate(fn, chunk_size):
     y_sep, final_sep = _separate(inp, PACKED_ROWS, initial)
     torch.testing.assert_close(y, y_sep, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(final, final_sep, rtol=1e-10, atol=1e-12)
-    # Gradients: a loss on the packed call equals the same loss on the separate calls.
-    weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=F64)
-    leaves = [inp["x"], inp["dt"], inp["B"], inp["C"], inp["A"], initial]
-    g_packed = torch.autograd.grad((y * weight).sum(), leaves)
-    g_sep = torch.autograd.grad((y_sep * weight).sum(), leaves)
+    # Gradients: a loss on the packed call (outputs and final state) equals the same loss
+    # on the separate calls.
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(y.shape, generator=g, dtype=F64)
+    weight_final = torch.randn(final.shape, generator=g, dtype=F64)
+    leaves = [inp["x"], inp["dt"], inp["B"], inp["C"], inp["A"], inp["D"], initial]
+    g_packed = torch.autograd.grad((y * weight).sum() + (final * weight_final).sum(), leaves)
+    g_sep = torch.autograd.grad((y_sep * weight).sum() + (final_sep * weight_final).sum(), leaves)
     for a, b in zip(g_packed, g_sep, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     pad = seq_idx < 0
     assert (y[pad] == 0).all()
     assert (g_packed[0][pad] == 0).all() and (g_packed[1][pad] == 0).all()
+
+
+def random_packing(length: int, seed: int, bsz: int = 2) -> torch.Tensor:
+    """(B, L) document ids: random document lengths (1 to L/3 + 1), increasing ids per row,
+    padding runs (−1) at random places (start, between and inside documents, end)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b in range(bsz):
+        row: list[int] = []
+        doc = 10 * b
+        while len(row) < length:
+            n = int(torch.randint(1, length // 3 + 2, (1,), generator=g))
+            if torch.rand(1, generator=g).item() < 0.25:
+                row += [-1] * min(n, 4)
+            else:
+                row += [doc] * n
+                doc += 1
+        rows.append(row[:length])
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("initial", [False, True])
+@pytest.mark.parametrize(
+    ("length", "chunk_size"),
+    [(1, 4), (7, 4), (63, 16), (64, 16), (65, 16), (65, 64), (1000, 64)],
+)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_packed_chunked_matches_recurrence_fp64(groups, length, chunk_size, initial):
+    """Packed rows: outputs, final state and every gradient (initial state included) of
+    the chunked path equal the recurrence's, which test_packed_equals_separate ties to
+    each document run alone."""
+    seq_idx = random_packing(length, seed=length + chunk_size)
+    inputs = make_inputs(length + groups, 2, length, 4, 3, groups, 5, initial=initial)
+    fast = run_with_grads(ssd.ssd_scan_chunked, inputs, chunk_size, seq_idx=seq_idx)
+    ref = run_with_grads(ssd.ssd_scan_reference, inputs, chunk_size, seq_idx=seq_idx)
+    assert_close_all(fast, ref)
 
 
 def test_repeated_document_id_after_another_is_a_new_document():
@@ -321,6 +363,31 @@ def test_step_matches_recurrence(D):
     ]
     torch.testing.assert_close(torch.stack(ys, dim=1), y_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(state, final_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_backward_through_steps_equals_the_recurrence():
+    """ssd_step overwrites the state in place; under autograd it must not corrupt what
+    backward needs: gradients of a step-by-step run equal the recurrence's."""
+    inputs = make_inputs(10, 2, 9, 4, 3, 2, 5, initial=True)
+    leaves = list(inputs)
+    g = torch.Generator().manual_seed(1)
+    cot = torch.randn(2, 9, 4, 3, generator=g, dtype=F64)
+    cot_final = torch.randn(2, 4, 3, 5, generator=g, dtype=F64)
+    y_ref, final_ref = ssd.ssd_scan_reference(**inputs, return_final_state=True)
+    loss = (y_ref * cot).sum() + (final_ref * cot_final).sum()
+    want = torch.autograd.grad(loss, [inputs[k] for k in leaves])
+    state = torch.zeros(2, 4, 3, 5, dtype=F64)
+    state.copy_(inputs["initial_state"])  # the state tensor itself is not a leaf
+    args = ("x", "dt", "B", "C")
+    ys = [
+        ssd.ssd_step(state, *(inputs[k][:, t] for k in args[:2]), inputs["A"],
+                     *(inputs[k][:, t] for k in args[2:]), inputs["D"])
+        for t in range(9)
+    ]  # fmt: skip
+    loss = (torch.stack(ys, 1) * cot).sum() + (state * cot_final).sum()
+    got = torch.autograd.grad(loss, [inputs[k] for k in leaves])
+    for name, a, b in zip(leaves, got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
 
 
 # -- registration and argument checks ------------------------------------------------------------

@@ -169,6 +169,26 @@ def test_chunked_prefill_and_steps_equal_forward() -> None:
     torch.testing.assert_close(torch.cat(got, dim=1), want, rtol=1e-10, atol=1e-12)
 
 
+def test_gradients_through_prefills_and_steps_equal_the_full_forward() -> None:
+    """Backward works through a prefill with state and through decoding steps, although
+    both overwrite the state in place, and gives the gradients of the full forward."""
+    m = build(MambaConfig(d_state=4, d_conv=3))
+    u, cot = rand(4, 2, 12, 16), rand(5, 2, 12, 16)
+
+    def decoded(x: torch.Tensor) -> torch.Tensor:
+        state = m.init_state(2, 12, device="cpu", dtype=F64)
+        outs = [m(x[:, :5], state=state), m(x[:, 5:8], state=state)]
+        return torch.cat(outs + [m.step(x[:, t], state)[:, None] for t in range(8, 12)], dim=1)
+
+    def grads(fn) -> tuple[torch.Tensor, ...]:
+        x = u.clone().requires_grad_()
+        return torch.autograd.grad((fn(x) * cot).sum(), [x, *m.parameters()])
+
+    names = ["u", *dict(m.named_parameters())]
+    for name, a, b in zip(names, grads(decoded), grads(m), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"d{name}")
+
+
 def test_decode_continues_the_last_document_of_a_packed_prefill() -> None:
     """Row: doc 0 (3 tokens), padding, doc 1 (4 tokens); decoding then continues doc 1
     exactly as a forward over doc 1 alone would."""

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch.utils.flop_counter import FlopCounterMode
 
-import mixstack.mixers.mamba2  # noqa: F401  (registers "mamba2")
+import mixstack
+import mixstack.mixers.mamba2  # registers "mamba2"
 from mixstack.blocks.gated_norm import GatedRMSNorm, gated_rms_norm
 from mixstack.dsl import registry
 from mixstack.dsl.context import LayerContext
@@ -180,6 +181,26 @@ def test_chunked_prefill_continues_the_state():
     state = m.init_state(2, 14, device="cpu", dtype=F64)
     out = torch.cat([m(u[:, :5], state=state), m(u[:, 5:], state=state)], dim=1)
     torch.testing.assert_close(out, m(u), rtol=1e-10, atol=1e-12)
+
+
+def test_gradients_through_prefills_and_steps_equal_the_full_forward():
+    """Backward works through a prefill with state and through decoding steps, although
+    both overwrite the state in place, and gives the gradients of the full forward."""
+    m = build(Mamba2Config(d_state=8, headdim=8, ngroups=2, chunk_size=4))
+    u, cot = rand(11, 2, 12, 32), rand(12, 2, 12, 32)
+
+    def decoded(x):
+        state = m.init_state(2, 12, device="cpu", dtype=F64)
+        outs = [m(x[:, :5], state=state), m(x[:, 5:8], state=state)]
+        return torch.cat(outs + [m.step(x[:, t], state)[:, None] for t in range(8, 12)], dim=1)
+
+    def grads(fn):
+        x = u.clone().requires_grad_()
+        return torch.autograd.grad((fn(x) * cot).sum(), [x, *m.parameters()])
+
+    names = ["u", *dict(m.named_parameters())]
+    for name, a, b in zip(names, grads(decoded), grads(m), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"d{name}")
 
 
 def test_state_layout_and_dtypes():
@@ -378,6 +399,36 @@ def test_check_reports_bad_combinations(fields, path, message):
     assert [p for p, _ in problems] == [path]
     with pytest.raises(SpecError, match=message):
         Mamba2(cfg, LayerContext(d_model=32))
+
+
+SPEC = """\
+model:
+  d_model: 32
+  layers:
+    pattern: "M-"
+    symbols:
+      M: {{type: mamba2, d_state: 8{extra}}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "message"),
+    [
+        (", headdim: 48", "headdim", r"headdim \(48\) must divide d_ssm \(64; expand·d_model"),
+        (", headdim: 8, ngroups: 3", "ngroups", r"ngroups \(3\) must divide .* = 8"),
+        (", d_ssm: 96", "d_ssm", r"d_ssm \(96\) exceeds d_inner"),
+    ],
+)
+def test_check_errors_are_raised_at_load_naming_their_line(tmp_path, extra, key, message):
+    path = tmp_path / "m.yaml"
+    path.write_text(SPEC.format(extra=""))
+    assert isinstance(mixstack.load_spec(path).model.layer_configs()[0], Mamba2Config)
+    path.write_text(SPEC.format(extra=extra))
+    with pytest.raises(SpecError, match=message) as info:
+        mixstack.load_spec(path)
+    text = str(info.value)
+    assert f"{path}:6:" in text, text  # the line binding M
+    assert f"model.layers.symbols.M.{key}" in text, text
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,158 @@ def test_convolution_mode_equals_the_recurrence(fields: dict, length: int) -> No
         torch.testing.assert_close(m(u), recurrence(m, u), rtol=1e-9, atol=1e-11)
 
 
+def causal_recurrence(
+    m: S4D, u: torch.Tensor, s0: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s_t = Ā s_{t−1} + B̄ u_t`` from ``s0`` (B, H, N/2) (zeros if None), read out as in
+    :func:`recurrence`, without in-place writes -> (head output (B, L, H), final s)."""
+    Abar, Bbar, C = discrete(m)
+    s = torch.zeros(u.shape[0], *Abar.shape, dtype=Abar.dtype) if s0 is None else s0
+    ys = []
+    for u_t in u.unbind(1):
+        s = Abar * s + Bbar * u_t[..., None]
+        ys.append(2 * (C[0] * s).sum(-1).real + m.D * u_t)
+    return head(m, torch.stack(ys, dim=1)), s
+
+
+def grads_of(m: S4D, fn, u: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict]:
+    """fn(u) -> output (and optionally a final state); returns the output and the gradients
+    of a fixed random functional of everything fn returns w.r.t. u and every parameter."""
+    x = u.clone().requires_grad_()
+    outs = fn(x)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum(
+        (torch.view_as_real(o) if o.is_complex() else o).mul(
+            torch.randn((torch.view_as_real(o) if o.is_complex() else o).shape, generator=g,
+                        dtype=F64)
+        ).sum()
+        for o in outs
+    )  # fmt: skip
+    params = dict(m.named_parameters())
+    grads = torch.autograd.grad(loss, [x, *params.values()])
+    return outs[0].detach(), dict(zip(["u", *params], grads, strict=True))
+
+
+def assert_rel(got: torch.Tensor, want: torch.Tensor, rel: float, what: str) -> None:
+    err, scale = (got - want).abs().max().item(), want.abs().max().item()
+    assert err <= rel * max(scale, 1e-30), f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+GRAD_CASES = [(f, n) for f in VARIANTS for n in (1, 7, 63, 64, 65)] + [
+    (VARIANTS[0], 1000),
+    (VARIANTS[1], 1000),
+    (VARIANTS[3], 1000),
+]
+
+
+@pytest.mark.parametrize(("fields", "length"), GRAD_CASES)
+def test_convolution_mode_gradients_equal_the_recurrence(fields: dict, length: int) -> None:
+    """Outputs and gradients (input and every parameter) of the FFT convolution equal those
+    of the step-by-step recurrence (both directions when bidirectional), fp64."""
+    m = build(seed=length, **fields, d_state=8)
+    u = rand(length + 1, 2, length, H)
+    got, got_grads = grads_of(m, m, u, seed=length)
+    want, want_grads = grads_of(m, lambda x: recurrence(m, x), u, seed=length)
+    assert_rel(got, want, 1e-10, "y")
+    for name, grad in want_grads.items():
+        assert_rel(got_grads[name], grad, 1e-9, f"d{name}")
+
+
+@pytest.mark.parametrize("fields", [VARIANTS[0], VARIANTS[1], VARIANTS[3]])
+@pytest.mark.parametrize("length", [65, 1000])
+def test_fp32_convolution_is_within_tolerance_of_the_fp64_recurrence(
+    fields: dict, length: int
+) -> None:
+    m64 = build(seed=3, **fields, d_state=8)
+    m32 = build(seed=3, **fields, d_state=8).float()
+    u = rand(4, 2, length, H)
+    got, got_grads = grads_of(m32, lambda x: m32(x.float()), u, seed=1)
+    want, want_grads = grads_of(m64, lambda x: recurrence(m64, x), u, seed=1)
+    assert got.dtype == torch.float32
+    assert_rel(got.double(), want, 1e-5, "y")
+    for name, grad in want_grads.items():
+        assert_rel(got_grads[name].double(), grad, 1e-4, f"d{name}")
+
+
+@pytest.mark.parametrize("fields", [VARIANTS[0], VARIANTS[1], VARIANTS[2]])
+@pytest.mark.parametrize("length", [1, 7, 63, 64, 65, 1000])
+def test_prefill_from_a_state_equals_the_recurrence_from_it(fields: dict, length: int) -> None:
+    """An initial state (the module stores x with s = B̄·x): outputs, final state and the
+    gradients of both equal the recurrence started from s0 = B̄·x0."""
+    m = build(seed=length, **fields, d_state=8)
+    u = rand(length + 2, 2, length, H)
+    x0 = torch.complex(rand(1, 2, H, 4), rand(2, 2, H, 4))
+    _, Bbar, _ = discrete(m)
+
+    def prefill(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        state = m.init_state(2, length, device="cpu", dtype=F64)
+        state.ssm_state.copy_(x0)
+        return m(x, state=state), state.ssm_state
+
+    def reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, s = causal_recurrence(m, x, Bbar * x0)
+        return out, s / Bbar
+
+    got, got_grads = grads_of(m, prefill, u, seed=length)
+    want, want_grads = grads_of(m, reference, u, seed=length)
+    assert_rel(got, want, 1e-10, "y")
+    with torch.no_grad():
+        assert_rel(prefill(u)[1], reference(u)[1], 1e-10, "final state")
+    for name, grad in want_grads.items():
+        assert_rel(got_grads[name], grad, 1e-9, f"d{name}")
+
+
+def random_packing(length: int, seed: int, bsz: int = 2) -> torch.Tensor:
+    """(B, L) document ids: random document lengths, increasing ids per row, padding runs
+    (−1) at random places (start, between and inside documents, end)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b in range(bsz):
+        row: list[int] = []
+        doc = 10 * b
+        while len(row) < length:
+            n = int(torch.randint(1, length // 3 + 2, (1,), generator=g))
+            if torch.rand(1, generator=g).item() < 0.25:
+                row += [-1] * min(n, 4)
+            else:
+                row += [doc] * n
+                doc += 1
+        rows.append(row[:length])
+    return torch.tensor(rows)
+
+
+def per_document(m: S4D, u: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor:
+    """Each document (its non-padding positions, in order) through the recurrence alone;
+    0 at padding -> (B, L, H)."""
+    rows = []
+    for b in range(u.shape[0]):
+        out = torch.zeros_like(u[b])
+        for doc in seq_idx[b].unique().tolist():
+            if doc >= 0:
+                pos = (seq_idx[b] == doc).nonzero().squeeze(1)
+                out = out.index_put((pos,), recurrence(m, u[b : b + 1, pos])[0])
+        rows.append(out)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("fields", [VARIANTS[0], VARIANTS[1], VARIANTS[3]])
+@pytest.mark.parametrize("length", [7, 65, 1000])
+def test_packed_convolution_equals_the_recurrence_per_document(fields: dict, length: int) -> None:
+    """Packed rows (padding anywhere, transparent): outputs and gradients equal each
+    document run alone through the recurrence; padding outputs 0 and gets no gradient."""
+    m = build(seed=length, **fields, d_state=8)
+    seq_idx = random_packing(length, seed=length)
+    u = rand(length + 3, 2, length, H)
+    got, got_grads = grads_of(m, lambda x: m(x, seq_idx=seq_idx), u, seed=length)
+    want, want_grads = grads_of(m, lambda x: per_document(m, x, seq_idx), u, seed=length)
+    assert_rel(got, want, 1e-10, "y")
+    pad = seq_idx < 0
+    assert (got[pad] == 0).all() and (got_grads["u"][pad] == 0).all()
+    for name, grad in want_grads.items():
+        assert_rel(got_grads[name], grad, 1e-9, f"d{name}")
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_materialized_matrix_is_toeplitz(bidirectional: bool) -> None:
     """``M_h[i, j] = K⁰_{i−j}`` (i >= j), ``K¹_{j−i−1}`` (j > i, bidirectional), + D_h δ."""
