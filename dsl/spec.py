@@ -614,9 +614,11 @@ class TrainerConfig(StrictModel):
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = Field(
         "auto", description="Lightning accelerator"
     )
-    devices: int | list[int] | Literal["auto"] = Field(
-        1, description="devices per node: a count, a list of indices, or auto (all)"
-    )
+    devices: (
+        Annotated[int, Field(ge=1)]
+        | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+        | Literal["auto"]
+    ) = Field(1, description="devices per node: a count >= 1, a list of indices, or auto (all)")
     strategy: Literal[
         "auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed"
     ] = Field("auto", description="Lightning strategy (DDP / FSDP across devices and nodes)")

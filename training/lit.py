@@ -116,26 +116,41 @@ class LitModel(L.LightningModule):
         self._compiled: list[nn.Module] = [torch.compile(self.model)] if spec.run.compile else []
         self.total_steps: int | None = None  # set by TaskData (needs the task's size)
         self.last_val_step: int | None = None  # global step of the latest validation
+        self._step_losses: list[Tensor] = []  # losses of the current step's micro-batches
 
     def forward(self, input_ids: Tensor, seq_idx: Tensor | None = None) -> Tensor:
         model = self._compiled[0] if self._compiled else self.model
         return model(input_ids, seq_idx=seq_idx)
 
     @contextlib.contextmanager
-    def _step_rng(self) -> Iterator[None]:
-        """Dropout draws from a global RNG seeded by (seed, step, rank) and restored
-        afterwards: a resumed run draws the masks of an uninterrupted one."""
+    def _step_rng(self, part: int) -> Iterator[None]:
+        """Dropout draws from a global RNG seeded by (seed, step, part) and restored
+        afterwards: a resumed run draws the masks of an uninterrupted one. ``part`` is the
+        global micro-batch index ``a·W + r`` of :mod:`.data`, so every micro-batch of a step
+        gets its own masks, and W processes with A micro-batches draw those of one process
+        with A·W."""
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=self.device.type):
-            seed = derive_seed(self.train_cfg.seed, "dropout", self.global_step, self.global_rank)
-            torch.manual_seed(seed)
+            torch.manual_seed(derive_seed(self.train_cfg.seed, "dropout", self.global_step, part))
             yield
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        with self._step_rng():
+        # Checkpoints fall on step boundaries, so batch_idx % A is the micro-batch of the
+        # step in a resumed run too.
+        accumulate = self.train_cfg.accumulate_grad_batches
+        micro = batch_idx % accumulate
+        world = self._trainer.world_size if self._trainer is not None else 1
+        with self._step_rng(micro * world + self.global_rank):
             logits = self(batch["input_ids"], seq_idx=batch.get("seq_idx"))
         loss = compute_loss(self.objective, logits, batch["labels"])
-        self.log("train/loss", loss, on_step=True, prog_bar=True, sync_dist=True)
+        # train/loss is the loss of the whole global batch: the mean over this step's
+        # micro-batches (what the accumulated gradient is the gradient of), averaged over
+        # the processes by sync_dist.
+        self._step_losses.append(loss.detach())
+        if micro == accumulate - 1:
+            step_loss = torch.stack(self._step_losses).mean()
+            self._step_losses.clear()
+            self.log("train/loss", step_loss, on_step=True, prog_bar=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -76,11 +78,15 @@ def save_model_dir(
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     spec = model.spec
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    # Not tempfile.mkdtemp: its owner-only mode would be the model directory's.
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    tmp.mkdir()
     try:
         (tmp / CONFIG).write_text(json.dumps(config_of(spec), indent=2) + "\n", encoding="utf-8")
         (tmp / SPEC).write_text(spec_yaml_text(spec), encoding="utf-8")
         save_model(model, str(tmp / WEIGHTS), metadata={HASH_KEY: spec.spec_hash})
+        # safetensors creates its file owner-only; give it the mode of the files above.
+        os.chmod(tmp / WEIGHTS, stat.S_IMODE((tmp / CONFIG).stat().st_mode))
         (tmp / CARD).write_text(model_card(model, metrics), encoding="utf-8")
         _swap_in(tmp, target)
     except BaseException:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.spec import AdamWConfig, ScheduleConfig, SGDConfig
 from mixstack.mixers.base import ParamHint
 
@@ -34,6 +35,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float) -> list[dict[
     """
     hints_fn = getattr(model, "param_hints", None)
     hints: dict[str, ParamHint] = hints_fn() if callable(hints_fn) else {}
+    _check_hint_names(model, hints)
     groups: dict[tuple[bool, float], dict[str, Any]] = {}
     for name, param in model.named_parameters():  # tied parameters are yielded once
         if not param.requires_grad:
@@ -53,6 +55,20 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float) -> list[dict[
         group["params"].append(param)
         group["param_names"].append(name)
     return [groups[k] for k in sorted(groups, key=lambda k: (not k[0], k[1]))]
+
+
+def _check_hint_names(model: nn.Module, hints: dict[str, ParamHint]) -> None:
+    """A hint naming no parameter or buffer would be ignored silently (weight decay on an
+    SSM scalar, a lost lr scale): a mixer's ``param_hints`` has drifted from its module."""
+    known = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    known |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    stale = sorted(set(hints) - known)
+    if stale:
+        raise MixstackError(
+            f"param_hints name {len(stale)} tensor(s) the model does not have: "
+            f"{', '.join(stale[:8])}{' ...' if len(stale) > 8 else ''} (a mixer's "
+            "param_hints() must use its own parameter names)"
+        )
 
 
 def build_optimizer(model: nn.Module, cfg: AdamWConfig | SGDConfig) -> torch.optim.Optimizer:

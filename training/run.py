@@ -10,10 +10,12 @@ metadata; the model directory (:mod:`.modeldir`) is exported at the end.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,25 @@ def _callbacks(spec: Spec, run: RunDir, every: int, also: set[int], *, progress:
     return callbacks
 
 
+@contextlib.contextmanager
+def _trainer_errors(spec: Spec) -> Iterator[None]:
+    """Lightning refuses a trainer set-up (no GPU, FSDP on CPU, devices=0...) with its own
+    exceptions; they come from ``run.trainer`` / ``run.precision``, so say so."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        yield
+    except MixstackError:
+        raise
+    except (MisconfigurationException, ValueError, RuntimeError) as exc:
+        t = spec.run.trainer
+        raise MixstackError(
+            f"Lightning cannot set up run.trainer {{accelerator: {t.accelerator}, devices: "
+            f"{t.devices}, strategy: {t.strategy}, num_nodes: {t.num_nodes}}} with precision "
+            f"{spec.run.precision}: {exc}"
+        ) from None
+
+
 def make_trainer(
     spec: Spec, run: RunDir, segment: int, total: int, steps_per_epoch: int, *, progress: bool
 ) -> Any:
@@ -122,38 +143,31 @@ def make_trainer(
     stop = min(cfg.stop_after, total) if cfg.stop_after is not None else total
     epochs = train.max_epochs or math.ceil(total / steps_per_epoch)
     every = train.checkpoint_every or train.val_every
-    return L.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        strategy=cfg.trainer.strategy,
-        num_nodes=cfg.trainer.num_nodes,
-        max_steps=stop,
-        max_epochs=epochs,
-        val_check_interval=train.val_every * train.accumulate_grad_batches,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        accumulate_grad_batches=train.accumulate_grad_batches,
-        gradient_clip_val=train.grad_clip,
-        gradient_clip_algorithm=train.grad_clip_algorithm,
-        log_every_n_steps=train.log_every,
-        logger=_loggers(spec, run, segment),
-        callbacks=_callbacks(spec, run, every, {stop, total}, progress=progress),
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=progress,
-        deterministic=cfg.deterministic,
-        default_root_dir=str(run.root),
-        use_distributed_sampler=False,
-        **_precision(spec),
-    )
-
-
-def _resume_step(run: RunDir) -> int:
-    """The global step stored in the run's last checkpoint (read without unpickling code)."""
-    import torch
-
-    state = torch.load(run.checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    return int(state["global_step"])
+    with _trainer_errors(spec):
+        return L.Trainer(
+            accelerator=cfg.trainer.accelerator,
+            devices=cfg.trainer.devices,
+            strategy=cfg.trainer.strategy,
+            num_nodes=cfg.trainer.num_nodes,
+            max_steps=stop,
+            max_epochs=epochs,
+            val_check_interval=train.val_every * train.accumulate_grad_batches,
+            check_val_every_n_epoch=None,
+            num_sanity_val_steps=0,
+            accumulate_grad_batches=train.accumulate_grad_batches,
+            gradient_clip_val=train.grad_clip,
+            gradient_clip_algorithm=train.grad_clip_algorithm,
+            log_every_n_steps=train.log_every,
+            logger=_loggers(spec, run, segment),
+            callbacks=_callbacks(spec, run, every, {stop, total}, progress=progress),
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=progress,
+            deterministic=cfg.deterministic,
+            default_root_dir=str(run.root),
+            use_distributed_sampler=False,
+            **_precision(spec),
+        )
 
 
 def fit(
@@ -189,7 +203,8 @@ def fit(
     )
     if launching:
         rundir.prepare(run.root, spec, resume=resume, overwrite=overwrite)
-        rundir.start_segment(run, spec, _resume_step(run) if resume else 0)
+        start = rundir.checkpoint_step(run.checkpoint) if resume else 0
+        rundir.start_segment(run, spec, start, world_size=trainer.world_size)
     began = time.monotonic()
     status = "failed"
     try:

@@ -23,9 +23,10 @@ import io
 import json
 import os
 import platform
+import re
+import secrets
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +43,24 @@ METRICS_FILE = "metrics.csv"
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
 MODEL_DIR = "model"
 LOGS_DIR = "logs"
+# Everything a run writes at the top of its directory (optional loggers included).
+RUN_ENTRIES = frozenset(
+    (
+        SPEC_FILE,
+        RUN_FILE,
+        METRICS_FILE,
+        CHECKPOINT.parts[0],
+        MODEL_DIR,
+        LOGS_DIR,
+        "tensorboard",
+        "wandb",
+    )
+)
+
+
+def _is_temporary(name: str) -> bool:
+    """A leftover of an interrupted atomic write (``.NAME.*.tmp`` / ``.NAME.*.old``)."""
+    return name.startswith(".") and name.endswith((".tmp", ".old"))
 
 
 class RunDirError(MixstackError):
@@ -49,16 +68,21 @@ class RunDirError(MixstackError):
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write via a temporary file in the same folder and ``os.replace``: never half a file."""
+    """Write via a temporary file in the same folder and ``os.replace``: never half a file.
+
+    The file gets the permissions of any new file (``0o666`` less the umask), not the
+    owner-only mode of ``tempfile.mkstemp``: a run directory is meant to be shared.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -68,9 +92,13 @@ def now() -> str:
 
 def is_launching_process() -> bool:
     """False in the extra processes a multi-process strategy starts (Lightning sets
-    ``LOCAL_RANK`` / ``NODE_RANK``, torchrun ``RANK``): only one process writes files."""
+    ``LOCAL_RANK`` / ``NODE_RANK``, torchrun ``RANK``, ``srun`` with several tasks
+    ``SLURM_PROCID``): only one process writes files."""
     if "RANK" in os.environ:
         return os.environ["RANK"] == "0"
+    tasks = os.environ.get("SLURM_NTASKS", "1")
+    if tasks.isdigit() and int(tasks) > 1 and "SLURM_PROCID" in os.environ:
+        return os.environ["SLURM_PROCID"] == "0"
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
@@ -117,6 +145,14 @@ class RunDir:
     def holds_run(self) -> bool:
         return self.spec_file.is_file() or self.run_file.is_file()
 
+    def foreign_entries(self) -> list[str]:
+        """Names in the directory that a run does not write (a user's own files)."""
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.name not in RUN_ENTRIES and not _is_temporary(p.name)
+        )
+
     def read_metadata(self) -> dict[str, Any]:
         if not self.run_file.is_file():
             return {}
@@ -147,6 +183,13 @@ def check(root: Path, spec: Spec, *, resume: bool, overwrite: bool) -> RunDir:
                 f"{run.root} already holds a run; continue it with --resume, replace it with "
                 "--overwrite, or pick another --out"
             )
+        foreign = run.foreign_entries()
+        if foreign:
+            raise RunDirError(
+                f"{run.root} holds files a run does not write ({', '.join(foreign[:8])}"
+                f"{' ...' if len(foreign) > 8 else ''}); --overwrite would delete them: move "
+                "them away or pick another --out"
+            )
     elif run.root.exists() and (not run.root.is_dir() or any(run.root.iterdir())):
         raise RunDirError(f"{run.root} exists and is not an empty directory or a run directory")
     return run
@@ -166,6 +209,31 @@ def prepare(root: Path, spec: Spec, *, resume: bool, overwrite: bool) -> RunDir:
 def next_segment(run: RunDir, *, resume: bool) -> int:
     """Index of the invocation about to start (0 for a new or replaced run)."""
     return len(run.read_metadata().get("segments", [])) if resume else 0
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step of a Lightning checkpoint, read with ``weights_only=True`` (no code
+    is unpickled); a damaged or unsafe file is a :class:`RunDirError`."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(state["global_step"])
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        raise RunDirError(
+            f"cannot resume from {path}: it is damaged or not a plain-data Lightning "
+            f"checkpoint (loaded with weights_only=True: {_first_line(exc)}); restore it, or "
+            "start the run again with --overwrite"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The telling line of a torch.load error (its 'Unsupported global' line, if any),
+    without terminal colour codes."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    telling = [line for line in lines if "Unsupported global" in line]
+    return f"{type(exc).__name__}: {(telling or lines or [''])[0]}"
 
 
 def _check_resumable(run: RunDir, spec: Spec) -> None:
@@ -191,6 +259,13 @@ def _check_resumable(run: RunDir, spec: Spec) -> None:
             f"{', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''} (only the run "
             "section may change on --resume)"
         )
+    meta = run.read_metadata()
+    if meta.get("status") == "finished" and (run.model_dir / "config.json").is_file():
+        raise RunDirError(
+            f"{run.root} has finished (step {meta.get('step')}) and its model is in "
+            f"{run.model_dir}; nothing to resume (to train longer, start a new run)"
+        )
+    checkpoint_step(run.checkpoint)
 
 
 def versions() -> dict[str, str]:
@@ -233,8 +308,9 @@ def git_revision() -> dict[str, Any] | None:
     return {"sha": sha, "dirty": bool(status.strip())}
 
 
-def start_segment(run: RunDir, spec: Spec, start_step: int) -> int:
-    """Record a new invocation starting at ``start_step``; returns its index."""
+def start_segment(run: RunDir, spec: Spec, start_step: int, *, world_size: int = 1) -> int:
+    """Record a new invocation starting at ``start_step`` on ``world_size`` processes;
+    returns its index."""
     meta = run.read_metadata() or {
         "spec_hash": spec.spec_hash,
         "created": now(),
@@ -248,7 +324,7 @@ def start_segment(run: RunDir, spec: Spec, start_step: int) -> int:
             "platform": platform.platform(),
         }
     )
-    meta["segments"].append({"start_step": start_step, "started": now()})
+    meta["segments"].append({"start_step": start_step, "started": now(), "world_size": world_size})
     run.write_metadata(meta)
     return len(meta["segments"]) - 1
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mixstack.cli.main import app
@@ -36,11 +38,20 @@ def test_train_stop_resume_and_eval(spec_file: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "mixstack train: stopped" in result.stdout
     assert f"mixstack train {out} --resume" in result.stdout.replace("\n", "")
+    checkpoint = out / "checkpoints" / "last.ckpt"
+    intact = checkpoint.read_bytes()
+    checkpoint.write_bytes(intact[:500])
+    result = runner.invoke(app, ["train", str(out), "--resume"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"cannot resume from {checkpoint}" in result.stderr.replace("\n", "")
+    checkpoint.write_bytes(intact)
     result = runner.invoke(app, ["train", str(out), "--resume"])  # the run directory as SPEC
     assert result.exit_code == 0, result.output
     assert "mixstack train: finished" in result.stdout and "6 / 6" in result.stdout
     accuracy = _val(out, "val/accuracy")
     assert f"{accuracy:.4f}" in result.stdout and str(out / "model") in result.stdout
+    result = runner.invoke(app, ["train", str(out), "--resume"])  # finished: nothing to do
+    assert result.exit_code == 1 and "has finished (step 6)" in result.stderr
     result = runner.invoke(app, ["eval", str(out / "model")])
     assert result.exit_code == 0, result.output
     assert f"{_val(out, 'val/loss'):.4f}" in result.stdout
@@ -58,6 +69,16 @@ def test_train_errors_are_one_clean_message(
     assert result.exit_code == 1
     assert "unknown optimizer type 'adamx'" in result.stderr and "did you mean" in result.stderr
     assert "Traceback" not in result.output
+    result = runner.invoke(
+        app,
+        [
+            "train", str(spec_file), "run.trainer.accelerator=cpu", "run.trainer.strategy=fsdp",
+            "--out", str(tmp_path / "fsdp"),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "Lightning cannot set up run.trainer {accelerator: cpu" in result.stderr
+    assert "requires a GPU accelerator" in result.stderr and not (tmp_path / "fsdp").exists()
     model_only = tmp_path / "loose"
     model_only.mkdir()
     result = runner.invoke(app, ["eval", str(model_only)])
@@ -68,13 +89,15 @@ def test_two_processes_match_one_on_the_same_global_batch(
     spec_file: Path, tmp_path: Path, tiny_spec, fit_quietly
 ) -> None:
     """DDP on two CPU processes (a `mixstack train` subprocess: Lightning's ddp re-runs
-    the command line) and one process see the same global batches: the losses of steps
-    0 and 1 agree, so the first update (gradients averaged over processes) was the same."""
-    common = ["model.dropout=0.0", "train.max_steps=2"]
-    single = fit_quietly(tiny_spec(*common), tmp_path / "single")
+    the command line), 2 micro-batches each, against one process with 4 micro-batches:
+    the same global batches and dropout masks, so the global-batch losses of steps 0 and
+    1 and the weights after the two (gradient-averaged) updates agree."""
+    single = fit_quietly(
+        tiny_spec("train.max_steps=2", "train.accumulate_grad_batches=4"), tmp_path / "single"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     command = [
-        sys.executable, "-m", "mixstack.cli.main", "train", str(spec_file), *common,
+        sys.executable, "-m", "mixstack.cli.main", "train", str(spec_file), "train.max_steps=2",
         "run.trainer.accelerator=cpu", "run.trainer.devices=2", "run.trainer.strategy=ddp",
         "--out", str(tmp_path / "ddp"),
     ]  # fmt: skip
@@ -83,6 +106,8 @@ def test_two_processes_match_one_on_the_same_global_batch(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("mixstack train: finished") == 1  # one summary, from rank 0
+    segments = json.loads((tmp_path / "ddp" / "run.json").read_text())["segments"]
+    assert [s["world_size"] for s in segments] == [2]
 
     def losses(run_dir: Path) -> list[float]:
         with (run_dir / "metrics.csv").open() as f:
@@ -91,3 +116,7 @@ def test_two_processes_match_one_on_the_same_global_batch(
     one, two = losses(single.run_dir), losses(tmp_path / "ddp")
     assert len(one) == len(two) == 2
     assert two == pytest.approx(one, abs=1e-5)
+    wa = load_file(single.run_dir / "model" / "model.safetensors")
+    wb = load_file(tmp_path / "ddp" / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-5

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import mixstack
+from mixstack.dsl import registry
+from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.spec import AdamWConfig, ScheduleConfig, SGDConfig
 from mixstack.mixers.base import ParamHint
 from mixstack.mixers.mlp import Mlp
@@ -109,3 +111,46 @@ def test_schedule_state_is_plain_data() -> None:
     assert state["lr_lambdas"] == [
         {"kind": "cosine", "warmup_steps": 0, "total_steps": 10, "min_lr_ratio": 0.1}
     ]
+
+
+HYBRID = {
+    "model": {
+        "vocab_size": 16,
+        "max_seq_len": 32,
+        "d_model": 32,
+        "layers": {
+            "pattern": "MH-",
+            "symbols": {
+                "M": {"type": "mamba2", "d_state": 8, "headdim": 8, "chunk_size": 8},
+                "H": {"type": "hyena", "filter": {"pos_emb_lr_scale": 0.25}},
+                "-": {"type": "mlp", "hidden": 32},
+            },
+        },
+    }
+}
+
+
+@pytest.mark.skipif(
+    not (registry.has("mamba2") and registry.has("hyena")), reason="needs mamba2 and hyena"
+)
+def test_real_mixer_hints_reach_the_groups() -> None:
+    """Mamba-2's SSM scalars get no decay; Hyena's positional embedding its own lr."""
+    model = mixstack.build(HYBRID, seed=0)
+    by_name = _groups_by_name(param_groups(model, weight_decay=0.1, lr=1e-3))
+    for scalar in ("A_log", "D", "dt_bias"):
+        assert by_name[f"layers.0.mixer.{scalar}"]["weight_decay"] == 0.0, scalar
+    assert by_name["layers.0.mixer.in_proj.weight"]["weight_decay"] == 0.1
+    z = by_name["layers.1.mixer.filter_fn.pos_emb.z"]
+    assert z["weight_decay"] == 0.0 and z["lr"] == pytest.approx(2.5e-4) and z["lr_scale"] == 0.25
+    assert by_name["layers.1.mixer.in_proj.weight"]["lr"] == pytest.approx(1e-3)
+
+
+def test_a_hint_naming_no_tensor_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        Mlp, "param_hints", lambda self: {"up_proj.wieght": ParamHint(no_weight_decay=True)}
+    )
+    model = mixstack.build(SPEC, seed=0)
+    with pytest.raises(
+        MixstackError, match=r"tensor\(s\) the model does not have: .*up_proj\.wieght"
+    ):
+        param_groups(model, weight_decay=0.1, lr=1e-3)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,9 @@ from safetensors.torch import load_file
 import mixstack
 from mixstack.dsl.errors import MixstackError
 from mixstack.tasks import make_task
+from mixstack.training.data import TaskDataset
 from mixstack.training.evaluate import evaluate, spec_for
+from mixstack.training.losses import compute_loss
 from mixstack.training.rundir import RunDirError
 
 
@@ -114,13 +119,26 @@ def test_exported_model_reproduces_the_final_validation(tiny_run, tiny_spec) -> 
     assert metrics["ppl"] == pytest.approx(math.exp(metrics["loss"]), rel=1e-5)
 
 
+def _tree(root: Path) -> dict[str, tuple[str, int]]:
+    """Every file under ``root``: relative path -> (sha256, mtime in ns)."""
+    return {
+        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
 def test_run_directory_mistakes_are_refused(
     tiny_run, tiny_spec, fit_quietly, tmp_path: Path
 ) -> None:
+    before = _tree(tiny_run.run_dir)
     with pytest.raises(RunDirError, match="already holds a run; continue it with --resume"):
         fit_quietly(tiny_spec(), tiny_run.run_dir)
     with pytest.raises(RunDirError, match=r"spec differs from the run's in train\.max_steps"):
         fit_quietly(tiny_spec("train.max_steps=7"), tiny_run.run_dir, resume=True)
+    with pytest.raises(RunDirError, match=r"has finished \(step 6\).*nothing to resume"):
+        fit_quietly(tiny_spec(), tiny_run.run_dir, resume=True)
+    assert _tree(tiny_run.run_dir) == before  # refusals write nothing
     with pytest.raises(RunDirError, match="nothing to resume"):
         fit_quietly(tiny_spec(), tmp_path / "empty", resume=True)
     other = tmp_path / "other"
@@ -167,3 +185,157 @@ def test_byte_level_lm_loss_falls_on_the_bundled_text(fit_quietly, tmp_path: Pat
     assert result.metrics["val/ppl"] == pytest.approx(
         math.exp(result.metrics["val/loss"]), rel=1e-5
     )
+
+
+def test_overwrite_replaces_a_run_but_never_a_users_files(
+    tiny_spec, fit_quietly, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    fit_quietly(tiny_spec("train.max_steps=2"), out)
+    (out / "notes.txt").write_text("mine")
+    before = _tree(out)
+    with pytest.raises(RunDirError, match=r"holds files a run does not write \(notes\.txt\)"):
+        fit_quietly(tiny_spec("train.max_steps=2"), out, overwrite=True)
+    assert _tree(out) == before
+    (out / "notes.txt").unlink()
+    replaced = fit_quietly(tiny_spec("train.max_steps=3"), out, overwrite=True)
+    assert replaced.step == 3
+    assert len(json.loads((out / "run.json").read_text())["segments"]) == 1
+
+
+def _not_plain_data(path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    state["callback"] = print  # a global the weights_only unpickler refuses
+    torch.save(state, path)
+
+
+def _truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragment"),
+    [(_truncated, "RuntimeError"), (_not_plain_data, "Unsupported global")],
+)
+def test_a_damaged_or_unsafe_checkpoint_is_refused_before_anything_is_written(
+    tiny_spec, fit_quietly, tmp_path: Path, damage, fragment: str
+) -> None:
+    out = tmp_path / "run"
+    fit_quietly(tiny_spec("run.stop_after=3"), out)
+    damage(out / "checkpoints" / "last.ckpt")
+    before = _tree(out)
+    with pytest.raises(
+        RunDirError, match=r"cannot resume from .*last\.ckpt.*weights_only=True"
+    ) as e:
+        fit_quietly(tiny_spec(), out, resume=True)
+    assert fragment in str(e.value) and "\x1b" not in str(e.value)
+    assert _tree(out) == before
+
+
+def test_train_loss_is_the_loss_of_the_whole_global_batch(
+    tiny_spec, fit_quietly, tmp_path: Path
+) -> None:
+    """With 2 micro-batches per step, the logged loss of step 0 is that of the initial
+    model on all samples (0, 0..G-1), not of the last micro-batch."""
+    spec = tiny_spec("model.dropout=0.0", "train.max_steps=1")
+    fit_quietly(spec, tmp_path / "run")
+    logged = [r["train/loss"] for r in _numbers(_rows(tmp_path / "run")) if "train/loss" in r]
+    task = make_task(spec.train, spec.model)
+    batch = [task.sample("train", 0, i) for i in range(spec.train.batch_size)]
+    ids = torch.stack([b["input_ids"] for b in batch])
+    labels = torch.stack([b["labels"] for b in batch])
+    model = mixstack.build(spec, seed=spec.train.seed).eval()
+    with torch.no_grad():
+        whole = float(compute_loss("next_token", model(ids), labels))
+        half = float(compute_loss("next_token", model(ids[4:]), labels[4:]))
+    assert logged == [pytest.approx(whole, abs=1e-6)]
+    assert abs(whole - half) > 1e-4  # the check can tell the two apart
+
+
+def test_run_and_model_files_are_not_owner_only(tiny_run, tmp_path: Path) -> None:
+    """Atomic writes must not leave tempfile's 0o600 / 0o700 modes behind."""
+    probe = tmp_path / "probe"
+    probe.write_text("")
+    (tmp_path / "probe_dir").mkdir()
+    file_mode = stat.S_IMODE(probe.stat().st_mode)
+    dir_mode = stat.S_IMODE((tmp_path / "probe_dir").stat().st_mode)
+    root = tiny_run.run_dir
+    for path in [
+        root / "spec.yaml",
+        root / "run.json",
+        root / "metrics.csv",
+        *sorted((root / "model").iterdir()),
+    ]:
+        assert stat.S_IMODE(path.stat().st_mode) == file_mode, path
+    assert stat.S_IMODE((root / "model").stat().st_mode) == dir_mode
+    assert os.access(root / "model" / "model.safetensors", os.R_OK)
+
+
+ENCODER = {
+    "model": {
+        "arch": "encoder",
+        "vocab_size": 256,
+        "max_seq_len": 32,
+        "d_model": 32,
+        "layers": {
+            "pattern": "*-*-",
+            "symbols": {"*": {"type": "attention", "n_heads": 2, "causal": False}},
+        },
+    },
+    "train": {
+        "task": {"type": "text", "seq_len": 32, "val_size": 16},
+        "mlm": {"mask_rate": 0.3},
+        "optimizer": {"lr": 0.005, "weight_decay": 0.0},
+        "schedule": {"type": "constant"},
+        "max_steps": 30,
+        "batch_size": 16,
+        "val_every": 15,
+        "log_every": 5,
+    },
+}
+CLASSIFIER = {
+    "model": {
+        "arch": "classifier",
+        "vocab_size": 8,
+        "max_seq_len": 16,
+        "d_model": 32,
+        "classifier": {"n_classes": 4},
+        "layers": {"pattern": "*-", "symbols": {"*": {"type": "attention", "n_heads": 2}}},
+    },
+    "train": {
+        "task": {"type": "majority", "seq_len": 16, "val_size": 64},
+        "optimizer": {"lr": 0.005, "weight_decay": 0.0},
+        "schedule": {"type": "constant"},
+        "max_steps": 30,
+        "batch_size": 32,
+        "val_every": 15,
+        "log_every": 5,
+    },
+}
+
+
+def test_encoder_learns_masked_lm_on_masked_positions_only(fit_quietly, tmp_path: Path) -> None:
+    spec = mixstack.load_spec(ENCODER)
+    dataset = TaskDataset(make_task(spec.train, spec.model), "val", spec)
+    sample = dataset[(0, 3)]
+    masked = sample["input_ids"] == spec.train.mlm.mask_id
+    assert torch.equal(masked, sample["labels"] != -100)  # scored exactly where masked
+    assert 0.1 < masked.float().mean() < 0.5 and torch.equal(
+        sample["labels"], dataset[(0, 3)]["labels"]
+    )
+    before = evaluate(mixstack.build(spec, seed=spec.train.seed), spec)
+    result = fit_quietly(spec, tmp_path / "mlm")
+    assert result.metrics["val/loss"] < before["loss"] - 1.5
+    assert result.metrics["val/ppl"] == pytest.approx(
+        math.exp(result.metrics["val/loss"]), rel=1e-5
+    )
+
+
+def test_classifier_learns_the_majority_task(fit_quietly, tmp_path: Path) -> None:
+    spec = mixstack.load_spec(CLASSIFIER)
+    before = evaluate(mixstack.build(spec, seed=spec.train.seed), spec)
+    result = fit_quietly(spec, tmp_path / "cls")
+    assert "val/ppl" not in result.metrics
+    assert before["accuracy"] < 0.5 and result.metrics["val/accuracy"] >= 0.9
+    model = mixstack.from_pretrained(result.model_dir)
+    assert model(torch.zeros(2, 16, dtype=torch.long)).shape == (2, 4)

@@ -185,3 +185,22 @@ def test_overrides_reach_the_typed_sections(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match=r"<override train.optimizer.lr=-1>") as info:
         mixstack.load_spec(path, ["train.optimizer.lr=-1"])
     assert "allowed: > 0" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("devices", "fragment"),
+    [
+        ("0", "greater than or equal to 1"),
+        ("[]", "at least 1 item"),
+        ("[-1]", "greater than or equal to 0"),
+    ],
+)
+def test_trainer_devices_are_checked_at_load(tmp_path: Path, devices: str, fragment: str) -> None:
+    issues = _issues(
+        tmp_path,
+        "train: {task: {type: mqar}, max_steps: 3}\n"
+        f"run: {{trainer: {{devices: {devices}}}}}\n",
+    )
+    hits = [text for path, text in issues.items() if path.startswith("run.trainer.devices")]
+    assert hits and any(fragment in t for t in hits), issues
+    assert all(str(tmp_path / "spec.yaml") + ":11:" in t for t in hits)
