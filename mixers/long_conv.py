@@ -13,8 +13,9 @@ Kernel parameterisations (``kernel.type``):
   ``kernel.kernel (sides·C, d_model, K)`` initialised ``N(0, init_scale²)``; at every
   forward optionally *smoothed* (average pooling of odd width ``smooth`` along the taps,
   stride 1, zero padding, same length) then *squashed* (soft threshold
-  ``k ← sign(k)·relu(|k| − λ)``). λ must be small against init_scale, or the kernel and
-  its gradient are identically zero (MATH §10; checked at load).
+  ``k ← sign(k)·relu(|k| − λ)``). λ must be small against the spread of the smoothed
+  kernel at init (``init_scale/√smooth``), or the kernel and its gradient are
+  identically zero (MATH §10; checked at load: λ <= 3·init_scale/√smooth).
 * ``sgconv`` (Li et al. 2022, "What Makes Convolutional Models Great on Long Sequence
   Modeling?"): ``S = ⌈log2(K/d)⌉ + 1`` sub-kernel parameters ``w_i ∈ R^d``
   (``kernel.weight (S, sides·C, d_model, d)``, N(0, 1)), the kernel
@@ -146,15 +147,23 @@ class LongConvConfig(LayerConfig):
                 )
             )
         kernel = self.kernel
-        if isinstance(kernel, SquashKernelConfig) and kernel.lam > 3 * kernel.init_scale:
-            out.append(
-                (
-                    ("kernel", "lam"),
-                    f"lam ({kernel.lam}) is more than 3x init_scale ({kernel.init_scale}): the "
-                    "soft threshold would zero almost every kernel entry at init, and zeroed "
-                    "entries get no gradient (MATH §10); safari uses lam 0.003 with 0.002",
+        if isinstance(kernel, SquashKernelConfig):
+            # the threshold acts on the smoothed kernel: an average of `smooth` independent
+            # N(0, init_scale²) taps has std init_scale / √smooth
+            spread = kernel.init_scale / kernel.smooth**0.5
+            if kernel.lam > 3 * spread:
+                smoothed = f" / sqrt(smooth {kernel.smooth}) = {spread:.3g}"
+                out.append(
+                    (
+                        ("kernel", "lam"),
+                        f"lam ({kernel.lam}) is more than 3x the initial spread of the kernel "
+                        f"(init_scale {kernel.init_scale}"
+                        f"{smoothed if kernel.smooth > 1 else ''}): the soft threshold would "
+                        "zero almost every kernel entry at init, and zeroed entries get no "
+                        "gradient (MATH §10); safari uses lam 0.003 with 0.002, no smoothing; "
+                        f"allowed: lam <= {3 * spread:.3g}",
+                    )
                 )
-            )
         return out
 
     @classmethod

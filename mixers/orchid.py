@@ -67,7 +67,12 @@ the data-dependent kernel; term 2, v = u, ``M = T(h_res) + b_res·I``. ``finish`
 ``out_linear`` (zeros at padding). Capabilities: causal iff ``block_causal``; no decode;
 length dependent. Kernels: ``fftconv`` (``torch``, ``reference``), ``causal_conv1d``.
 Parameter names follow the original where its modules exist (``in_linear``,
-``conv1d_short``, ``fixed_conv``, ``fixed_conv_res``, ``out_linear``). DCT modes, heads
+``conv1d_short``, ``fixed_conv``, ``fixed_conv_res``, ``out_linear``). The conditioning
+network is flattened: ``conditioning.time_conv`` / ``time_norm`` are the original's
+``conv_kernel_nn.nn_model.{conv1d_ls.0, norm_ls.0.norm_conv_kernel}``, ``freq_conv`` /
+``freq_norm`` its ``nn_model2`` (Type I) or ``nn_model_frq`` (Type II; channel order
+differs, fix 5), ``k_conv`` / ``q_conv`` (and norms) its ``nn_model_k`` / ``nn_model_q``
+(original nested names from MATH §7; a weight converter would map them). DCT modes, heads
 and order > 2 are not ported (only order 2 builds in the original).
 """
 

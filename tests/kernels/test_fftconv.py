@@ -223,6 +223,22 @@ def test_low_precision_inputs_are_computed_in_fp32(dtype, mode):
     assert err < bound, f"{dtype}: relative error {err:.2e} vs output rounding {unit:.1e}"
 
 
+@pytest.mark.parametrize("mode", ["causal", "two_sided", "circular"])
+def test_bf16_gradients_are_computed_in_fp32(mode):
+    """Gradients come back in each input's dtype, as accurate as their bf16 rounding."""
+    u, k = rand(0, 2, 3, 200, dtype=torch.bfloat16), rand(1, 3, 150, dtype=torch.bfloat16) / 10
+    k_back = rand(2, 3, 40, dtype=torch.bfloat16) / 10 if mode == "two_sided" else None
+    _, got = outputs_and_grads(fc.fftconv_torch, u, k, k_back, mode=mode)
+    wide = [None if t is None else t.double() for t in (u, k, k_back)]
+    _, want = outputs_and_grads(fc.fftconv_reference, *wide, mode=mode)
+    for name, a, b, leaf in zip(("du", "dk", "dk_back"), got, want, (u, k, k_back), strict=True):
+        if leaf is None:
+            continue
+        assert a.dtype == leaf.dtype, name
+        err = ((a.double() - b).norm() / b.norm()).item()
+        assert err < 2 * 2**-8, f"{name}: relative error {err:.2e}"
+
+
 def test_fp32_kernel_with_bf16_signal():
     u, k = rand(0, 1, 2, 17, dtype=torch.bfloat16), rand(1, 2, 17, dtype=torch.float32)
     got = fc.fftconv_torch(u, k)

@@ -107,7 +107,7 @@ def naive_layer(m: LongConv, u: torch.Tensor) -> torch.Tensor:
     """Per (channel c, model channel h): y_t = Σ_{s≤t} k⁰[t−s] u_s (+ Σ_{s>t} k¹[s−t−1] u_s)
     + D u_t, then GELU, output_linear, GLU over its two halves."""
     C, D = m.cfg.channels, u.shape[-1]
-    k = m.kernel().detach()
+    k = m.kernel()  # its formula is checked above
     B, L, _ = u.shape
     y = torch.zeros(B, L, C, D, dtype=F64)
     for c in range(C):
@@ -151,6 +151,26 @@ def test_layer_equals_naive_direct_convolution(name):
         torch.testing.assert_close(m(u), naive_layer(m, u), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_layer_gradients_equal_naive_direct_convolution(name):
+    cfg, arch = CONFIGS[name]
+    m = build(cfg, arch=arch)
+    with torch.no_grad():  # most entries survive the threshold, so most get a gradient
+        if isinstance(cfg.kernel, SquashKernelConfig):
+            m.kernel.kernel.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    u, cot = rand(5, 2, 9, 6), rand(6, 2, 9, 6)
+    grads = []
+    for fn in (m, lambda x: naive_layer(m, x)):
+        m.zero_grad(set_to_none=True)
+        x = u.clone().requires_grad_()
+        (fn(x) * cot).sum().backward()
+        grads.append({"u": x.grad, **{n: p.grad for n, p in m.named_parameters()}})
+    fast, naive = grads
+    for key, want in naive.items():
+        assert want is not None, key
+        torch.testing.assert_close(fast[key], want, rtol=1e-9, atol=1e-12, msg=key)
+
+
 @pytest.mark.parametrize("arch", ["causal_lm", "encoder"])
 def test_closed_form_toeplitz_matrix(arch):
     m = build(LongConvConfig(channels=2), arch=arch)
@@ -185,7 +205,14 @@ def spec(layer: dict, arch: str = "causal_lm") -> dict:
     ("layer", "message"),
     [
         ({"kernel_len": 40}, r"kernel_len \(40\) exceeds max_seq_len \(32\)"),
-        ({"kernel": {"type": "squash", "lam": 0.1}}, r"lam \(0.1\) is more than 3x init_scale"),
+        (
+            {"kernel": {"type": "squash", "lam": 0.1}},
+            r"lam \(0.1\) is more than 3x the initial spread of the kernel \(init_scale 0.002\)",
+        ),
+        (  # smoothing shrinks the kernel: the default lam then kills a 9-wide average
+            {"kernel": {"type": "squash", "smooth": 9}},
+            r"lam \(0.003\).*init_scale 0.002 / sqrt\(smooth 9\) = 0.000667.*lam <= 0.002",
+        ),
         ({"kernel": {"type": "squash", "smooth": 4}}, "smooth must be odd"),
         ({"kernel": {"type": "sgconv", "decay": 1.5}}, "decay"),
         ({"kernel": {"type": "fourier"}}, "fourier"),

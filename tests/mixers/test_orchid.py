@@ -222,6 +222,27 @@ def test_layer_equals_naive_reimplementation(name):
             torch.testing.assert_close(got[b], naive_orchid(m, u[b]), rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gradients_equal_naive_reimplementation(name):
+    """Input and parameter gradients, backpropagated through the naive loops (which read
+    the static filters through the module's implicit filters, so every parameter takes
+    part)."""
+    cfg, arch = CASES[name]
+    m = build(cfg, arch=arch)
+    u, cot = rand(8, 1, 7, D), rand(9, 1, 7, D)
+    grads = []
+    for fn in (lambda x: m(x)[0], lambda x: naive_orchid(m, x[0])):
+        m.zero_grad(set_to_none=True)
+        x = u.clone().requires_grad_()
+        (fn(x) * cot[0]).sum().backward()
+        grads.append({"u": x.grad, **{n: p.grad for n, p in m.named_parameters()}})
+    fast, naive = grads
+    for key, want in naive.items():
+        assert (want is None) == (fast[key] is None), key
+        if want is not None:
+            torch.testing.assert_close(fast[key], want, rtol=1e-8, atol=1e-10, msg=key)
+
+
 @pytest.mark.parametrize("name", ["linear-corrTime", "circular-absfreq", "block-absfreq"])
 def test_closed_form_matrices(name):
     """Term 1: M = diag(x0)·(C_κ + b·I)·diag(x1) with C_κ two-sided Toeplitz, circulant or
@@ -359,6 +380,31 @@ def test_causal_lm_refuses_non_causal_orchid_at_load(mode):
     with pytest.raises(SpecError, match=r"arch causal_lm needs causal layers.*orchid") as info:
         ms.load_spec(spec({"mode": mode}))
     assert "model.layers.symbols.O" in str(info.value)
+
+
+@pytest.mark.parametrize("mode", ["linear", "circular"])
+def test_causal_lm_refusal_points_at_the_yaml_line(tmp_path, mode):
+    path = tmp_path / "lm.yaml"
+    path.write_text(
+        "model:\n"
+        "  arch: causal_lm\n"
+        "  d_model: 16\n"
+        "  max_seq_len: 64\n"
+        "  layers:\n"
+        '    pattern: "O-"\n'
+        "    symbols:\n"
+        "      O:\n"
+        "        type: orchid\n"
+        f"        mode: {mode}\n"
+    )
+    with pytest.raises(SpecError) as info:
+        ms.load_spec(path)
+    text = str(info.value)
+    assert f"{path}:8:" in text, text  # the line of the symbol's mapping
+    assert "needs causal layers" in text and "orchid" in text
+    # the causal variant of the same file loads
+    path.write_text(path.read_text().replace(f"mode: {mode}", "mode: block_causal"))
+    assert ms.load_spec(path).model.layers.symbols["O"].mode == "block_causal"
 
 
 def test_mode_defaults_follow_the_arch():
