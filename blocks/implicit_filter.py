@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
+from mixstack.blocks.init import normal_, reset_linear
+
 
 class ModulationConfig(BaseModel):
     """Exponential decay of the filter; defaults are safari's ``ExponentialModulation``."""
@@ -84,34 +86,6 @@ class ImplicitFilterConfig(BaseModel):
                 f"use {v - 1} or {v + 1}"
             )
         return v
-
-
-# -- initialisation helpers (explicit generator, CPU draws copied to the parameter) -----------
-
-
-def _draw(shape: torch.Size, generator: torch.Generator | None) -> Tensor:
-    device = generator.device if generator is not None else None
-    return torch.empty(shape, device=device, dtype=torch.float32)
-
-
-@torch.no_grad()
-def uniform_(param: Tensor, bound: float, generator: torch.Generator | None) -> None:
-    """``param ← U(−bound, bound)`` drawn from ``generator`` (never the global RNG)."""
-    param.copy_(_draw(param.shape, generator).uniform_(-bound, bound, generator=generator))
-
-
-@torch.no_grad()
-def normal_(param: Tensor, std: float, generator: torch.Generator | None) -> None:
-    """``param ← N(0, std²)`` drawn from ``generator``."""
-    param.copy_(_draw(param.shape, generator).normal_(0.0, std, generator=generator))
-
-
-def reset_linear(linear: nn.Linear, generator: torch.Generator | None) -> None:
-    """PyTorch's default ``nn.Linear`` init (U(±1/√fan_in) weight and bias) on ``generator``."""
-    bound = 1.0 / math.sqrt(linear.in_features)
-    uniform_(linear.weight, bound, generator)
-    if linear.bias is not None:
-        uniform_(linear.bias, bound, generator)
 
 
 # -- modules ------------------------------------------------------------------------------------

@@ -34,6 +34,11 @@ def did_you_mean(word: str, options: Iterable[str], *, cutoff: float = 0.6) -> s
     return matches[0] if matches else None
 
 
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n``, for "allowed:" lines (heads, groups, widths)."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def short_repr(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from mixstack.blocks.rope import Rope, document_positions
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue
+from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue, divisors
 from mixstack.dsl.registry import register
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
 
@@ -102,7 +102,7 @@ class AttentionConfig(LayerConfig):
                     ("n_kv_heads",),
                     f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
                     f"({self.n_kv_heads}); allowed n_kv_heads: "
-                    f"{', '.join(str(d) for d in _divisors(self.n_heads))}",
+                    f"{', '.join(str(d) for d in divisors(self.n_heads))}",
                 )
             )
         head_dim = self.head_dim
@@ -113,7 +113,7 @@ class AttentionConfig(LayerConfig):
                         ("n_heads",),
                         f"d_model ({ctx.d_model}) is not divisible by n_heads "
                         f"({self.n_heads}); set head_dim or pick n_heads in "
-                        f"{', '.join(str(d) for d in _divisors(ctx.d_model))}",
+                        f"{', '.join(str(d) for d in divisors(ctx.d_model))}",
                     )
                 )
             else:
@@ -161,10 +161,6 @@ class AttentionConfig(LayerConfig):
             ),
             LayerExample(cls(n_heads=4, qkv_bias=True, out_bias=True), name="biases"),
         ]
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def mean_visible_keys(seq_len: int, causal: bool, window: int | None) -> float:

@@ -47,13 +47,14 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from mixstack.blocks.gated_norm import GatedRMSNorm
+from mixstack.blocks.init import dt_bias_init, reset_depthwise_conv, reset_linear_zero_bias
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import SpecError, SpecIssue
 from mixstack.dsl.registry import register
 from mixstack.kernels.ssd import document_runs
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
-from mixstack.mixers.mamba2 import _divisors, _uniform_  # shared SSM helpers
+from mixstack.mixers.mamba2 import check_heads
 
 CheckResult = list[tuple[tuple[str | int, ...], str]]
 
@@ -102,25 +103,9 @@ class HydraConfig(LayerConfig):
     def check(self, ctx: LayerContext) -> CheckResult:
         d_inner = self.expand * ctx.d_model
         out: CheckResult = []
-        if d_inner % self.headdim:
-            out.append(
-                (
-                    ("headdim",),
-                    f"headdim ({self.headdim}) must divide d_inner = expand·d_model "
-                    f"({self.expand}·{ctx.d_model} = {d_inner}); allowed headdim: "
-                    f"{', '.join(str(d) for d in _divisors(d_inner))}",
-                )
-            )
-        elif (d_inner // self.headdim) % self.ngroups:
-            heads = d_inner // self.headdim
-            out.append(
-                (
-                    ("ngroups",),
-                    f"ngroups ({self.ngroups}) must divide the number of heads "
-                    f"d_inner/headdim = {heads}; allowed ngroups: "
-                    f"{', '.join(str(d) for d in _divisors(heads))}",
-                )
-            )
+        out += check_heads(
+            d_inner, "d_inner", f"expand·d_model = {self.expand}·{ctx.d_model}", self
+        )
         if self.d_conv % 2 == 0:
             out.append(
                 (
@@ -130,8 +115,6 @@ class HydraConfig(LayerConfig):
                     f"{self.d_conv - 1} or {self.d_conv + 1}",
                 )
             )
-        if self.dt_min > self.dt_max:
-            out.append((("dt_max",), f"dt_max ({self.dt_max}) is below dt_min ({self.dt_min})"))
         return out
 
     @classmethod
@@ -244,20 +227,12 @@ class Hydra(Mixer):
         init does), log-uniform Δ through an inverse softplus, A = −A_init (A_log = 0 by
         default), D = 1, norm weight = 1. Every random draw uses ``generator``."""
         for lin in (self.in_proj, self.out_proj, self.fc_D):
-            bound = 1.0 / math.sqrt(lin.in_features)  # kaiming_uniform(a=√5)
-            _uniform_(lin.weight, -bound, bound, generator)
-            if lin.bias is not None:
-                lin.bias.zero_()
-        bound = 1.0 / math.sqrt(self.cfg.d_conv)  # fan_in of a depthwise conv = d_conv
-        _uniform_(self.conv1d.weight, -bound, bound, generator)
-        if self.conv1d.bias is not None:
-            _uniform_(self.conv1d.bias, -bound, bound, generator)
+            reset_linear_zero_bias(lin, generator)
+        reset_depthwise_conv(self.conv1d, generator)
         cfg = self.cfg
-        device = generator.device if generator is not None else None
-        u = torch.rand(self.nheads, generator=generator, device=device, dtype=torch.float64)
-        log_lo, log_hi = math.log(cfg.dt_min), math.log(cfg.dt_max)
-        dt = torch.exp(u * (log_hi - log_lo) + log_lo).clamp(min=cfg.dt_init_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+        self.dt_bias.copy_(
+            dt_bias_init(self.nheads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor, generator)
+        )
         self.A_log.fill_(math.log(cfg.A_init))
         self.D.fill_(1.0)
         self.norm.reset_parameters()

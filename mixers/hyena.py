@@ -34,7 +34,6 @@ normalisation (its L1 norm over L would make a causal prefix depend on the total
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,7 +41,8 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from mixstack.blocks.implicit_filter import ImplicitFilter, ImplicitFilterConfig, uniform_
+from mixstack.blocks.implicit_filter import ImplicitFilter, ImplicitFilterConfig
+from mixstack.blocks.init import reset_depthwise_conv
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue
@@ -155,9 +155,7 @@ class Hyena(Mixer):
         (bound 1/√K); filter network as in safari (blocks/implicit_filter.py)."""
         init_linear(self.in_proj, self.ctx.init_std, generator)
         init_linear(self.out_proj, self.ctx.init_std, generator)
-        bound = 1.0 / math.sqrt(self.cfg.short_filter_order)
-        uniform_(self.short_filter.weight, bound, generator)
-        uniform_(self.short_filter.bias, bound, generator)
+        reset_depthwise_conv(self.short_filter, generator)
         self.filter_fn.reset_parameters(generator)
 
     def _check_length(self, length: int) -> None:

@@ -30,7 +30,12 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from mixstack.blocks.implicit_filter import uniform_
+from mixstack.blocks.init import (
+    dt_bias_init,
+    reset_depthwise_conv,
+    reset_linear_zero_bias,
+    uniform_,
+)
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue
@@ -129,18 +134,6 @@ class MambaCoeffs:
     seq_idx: Tensor | None
 
 
-def dt_bias_init(
-    size: int, dt_min: float, dt_max: float, floor: float, generator: torch.Generator | None
-) -> Tensor:
-    """softplus⁻¹ of Δ drawn log-uniform in [dt_min, dt_max] and floored (MATH §2, §3), so
-    that ``softplus(bias)`` starts in the Δ range. fp64 on the generator's device."""
-    device = generator.device if generator is not None else None
-    u = torch.rand(size, generator=generator, device=device, dtype=torch.float64)
-    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-    dt = dt.clamp(min=floor)
-    return dt + torch.log(-torch.expm1(-dt))  # softplus⁻¹(dt), stable for small dt
-
-
 @register(MambaConfig)
 class Mamba(Mixer):
     """Mamba-1 mixer; equations, state size and backends in the module docstring."""
@@ -181,13 +174,8 @@ class Mamba(Mixer):
         Every random draw uses ``generator``."""
         cfg = self.cfg
         for lin in (self.in_proj, self.x_proj, self.out_proj):
-            uniform_(lin.weight, 1.0 / math.sqrt(lin.in_features), generator)  # kaiming(a=√5)
-            if lin.bias is not None:
-                lin.bias.zero_()
-        bound = 1.0 / math.sqrt(cfg.d_conv)  # fan_in of a depthwise conv = d_conv
-        uniform_(self.conv1d.weight, bound, generator)
-        if self.conv1d.bias is not None:
-            uniform_(self.conv1d.bias, bound, generator)
+            reset_linear_zero_bias(lin, generator)
+        reset_depthwise_conv(self.conv1d, generator)
         std = self.dt_rank**-0.5 * cfg.dt_scale
         if cfg.dt_init == "random":
             uniform_(self.dt_proj.weight, std, generator)

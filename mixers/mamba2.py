@@ -34,9 +34,10 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from mixstack.blocks.gated_norm import GatedRMSNorm
+from mixstack.blocks.init import dt_bias_init, reset_depthwise_conv, reset_linear_zero_bias
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue
+from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue, divisors
 from mixstack.dsl.registry import register
 from mixstack.kernels.causal_conv1d import causal_conv1d_update
 from mixstack.kernels.ssd import ssd_step
@@ -116,27 +117,7 @@ class Mamba2Config(LayerConfig):
                     f"({self.expand}·{ctx.d_model} = {d_inner})",
                 )
             )
-        if d_ssm % self.headdim:
-            out.append(
-                (
-                    ("headdim",),
-                    f"headdim ({self.headdim}) must divide d_ssm ({d_ssm}; "
-                    f"expand·d_model = {d_inner}); allowed headdim: "
-                    f"{', '.join(str(d) for d in _divisors(d_ssm))}",
-                )
-            )
-        elif (d_ssm // self.headdim) % self.ngroups:
-            heads = d_ssm // self.headdim
-            out.append(
-                (
-                    ("ngroups",),
-                    f"ngroups ({self.ngroups}) must divide the number of "
-                    f"heads d_ssm/headdim = {heads}; allowed ngroups: "
-                    f"{', '.join(str(d) for d in _divisors(heads))}",
-                )
-            )
-        if self.dt_min > self.dt_max:
-            out.append((("dt_max",), f"dt_max ({self.dt_max}) is below dt_min ({self.dt_min})"))
+        out += check_heads(d_ssm, "d_ssm", f"expand·d_model = {d_inner}", self)
         return out
 
     @classmethod
@@ -161,8 +142,33 @@ class Mamba2Config(LayerConfig):
         ]
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def check_heads(width: int, name: str, note: str, cfg: Mamba2Config | LayerConfig) -> CheckResult:
+    """Checks shared by the SSD mixers (Mamba-2, Hydra): ``headdim`` divides the SSM width
+    (``name`` = ``width``; ``note`` says where it comes from), ``ngroups`` divides the
+    heads, and the Δ init range is ordered."""
+    out: CheckResult = []
+    headdim, ngroups = cfg.headdim, cfg.ngroups  # type: ignore[attr-defined]
+    if width % headdim:
+        out.append(
+            (
+                ("headdim",),
+                f"headdim ({headdim}) must divide {name} ({width}; {note}); allowed "
+                f"headdim: {', '.join(str(d) for d in divisors(width))}",
+            )
+        )
+    elif (width // headdim) % ngroups:
+        heads = width // headdim
+        out.append(
+            (
+                ("ngroups",),
+                f"ngroups ({ngroups}) must divide the number of heads {name}/headdim = "
+                f"{heads}; allowed ngroups: {', '.join(str(d) for d in divisors(heads))}",
+            )
+        )
+    dt_min, dt_max = cfg.dt_min, cfg.dt_max  # type: ignore[attr-defined]
+    if dt_min > dt_max:
+        out.append((("dt_max",), f"dt_max ({dt_max}) is below dt_min ({dt_min})"))
+    return out
 
 
 @dataclass
@@ -196,13 +202,6 @@ class _Projected:
     z: Tensor
     xBC: Tensor
     dt: Tensor
-
-
-def _uniform_(param: Tensor, low: float, high: float, generator: torch.Generator | None) -> None:
-    """Fill ``param`` with U(low, high) drawn on the generator's device, then copied."""
-    device = generator.device if generator is not None else param.device
-    draw = torch.empty(param.shape, device=device).uniform_(low, high, generator=generator)
-    param.copy_(draw)
 
 
 @register(Mamba2Config)
@@ -256,26 +255,14 @@ class Mamba2(Mixer):
         init does), log-uniform Δ through an inverse softplus, A = −U(A_init_range),
         D = 1, norm weight = 1. Every random draw uses ``generator``."""
         for lin in (self.in_proj, self.out_proj):
-            bound = 1.0 / math.sqrt(lin.in_features)  # kaiming_uniform(a=√5)
-            _uniform_(lin.weight, -bound, bound, generator)
-            if lin.bias is not None:
-                lin.bias.zero_()
-        bound = 1.0 / math.sqrt(self.cfg.d_conv)  # fan_in of a depthwise conv = d_conv
-        _uniform_(self.conv1d.weight, -bound, bound, generator)
-        if self.conv1d.bias is not None:
-            _uniform_(self.conv1d.bias, -bound, bound, generator)
+            reset_linear_zero_bias(lin, generator)
+        reset_depthwise_conv(self.conv1d, generator)
         cfg = self.cfg
-        u = torch.rand(
-            self.nheads,
-            generator=generator,
-            device=generator.device if generator is not None else None,
+        self.dt_bias.copy_(
+            dt_bias_init(self.nheads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor, generator)
         )
-        log_lo, log_hi = math.log(cfg.dt_min), math.log(cfg.dt_max)
-        dt = torch.exp(u.double() * (log_hi - log_lo) + log_lo).clamp(min=cfg.dt_init_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
-        A = torch.empty(self.nheads, device=u.device).uniform_(
-            *cfg.A_init_range, generator=generator
-        )
+        device = generator.device if generator is not None else None
+        A = torch.empty(self.nheads, device=device).uniform_(*cfg.A_init_range, generator=generator)
         self.A_log.copy_(torch.log(A))
         self.D.fill_(1.0)
         if self.norm is not None:

@@ -88,7 +88,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from mixstack.blocks.implicit_filter import ImplicitFilter, ImplicitFilterConfig, uniform_
+from mixstack.blocks.implicit_filter import ImplicitFilter, ImplicitFilterConfig
+from mixstack.blocks.init import reset_depthwise_conv, uniform_
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue
@@ -440,9 +441,7 @@ class Orchid(Mixer):
         filters as in safari; norms to identity."""
         init_linear(self.in_linear, self.ctx.init_std, generator)
         init_linear(self.out_linear, self.ctx.init_std, generator)
-        bound = 1.0 / math.sqrt(self.cfg.short_filter_order)
-        uniform_(self.conv1d_short.weight, bound, generator)
-        uniform_(self.conv1d_short.bias, bound, generator)
+        reset_depthwise_conv(self.conv1d_short, generator)
         self.fixed_conv.reset_parameters(generator)
         if self.fixed_conv_res is not None:
             self.fixed_conv_res.reset_parameters(generator)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from mixstack.blocks.implicit_filter import normal_, reset_linear, uniform_
+from mixstack.blocks.init import normal_, reset_linear, uniform_
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue

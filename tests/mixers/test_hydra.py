@@ -325,7 +325,7 @@ def test_registered_with_capabilities():
         (
             {"headdim": 48},
             ("headdim",),
-            r"headdim \(48\) must divide d_inner = expand·d_model \(2·32 = 64\); "
+            r"headdim \(48\) must divide d_inner \(64; expand·d_model = 2·32\); "
             r"allowed headdim: 1, 2, 4, 8, 16, 32, 64",
         ),
         (
