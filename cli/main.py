@@ -343,7 +343,7 @@ def train(
         if loaded.train is None:
             raise MixstackError(
                 f"{spec} has no train: section; add one, e.g. train: {{task: {{type: mqar}}, "
-                "max_steps: 1000}}, or give it as overrides (train.task.type=mqar ...)"
+                "max_steps: 1000}, or give it as overrides (train.task.type=mqar ...)"
             )
         target = out or folder or RUNS_DIR / _run_name(spec)
         if not (isinstance(ctx.obj, _Options) and ctx.obj.debug):

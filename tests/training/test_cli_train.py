@@ -65,6 +65,10 @@ def test_train_errors_are_one_clean_message(
     bare.write_text(yaml.safe_dump({"model": tiny_data["model"]}))
     result = runner.invoke(app, ["train", str(bare), "--out", str(tmp_path / "x")])
     assert result.exit_code == 1 and "has no train: section" in result.stderr
+    example = result.stderr.split("e.g. ", 1)[1].split(", or give", 1)[0]
+    assert yaml.safe_load(" ".join(example.split())) == {
+        "train": {"task": {"type": "mqar"}, "max_steps": 1000}
+    }  # the suggested section is valid YAML
     result = runner.invoke(app, ["train", str(spec_file), "train.optimizer.type=adamx"])
     assert result.exit_code == 1
     assert "unknown optimizer type 'adamx'" in result.stderr and "did you mean" in result.stderr
