@@ -169,7 +169,7 @@ def test_chunked_matches_reference_without_extras(length, chunks_per_segment, se
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("length", [65, 300, 1000])
-def test_chunked_matches_fp64_reference_in_fp32(length: int, packed: bool) -> None:
+def test_chunked_matches_fp64_reference_in_fp32(length: int, packed: bool, random_packing) -> None:
     case64 = inputs(5, 2, length, 8, 6, groups=2)
     case32 = {k: v.float() if torch.is_tensor(v) else v for k, v in case64.items()}
     kw = {"seq_idx": random_packing(length, seed=length)} if packed else {}
@@ -272,25 +272,6 @@ def test_padding_inside_a_document_is_transparent() -> None:
     assert_rel(final, want_final, 1e-12, "final state")
 
 
-def random_packing(length: int, seed: int, bsz: int = 2) -> torch.Tensor:
-    """(B, L) document ids: random document lengths, increasing ids per row, padding runs
-    (−1) at random places (start, between and inside documents, end)."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for b in range(bsz):
-        row: list[int] = []
-        doc = 10 * b
-        while len(row) < length:
-            n = int(torch.randint(1, length // 3 + 2, (1,), generator=g))
-            if torch.rand(1, generator=g).item() < 0.25:
-                row += [-1] * min(n, 4)
-            else:
-                row += [doc] * n
-                doc += 1
-        rows.append(row[:length])
-    return torch.tensor(rows)
-
-
 @pytest.mark.parametrize("initial", [False, True])
 @pytest.mark.parametrize(
     ("length", "chunk", "chunks_per_segment"),
@@ -306,7 +287,7 @@ def random_packing(length: int, seed: int, bsz: int = 2) -> torch.Tensor:
 )
 @pytest.mark.parametrize("groups", [0, 3])
 def test_packed_chunked_matches_reference_fp64(
-    groups, length, chunk, chunks_per_segment, initial, segments
+    groups, length, chunk, chunks_per_segment, initial, segments, random_packing
 ) -> None:
     """Packed rows, also across segment boundaries: outputs, final state and gradients of
     every input (initial state included); the reference is tied to separate runs by

@@ -115,7 +115,7 @@ def test_chunked_matches_recurrence_long_sequence(groups, initial):
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize(("length", "chunk_size"), [(65, 16), (1000, 256)])
-def test_fp32_within_tolerance_of_fp64(length, chunk_size, packed):
+def test_fp32_within_tolerance_of_fp64(length, chunk_size, packed, random_packing):
     inputs64 = make_inputs(3, 2, length, 4, 4, 2, 8, initial=True)
     inputs32 = {k: v.detach().float().requires_grad_(True) for k, v in inputs64.items()}
     kw = {"seq_idx": random_packing(length, seed=length)} if packed else {}
@@ -243,32 +243,15 @@ def test_packed_equals_separate(fn, chunk_size):
     assert (g_packed[0][pad] == 0).all() and (g_packed[1][pad] == 0).all()
 
 
-def random_packing(length: int, seed: int, bsz: int = 2) -> torch.Tensor:
-    """(B, L) document ids: random document lengths (1 to L/3 + 1), increasing ids per row,
-    padding runs (−1) at random places (start, between and inside documents, end)."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for b in range(bsz):
-        row: list[int] = []
-        doc = 10 * b
-        while len(row) < length:
-            n = int(torch.randint(1, length // 3 + 2, (1,), generator=g))
-            if torch.rand(1, generator=g).item() < 0.25:
-                row += [-1] * min(n, 4)
-            else:
-                row += [doc] * n
-                doc += 1
-        rows.append(row[:length])
-    return torch.tensor(rows)
-
-
 @pytest.mark.parametrize("initial", [False, True])
 @pytest.mark.parametrize(
     ("length", "chunk_size"),
     [(1, 4), (7, 4), (63, 16), (64, 16), (65, 16), (65, 64), (1000, 64)],
 )
 @pytest.mark.parametrize("groups", [1, 2])
-def test_packed_chunked_matches_recurrence_fp64(groups, length, chunk_size, initial):
+def test_packed_chunked_matches_recurrence_fp64(
+    groups, length, chunk_size, initial, random_packing
+):
     """Packed rows: outputs, final state and every gradient (initial state included) of
     the chunked path equal the recurrence's, which test_packed_equals_separate ties to
     each document run alone."""

@@ -206,25 +206,6 @@ def test_prefill_from_a_state_equals_the_recurrence_from_it(fields: dict, length
         assert_rel(got_grads[name], grad, 1e-9, f"d{name}")
 
 
-def random_packing(length: int, seed: int, bsz: int = 2) -> torch.Tensor:
-    """(B, L) document ids: random document lengths, increasing ids per row, padding runs
-    (−1) at random places (start, between and inside documents, end)."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for b in range(bsz):
-        row: list[int] = []
-        doc = 10 * b
-        while len(row) < length:
-            n = int(torch.randint(1, length // 3 + 2, (1,), generator=g))
-            if torch.rand(1, generator=g).item() < 0.25:
-                row += [-1] * min(n, 4)
-            else:
-                row += [doc] * n
-                doc += 1
-        rows.append(row[:length])
-    return torch.tensor(rows)
-
-
 def per_document(m: S4D, u: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor:
     """Each document (its non-padding positions, in order) through the recurrence alone;
     0 at padding -> (B, L, H)."""
@@ -241,7 +222,9 @@ def per_document(m: S4D, u: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor
 
 @pytest.mark.parametrize("fields", [VARIANTS[0], VARIANTS[1], VARIANTS[3]])
 @pytest.mark.parametrize("length", [7, 65, 1000])
-def test_packed_convolution_equals_the_recurrence_per_document(fields: dict, length: int) -> None:
+def test_packed_convolution_equals_the_recurrence_per_document(
+    fields: dict, length: int, random_packing
+) -> None:
     """Packed rows (padding anywhere, transparent): outputs and gradients equal each
     document run alone through the recurrence; padding outputs 0 and gets no gradient."""
     m = build(seed=length, **fields, d_state=8)
