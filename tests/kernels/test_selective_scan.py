@@ -318,11 +318,8 @@ def test_packed_gradients_match_reference() -> None:
 # -- decoding ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("groups", [0, 2])
-def test_steps_equal_the_scan(groups: int) -> None:
-    case = inputs(12, 2, 13, 6, 4, groups)
-    want, want_final = selective_scan_reference(**case, return_final_state=True)
-    state = case["initial_state"].clone()
+def run_steps(state: torch.Tensor, case: dict[str, torch.Tensor]) -> torch.Tensor:
+    """selective_scan_step over every position of ``case`` (updating ``state``) -> y."""
     steps = [
         selective_scan_step(
             state,
@@ -334,9 +331,18 @@ def test_steps_equal_the_scan(groups: int) -> None:
             D=case["D"],
             z=case["z"][:, t],
         )
-        for t in range(13)
+        for t in range(case["u"].shape[1])
     ]
-    torch.testing.assert_close(torch.stack(steps, dim=1), want, rtol=1e-12, atol=1e-12)
+    return torch.stack(steps, dim=1)
+
+
+@pytest.mark.parametrize("groups", [0, 2])
+def test_steps_equal_the_scan(groups: int) -> None:
+    case = inputs(12, 2, 13, 6, 4, groups)
+    want, want_final = selective_scan_reference(**case, return_final_state=True)
+    state = case["initial_state"].clone()
+    steps = run_steps(state, case)
+    torch.testing.assert_close(steps, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(state, want_final, rtol=1e-12, atol=1e-12)
 
 
@@ -353,20 +359,8 @@ def test_backward_through_steps_equals_the_reference() -> None:
     want = torch.autograd.grad((y * cot).sum() + (final * cot_final).sum(), list(case.values()))
     state = torch.zeros(2, 6, 4, dtype=F64)
     state.copy_(case["initial_state"])  # the state tensor itself is not a leaf
-    steps = [
-        selective_scan_step(
-            state,
-            case["u"][:, t],
-            case["delta"][:, t],
-            case["A"],
-            case["B"][:, t],
-            case["C"][:, t],
-            D=case["D"],
-            z=case["z"][:, t],
-        )
-        for t in range(9)
-    ]
-    loss = (torch.stack(steps, dim=1) * cot).sum() + (state * cot_final).sum()
+    steps = run_steps(state, case)
+    loss = (steps * cot).sum() + (state * cot_final).sum()
     got = torch.autograd.grad(loss, list(case.values()))
     for name, a, b in zip(case, got, want, strict=True):
         assert_rel(a, b, 1e-12, f"d{name}")
