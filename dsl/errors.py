@@ -96,6 +96,14 @@ class CheckpointError(MixstackError, RuntimeError):
     """Weights or a model directory could not be loaded."""
 
 
+class CapabilityError(MixstackError, TypeError):
+    """A layer was asked for something it does not support (decoding a layer without
+    the ``decode`` capability, a matrix view it does not have, ...).
+
+    A ``TypeError`` too, so code that already guards a wrong call that way keeps working.
+    """
+
+
 class IssueCollector:
     """Accumulates issues during a load, so all of them are reported at once."""
 
