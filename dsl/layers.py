@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mixstack.dsl.base import LayerConfig
@@ -61,30 +63,77 @@ def select_indices(selector: int | str, n: int) -> list[int]:
     )
 
 
-def layer_dicts(model: ModelSpec) -> list[dict[str, Any]]:
-    """Plain-data config of every realized layer, overrides merged in order."""
-    layers = model.layers
-    bound = {s: cfg.model_dump(mode="json") for s, cfg in layers.symbols.items()}
-    dicts = [copy.deepcopy(bound[s]) for s in layers.symbols_in_order]
-    n = len(dicts)
-    for override in layers.overrides:
-        for selector in override.at:
-            for i in select_indices(selector, n):
-                if "type" in override.set and override.set["type"] != dicts[i]["type"]:
-                    raise ValueError(
-                        f"an override cannot change a layer's type "
-                        f"({dicts[i]['type']!r} -> {override.set['type']!r}); bind another symbol"
-                    )
-                dicts[i] = deep_merge(dicts[i], override.set)
-    return dicts
+@dataclass(frozen=True)
+class TypeClash:
+    """Override ``override`` tried to change the type of layer ``layer``."""
+
+    override: int
+    layer: int
+    old: str
+    new: str
+
+    def message(self) -> str:
+        return (
+            f"an override cannot change a layer's type ({self.old!r} -> {self.new!r}); "
+            "bind another symbol"
+        )
+
+
+@dataclass
+class MergedLayers:
+    """Per-layer plain configs of a realized stack, overrides merged in order.
+
+    ``dicts[i]`` is None for a layer no override touched (its config is its symbol's,
+    unchanged, so it needs no validation of its own); ``last[i]`` is the index of the
+    last override that changed layer ``i`` (where its errors point).
+    """
+
+    dicts: list[dict[str, Any] | None]
+    last: list[int | None]
+    clashes: list[TypeClash]
+
+
+def merge_layer_overrides(
+    bound: Mapping[str, LayerConfig],
+    order: Sequence[str],
+    overrides: Sequence[tuple[Mapping[str, Any], Sequence[int]]],
+) -> MergedLayers:
+    """The one override-merge path: ``bound`` symbol configs laid out in ``order``, each
+    ``(set, indices)`` override deep-merged into the layers it names. An override that
+    would change a layer's type is recorded as a clash and not applied further."""
+    merged = MergedLayers([None] * len(order), [None] * len(order), [])
+    for k, (changes, indices) in enumerate(overrides):
+        for i in indices:
+            current = merged.dicts[i] or bound[order[i]].model_dump(mode="json")
+            new_type = changes.get("type", current["type"])
+            if new_type != current["type"]:
+                merged.clashes.append(TypeClash(k, i, current["type"], new_type))
+                break  # one report per override; the layers keep their own config
+            merged.dicts[i] = deep_merge(current, dict(changes))
+            merged.last[i] = k
+    return merged
+
+
+def override_indices(at: Sequence[int | str], n: int) -> list[int]:
+    """Sorted layer indices named by the selectors ``at`` of one override."""
+    return sorted({i for selector in at for i in select_indices(selector, n)})
 
 
 def realize_layer_configs(model: ModelSpec) -> list[LayerConfig]:
-    """Validated, resolved config of every realized layer."""
+    """Resolved config of every realized layer of a validated model (a spec read back):
+    the symbol's config, or the override-merged plain data validated by its class."""
     from mixstack.dsl import registry
 
+    layers = model.layers
+    order = layers.symbols_in_order
+    overrides = [(o.set, override_indices(o.at, len(order))) for o in layers.overrides]
+    merged = merge_layer_overrides(layers.symbols, order, overrides)
+    if merged.clashes:
+        raise ValueError(merged.clashes[0].message())
     out = []
-    for i, data in enumerate(layer_dicts(model)):
-        cfg = registry.get(data["type"]).config_cls.model_validate(data)
+    for i, (symbol, data) in enumerate(zip(order, merged.dicts, strict=True)):
+        cfg = layers.symbols[symbol]
+        if data is not None:
+            cfg = registry.get(data["type"]).config_cls.model_validate(data)
         out.append(cfg.resolve(model.context(i)))
     return out

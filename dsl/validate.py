@@ -17,9 +17,9 @@ and raised together as one :class:`SpecError`. Validation runs in layers:
    binding's line). Stage 5 runs only when 2-4 found the inputs it needs valid, so
    an error is never reported as a consequence of another.
 
-Overrides are merged on top of the *resolved* symbol configs, exactly as
-:func:`mixstack.dsl.layers.realize_layer_configs` does when a spec is read back, so
-the per-layer configs computed here are the ones ``ModelSpec.layer_configs()`` gives.
+Overrides are merged on top of the *resolved* symbol configs by
+:func:`mixstack.dsl.layers.merge_layer_overrides`, the one merge path that
+``ModelSpec.layer_configs()`` also takes when a spec is read back.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from mixstack.dsl.errors import (
     did_you_mean,
     format_path,
 )
-from mixstack.dsl.layers import deep_merge, select_indices
+from mixstack.dsl.layers import merge_layer_overrides, select_indices
 from mixstack.dsl.pattern import GRAMMAR_HELP, PatternError, realize_pattern, symbol_problem
 from mixstack.dsl.provenance import Provenance
 from mixstack.dsl.ratios import RatioError, allocate
@@ -956,11 +956,8 @@ class _Validator:
                 if cfg is None:
                     return None
                 resolved[symbol] = cfg
-        dicts = [resolved[s].model_dump(mode="json") for s in order]
-        where = [bindings[s].path for s in order]
-        merged = self.merge_overrides(dicts, where, overrides)
-        configs = self.layer_configs(scalars, order, dicts, where)
-        if configs is None or not merged:
+        configs = self.layer_configs(scalars, order, resolved, bindings, overrides)
+        if configs is None:
             return None
         layers = self.assemble(
             LayersSpec,
@@ -993,49 +990,44 @@ class _Validator:
             return None
         return out
 
-    def merge_overrides(
-        self,
-        dicts: list[dict[str, Any]],
-        where: list[Path],
-        overrides: list[tuple[OverrideSpec, list[int]]],
-    ) -> bool:
-        ok = True
-        for k, (override, indices) in enumerate(overrides):
-            set_path = (*LAYERS_PATH, "overrides", k, "set")
-            for i in indices:
-                new_type = override.set.get("type", dicts[i]["type"])
-                if new_type != dicts[i]["type"]:
-                    self.add(
-                        f"an override cannot change a layer's type (layer {i} is "
-                        f"{dicts[i]['type']!r})",
-                        (*set_path, "type"),
-                        value=new_type,
-                        allowed="the same type; bind another symbol for another type",
-                    )
-                    ok = False
-                    break  # one report per override; the layers keep their own config
-                dicts[i] = deep_merge(dicts[i], override.set)
-                where[i] = set_path
-        return ok
-
     def layer_configs(
-        self, scalars: ModelSpec, order: list[str], dicts: list[dict[str, Any]], where: list[Path]
+        self,
+        scalars: ModelSpec,
+        order: list[str],
+        resolved: dict[str, LayerConfig],
+        bindings: dict[str, _Binding],
+        overrides: list[tuple[OverrideSpec, list[int]]],
     ) -> list[LayerConfig] | None:
+        """Each realized layer's config through the one merge path of
+        :func:`~mixstack.dsl.layers.merge_layer_overrides` (also used when a spec is read
+        back): a layer an override touches is validated once, at that override's ``set``;
+        every layer is checked with its own context."""
+        merged = merge_layer_overrides(resolved, order, [(o.set, idx) for o, idx in overrides])
+        for clash in merged.clashes:
+            self.add(
+                f"an override cannot change a layer's type (layer {clash.layer} is {clash.old!r})",
+                (*_override_set_path(clash.override), "type"),
+                value=clash.new,
+                allowed="the same type; bind another symbol for another type",
+            )
         configs: list[LayerConfig] = []
         noncausal: dict[tuple[Path, str, str], list[int]] = {}
-        for i, data in enumerate(dicts):
-            ctx = scalars.context(i)
-            cfg = self.resolved(self.layer(data, where[i]), ctx, where[i])
+        for i, (symbol, data) in enumerate(zip(order, merged.dicts, strict=True)):
+            ctx, k = scalars.context(i), merged.last[i]
+            where = bindings[symbol].path if k is None else _override_set_path(k)
+            unresolved = resolved[symbol] if data is None else self.layer(data, where)
+            cfg = self.resolved(unresolved, ctx, where)
             if cfg is None:
                 continue
             configs.append(cfg)
-            self.check(cfg, ctx, where[i])
+            self.check(cfg, ctx, where)
             if ctx.causal_arch:
-                for path, culprit in self.noncausal(cfg, ctx, where[i]):
-                    noncausal.setdefault((path, order[i], culprit.type), []).append(i)
+                for path, culprit in self.noncausal(cfg, ctx, where):
+                    noncausal.setdefault((path, symbol, culprit.type), []).append(i)
         for (path, symbol, kind), indices in noncausal.items():
             self.causal_issue(path, symbol, kind, indices)
-        return configs if len(configs) == len(dicts) else None
+        ok = len(configs) == len(order) and not merged.clashes
+        return configs if ok else None
 
     def check(self, cfg: LayerConfig, ctx: LayerContext, path: Path) -> None:
         results = self.hook(cfg.check, ctx, path, f"checking {cfg.type}")
@@ -1081,6 +1073,10 @@ class _Validator:
             (*path, "causal") if has_flag else path,
             allowed=fix,
         )
+
+
+def _override_set_path(k: int) -> Path:
+    return (*LAYERS_PATH, "overrides", k, "set")
 
 
 def _children(cfg: LayerConfig) -> list[tuple[Path, LayerConfig]]:

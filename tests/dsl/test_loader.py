@@ -498,6 +498,21 @@ def test_layer_configs_equal_fresh_realization(write: Write) -> None:
         (2, 3.0, "alpha"),
         (8, 8.0, "alpha"),
     ]
+
+
+def test_read_back_spec_merges_overrides_like_the_validator(write: Write) -> None:
+    """Both take the one merge path: a type-changing override is refused by each, and an
+    override on one layer leaves the other layers of its symbol as bound."""
+    spec = load_spec(write("p.yaml", ROUND_TRIP_SPECS["pattern-overrides"]))
+    data = spec.model.canonical()
+    data["layers"]["overrides"].append({"at": [1], "set": {"type": "fake_seq"}})
+    with pytest.raises(ValueError, match=r"cannot change a layer's type \('fake_channel' ->"):
+        ModelSpec.model_validate(data).layer_configs()
+    with pytest.raises(SpecError, match=r"overrides\[2\]\.set\.type: an override cannot change"):
+        load_spec({"model": data})
+    data["layers"]["overrides"][-1] = {"at": [1], "set": {"hidden": 7}}
+    configs = ModelSpec.model_validate(data).layer_configs()
+    assert [getattr(c, "hidden", None) for c in configs] == [None, 7, None, 129, None, 129]
     assert spec.model.layers.symbols["*"].mode == "beta"  # the binding itself is unchanged
 
 
