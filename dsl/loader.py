@@ -44,12 +44,12 @@ from mixstack.dsl.errors import (
 from mixstack.dsl.provenance import Provenance, merge, read_yaml_file
 from mixstack.dsl.spec import Spec
 from mixstack.dsl.validate import LAYER_FORMS, form_conflict, layer_forms, validate_spec
+from mixstack.dsl.validate.common import LAYERS_PATH
 
 log = logging.getLogger(__name__)
 
 ZOO_PREFIX = "zoo:"
 DICT_ORIGIN = "<dict>"
-LAYERS_PATH: Path = ("model", "layers")
 
 
 def load_spec(

@@ -1,0 +1,59 @@
+"""The train section: its own fields (the ``type``-tagged task and optimizer first),
+then model-dependent defaults and the task's checks against the model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mixstack.dsl.spec import (
+    OPTIMIZER_TYPES,
+    TASK_TYPES,
+    AdamWConfig,
+    ModelSpec,
+    MQARTask,
+    TrainSpec,
+)
+from mixstack.dsl.validate.common import Checker
+from mixstack.dsl.validate.pydantic_errors import keys_text
+
+
+def train_section(ck: Checker, data: Any) -> TrainSpec | None:
+    """The train section's own fields (its checks against the model come later)."""
+    path = ("train",)
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        ck.add("train must be a mapping", path, value=data, allowed="a mapping")
+        return None
+    task = None
+    if "task" in data:
+        task = ck.tagged(data["task"], (*path, "task"), TASK_TYPES, None)
+    else:
+        ck.add(
+            "missing required key 'task'",
+            (*path, "task"),
+            allowed=f"task: {{type: NAME, ...}} with NAME one of {keys_text(TASK_TYPES)}",
+            at=path,
+        )
+    optimizer = ck.tagged(data.get("optimizer"), (*path, "optimizer"), OPTIMIZER_TYPES, "adamw")
+    length = data.get("max_steps") is not None or data.get("max_epochs") is not None
+    if not length:
+        ck.add(
+            "train needs max_steps or max_epochs (how long to train)",
+            (*path, "max_steps"),
+            allowed="max_steps: N (optimizer steps) or max_epochs: N",
+            at=path,
+        )
+    # Failed parts get a stand-in so the other fields are still checked.
+    fields = {**data, "task": task or MQARTask(), "optimizer": optimizer or AdamWConfig()}
+    train = ck.pydantic(TrainSpec, fields if length else {**fields, "max_steps": 1}, path)
+    return train if task is not None and optimizer is not None and length else None
+
+
+def train_against(ck: Checker, train: TrainSpec, model: ModelSpec) -> TrainSpec | None:
+    """Fill model-dependent defaults and check the task against the model."""
+    resolved = train.resolve(model)
+    problems = resolved.check(model)
+    for rel, message, allowed in problems:
+        ck.add(message, ("train", *rel), allowed=allowed)
+    return None if problems else resolved
