@@ -8,7 +8,7 @@ Public API::
     logits = model(input_ids)
     model = ms.from_pretrained("runs/my_arch/model")   # a trained model directory
 
-``import mixstack`` loads torch, pydantic and omegaconf, nothing heavier: lightning,
+``import mixstack`` loads torch, pydantic and pyyaml, nothing heavier: lightning,
 huggingface_hub and plotting are imported inside the functions that use them.
 """
 

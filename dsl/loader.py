@@ -12,12 +12,22 @@
 3. **Overrides.** ``key.path=value`` strings; the value is parsed as YAML and the path
    may index lists (``a.b.0.c`` or ``a.b[0].c``).
 4. **Interpolation.** ``${model.d_model}``-style references to other values of the
-   merged document (OmegaConf syntax for absolute references; ``\\${`` escapes).
+   merged document (absolute references in OmegaConf's syntax; ``\\${`` escapes).
    Resolver calls such as ``${oc.env:HOME}`` are refused: an environment value must
-   never end up in a pushed spec. Done by hand on plain data, so positions survive
-   and OmegaConf's global resolver table is never touched.
+   never end up in a pushed spec.
 5. **Validation** (:mod:`mixstack.dsl.validate`): every problem of the document is
    collected and raised as one :class:`SpecError`.
+
+Why not OmegaConf: merging, overrides and interpolation are done here on plain data,
+each step moving the per-value provenance map along, and OmegaConf is not a
+dependency. What it would do (deep merge, ``OmegaConf.update`` for list-indexed dotted
+keys, ``${...}``) is a few dozen lines here, while it would take converting the data
+to its node types and back at each step, and it differs where specs need it not to:
+its nodes refuse YAML values such as dates (one located Pydantic error here), it
+spells ``${flag}`` inside a string as ``True`` (YAML's ``true`` here), its errors name
+no file position, and its resolver table is process-global with ``oc.env``
+registered, so refusing resolvers would still need the scan done here, or clearing a
+table that other code in the process (Hydra) relies on.
 """
 
 from __future__ import annotations
@@ -153,8 +163,9 @@ def _compose_source(source: Any, issues: IssueCollector) -> tuple[dict[str, Any]
 
 
 def _plain(value: Any) -> Any:
-    """Python input as plain data: mappings -> dict, sequences -> list (copied), so an
-    OmegaConf container or a tuple is checked like the YAML it stands for."""
+    """Python input as plain data: mappings -> dict, sequences -> list (copied), so any
+    ``Mapping`` (an OmegaConf container too) or a tuple is checked like the YAML it
+    stands for."""
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):

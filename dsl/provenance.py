@@ -1,6 +1,6 @@
 """Where every value of a spec came from.
 
-OmegaConf and plain dicts keep no positions, so the loader carries a side map from
+Plain dicts keep no positions, so the loader carries a side map from
 YAML path (a tuple of keys and list indices) to an origin string:
 ``file:line:col`` (1-based, from PyYAML node marks), ``<override key=value>`` for
 command-line overrides, ``<dict>`` for Python input. The map follows the value that

@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 import yaml
@@ -314,13 +315,25 @@ def test_failed_override_leaves_nothing_behind(write: Write) -> None:
 
 
 def test_python_containers_are_plain_data() -> None:
-    from omegaconf import OmegaConf
-
+    """Any Mapping and Sequence is read as the YAML it stands for (OmegaConf is not a
+    dependency: a read-only mapping stands in for a foreign container)."""
     data = yaml.safe_load(BASE)
     data["model"]["special_tokens"] = ("eos",)
-    data["model"]["layers"]["symbols"]["A"] = OmegaConf.create({"type": "fake_seq", "width": 2})
-    spec = load_spec(OmegaConf.create({"model": OmegaConf.create(data["model"])}))
+    data["model"]["layers"]["symbols"]["A"] = MappingProxyType({"type": "fake_seq", "width": 2})
+    spec = load_spec(MappingProxyType({"model": MappingProxyType(data["model"])}))
     assert spec.model.special_tokens == ["eos"] and spec.model.layers.symbols["A"].width == 2
+
+
+def test_interpolated_value_is_reported_where_the_reference_is_written(write: Write) -> None:
+    """Provenance is per value: a reference resolved to a value that is valid where it
+    was written but not where it is used points at the referencing line."""
+    text = BASE.replace("  d_model: 64\n", "  d_model: 64\n  dropout: 0.0\n  init:\n")
+    text = text.replace("  init:\n", "  init:\n    std: ${model.dropout}\n", 1)
+    with pytest.raises(SpecError) as info:
+        load_spec(write("interp.yaml", text))
+    (issue,) = info.value.issues
+    assert issue.path == ("model", "init", "std") and str(issue.origin).endswith("interp.yaml:6:10")
+    assert "greater than 0" in issue.message and issue.value == 0.0
 
 
 def test_override_creates_missing_mappings(write: Write) -> None:
