@@ -10,11 +10,10 @@ from typing import Any
 from mixstack.dsl import registry
 from mixstack.dsl.base import LayerConfig
 from mixstack.dsl.errors import Path, did_you_mean
-from mixstack.dsl.pattern import symbol_problem
 from mixstack.dsl.spec import STAGE_MARK
 from mixstack.dsl.validate.common import LAYERS_PATH, NOT_GIVEN, Checker
 from mixstack.dsl.validate.pydantic_errors import keys_text
-from mixstack.dsl.validate.request import Request
+from mixstack.dsl.validate.request import Request, is_symbol
 
 
 @dataclass
@@ -43,15 +42,9 @@ def symbol_bindings(
         )
         return None
     out: dict[str, Binding] = {}
+    allowed = "one character that is not a digit, space or ()|.[]${}:/"
     for symbol, binding in symbols.items():
-        problem = symbol_problem(symbol) if isinstance(symbol, str) else "not a string"
-        if problem is not None:
-            ck.add(
-                f"invalid symbol key: {problem}",
-                (*path, symbol),
-                value=symbol,
-                allowed="one character that is not a digit, space or ()|.[]${}:/",
-            )
+        if not is_symbol(ck, symbol, (*path, symbol), "invalid symbol key", allowed):
             continue
         out[symbol] = Binding(symbol, layer_config(ck, binding, (*path, symbol)), (*path, symbol))
     if request is None:

@@ -13,7 +13,6 @@ from mixstack.dsl.errors import (
     IssueCollector,
     Path,
     SpecError,
-    SpecIssue,
     did_you_mean,
     format_path,
 )
@@ -48,19 +47,9 @@ class Checker:
     ) -> None:
         """Record an issue at ``path``; its origin is that of ``at`` when given (a missing
         key is best reported on the line of the value that requires it)."""
-        self.issues.extend(
-            [
-                SpecIssue(
-                    message,
-                    path=tuple(path),
-                    origin=self.origin(path if at is None else at),
-                    value=None if value is NOT_GIVEN else value,
-                    has_value=value is not NOT_GIVEN,
-                    allowed=allowed,
-                    suggestion=suggestion,
-                )
-            ]
-        )
+        got = {} if value is NOT_GIVEN else {"value": value}
+        origin = self.origin(path if at is None else at)
+        self.issues.add(message, path, origin, allowed=allowed, suggestion=suggestion, **got)
 
     def unknown_keys(self, data: dict[Any, Any], valid: tuple[str, ...], path: Path) -> None:
         """One issue per key of ``data`` not in ``valid``, with a near-miss suggestion."""

@@ -48,6 +48,14 @@ def form_conflict(
     )
 
 
+def is_symbol(ck: Checker, item: Any, path: Path, what: str, allowed: str) -> bool:
+    """Whether ``item`` can be a layer symbol; if not, an issue ``"{what}: why"``."""
+    problem = symbol_problem(item) if isinstance(item, str) else "not a string"
+    if problem is not None:
+        ck.add(f"{what}: {problem}", path, value=item, allowed=allowed)
+    return problem is None
+
+
 @dataclass
 class Request:
     """How the layers were asked for, realized."""
@@ -106,18 +114,10 @@ def request_layer_types(ck: Checker, items: Any, path: Path) -> Request | None:
             allowed="a list like [M, '-', M, '*'], one symbol character per layer",
         )
         return None
-    ok = True
-    for i, item in enumerate(items):
-        problem = symbol_problem(item) if isinstance(item, str) else "not a string"
-        if problem is not None:
-            ck.add(
-                f"layer_types entry is not a symbol: {problem}",
-                (*path, i),
-                value=item,
-                allowed="one symbol character (not a digit, space or ()|.[]${}:/)",
-            )
-            ok = False
-    if not ok:
+    allowed = "one symbol character (not a digit, space or ()|.[]${}:/)"
+    what = "layer_types entry is not a symbol"
+    # a list, not a generator: every entry is checked and reported
+    if not all([is_symbol(ck, s, (*path, i), what, allowed) for i, s in enumerate(items)]):
         return None
     return Request("".join(items), LayersRequest(layer_types=list(items)), path)
 
