@@ -34,6 +34,11 @@ def did_you_mean(word: str, options: Iterable[str], *, cutoff: float = 0.6) -> s
     return matches[0] if matches else None
 
 
+def keys_text(keys: Iterable[Any]) -> str:
+    """Keys as a comma-separated list, for "allowed:" lines."""
+    return ", ".join(str(k) for k in keys)
+
+
 def divisors(n: int) -> list[int]:
     """The divisors of ``n``, for "allowed:" lines (heads, groups, widths)."""
     return [d for d in range(1, n + 1) if n % d == 0]
@@ -117,10 +122,6 @@ class IssueCollector:
 
     def extend(self, issues: Iterable[SpecIssue]) -> None:
         self.issues.extend(issues)
-
-    def raise_if_any(self) -> None:
-        if self.issues:
-            raise SpecError(self.issues)
 
     def __bool__(self) -> bool:
         return bool(self.issues)

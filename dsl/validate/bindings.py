@@ -9,10 +9,9 @@ from typing import Any
 
 from mixstack.dsl import registry
 from mixstack.dsl.base import LayerConfig
-from mixstack.dsl.errors import Path, did_you_mean
+from mixstack.dsl.errors import Path, did_you_mean, keys_text
 from mixstack.dsl.spec import STAGE_MARK
 from mixstack.dsl.validate.common import LAYERS_PATH, NOT_GIVEN, Checker
-from mixstack.dsl.validate.pydantic_errors import keys_text
 from mixstack.dsl.validate.request import Request, is_symbol
 
 
@@ -31,15 +30,10 @@ def symbol_bindings(
     """The bindings of the symbols the pattern uses (None if one is invalid or
     missing); every binding given is validated, used or not."""
     path = (*LAYERS_PATH, "symbols")
-    symbols = layers.get("symbols")
-    symbols = {} if symbols is None else symbols
-    if not isinstance(symbols, dict):
-        ck.add(
-            "symbols must be a mapping of symbol -> layer config",
-            path,
-            value=symbols,
-            allowed="{M: {type: mamba2}, '*': {type: attention}}",
-        )
+    message = "symbols must be a mapping of symbol -> layer config"
+    example = "{M: {type: mamba2}, '*': {type: attention}}"
+    symbols = ck.optional(layers, "symbols", dict, message, example, path)
+    if symbols is None:
         return None
     out: dict[str, Binding] = {}
     allowed = "one character that is not a digit, space or ()|.[]${}:/"

@@ -15,9 +15,10 @@ from mixstack.dsl.errors import (
     SpecError,
     did_you_mean,
     format_path,
+    keys_text,
 )
 from mixstack.dsl.provenance import Provenance
-from mixstack.dsl.validate.pydantic_errors import keys_text, pydantic_issues
+from mixstack.dsl.validate.pydantic_errors import pydantic_issues
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,19 @@ class Checker:
                     allowed=f"valid keys: {keys_text(valid)}",
                     suggestion=did_you_mean(str(key), valid),
                 )
+
+    def optional(
+        self, data: dict[Any, Any], key: str, kind: type, message: str, example: str, path: Path
+    ) -> Any:
+        """``data[key]`` if it is a ``kind`` (an empty one when absent or null), else None
+        with ``message`` recorded at ``path``."""
+        value = data.get(key)
+        if value is None:
+            return kind()
+        if not isinstance(value, kind):
+            self.add(message, path, value=value, allowed=example)
+            return None
+        return value
 
     def pydantic(self, cls: type[BaseModel], data: Any, path: Path) -> Any:
         """``cls.model_validate(data)``, or None with its errors recorded."""

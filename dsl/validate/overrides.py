@@ -17,16 +17,9 @@ def layer_overrides(
     """Each override with the sorted layer indices it names (None if any is
     invalid); indices are checked only when the pattern is known."""
     path = (*LAYERS_PATH, "overrides")
-    items = layers.get("overrides")
+    example = "[{at: [3], set: {window: 128}}, ...]"
+    items = ck.optional(layers, "overrides", list, "overrides must be a list", example, path)
     if items is None:
-        return []
-    if not isinstance(items, list):
-        ck.add(
-            "overrides must be a list",
-            path,
-            value=items,
-            allowed="[{at: [3], set: {window: 128}}, ...]",
-        )
         return None
     n = sum(1 for c in request.pattern if c != STAGE_MARK) if request else None
     out = [one_override(ck, item, (*path, k), n) for k, item in enumerate(items)]

@@ -10,12 +10,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from mixstack.dsl.errors import Path, SpecIssue, did_you_mean
-
-
-def keys_text(keys: Any) -> str:
-    """Keys as a comma-separated list, for "allowed:" lines."""
-    return ", ".join(str(k) for k in keys)
+from mixstack.dsl.errors import Path, SpecIssue, did_you_mean, keys_text
 
 
 def _annotation_args(ann: Any) -> tuple[Any, ...]:

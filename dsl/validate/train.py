@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mixstack.dsl.errors import keys_text
 from mixstack.dsl.spec import (
     OPTIMIZER_TYPES,
     TASK_TYPES,
@@ -14,7 +15,6 @@ from mixstack.dsl.spec import (
     TrainSpec,
 )
 from mixstack.dsl.validate.common import Checker
-from mixstack.dsl.validate.pydantic_errors import keys_text
 
 
 def train_section(ck: Checker, data: Any) -> TrainSpec | None:
