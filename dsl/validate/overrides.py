@@ -40,23 +40,24 @@ def one_override(
         return None
     ck.unknown_keys(item, ("at", "set"), path)
     at, changes = item.get("at"), item.get("set")
-    ok = set(item) <= {"at", "set"}
-    if not isinstance(at, list) or not at:
-        ck.add(
+    shapes = (  # (key, its value is well formed, message, allowed)
+        (
+            "at",
+            isinstance(at, list) and bool(at),
             "`at` must be a non-empty list of layer selectors",
-            (*path, "at"),
-            value=at,
-            allowed="ints (negative allowed) or 'a:b:c' slices, like [3, -1]",
-        )
-        ok = False
-    if not isinstance(changes, dict) or not all(isinstance(k, str) for k in changes):
-        ck.add(
+            "ints (negative allowed) or 'a:b:c' slices, like [3, -1]",
+        ),
+        (
+            "set",
+            isinstance(changes, dict) and all(isinstance(k, str) for k in changes),
             "`set` must be a mapping of field -> value",
-            (*path, "set"),
-            value=changes,
-            allowed="{window: 128}",
-        )
-        ok = False
+            "{window: 128}",
+        ),
+    )
+    for key, good, message, allowed in shapes:
+        if not good:
+            ck.add(message, (*path, key), value=item.get(key), allowed=allowed)
+    ok = set(item) <= {"at", "set"} and all(good for _, good, _, _ in shapes)
     indices = layer_selectors(ck, at, (*path, "at"), n) if ok else None
     if indices is None:
         return None
