@@ -132,13 +132,9 @@ def build_mixer(cfg: LayerConfig, ctx: LayerContext) -> nn.Module:
 
 
 def build_block(cfg: LayerConfig, ctx: LayerContext, spec: ModelSpec) -> ResidualBlock:
-    """Norm + layer + residual (+ dropout, optional checkpointing)."""
-    return ResidualBlock(
-        build_norm(spec.norm, spec.d_model),
-        build_mixer(cfg, ctx),
-        dropout=spec.dropout,
-        checkpointing=spec.activation_checkpointing,
-    )
+    """Norm + layer + residual (+ dropout). Activation checkpointing is a run setting
+    (``run.activation_checkpointing``, set by the trainer), not part of the model."""
+    return ResidualBlock(build_norm(spec.norm, spec.d_model), build_mixer(cfg, ctx), spec.dropout)
 
 
 def build_position(cfg: LayerConfig, index: int, spec: ModelSpec) -> nn.Module:

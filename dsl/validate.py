@@ -45,6 +45,7 @@ from mixstack.dsl.errors import (
     format_path,
 )
 from mixstack.dsl.layers import deep_merge, select_indices
+from mixstack.dsl.migrations import unsupported_version
 from mixstack.dsl.pattern import GRAMMAR_HELP, PatternError, realize_pattern, symbol_problem
 from mixstack.dsl.provenance import Provenance
 from mixstack.dsl.ratios import RatioError, allocate
@@ -429,15 +430,14 @@ class _Validator:
     # -- top level ---------------------------------------------------------------------
     def spec(self, data: dict[Any, Any]) -> Spec | None:
         self.unknown_keys(data, TOP_KEYS, ())
-        if "schema_version" in data:
-            version = data["schema_version"]
-            if type(version) is not int or version != SCHEMA_VERSION:
-                self.add(
-                    "unsupported schema_version",
-                    ("schema_version",),
-                    value=version,
-                    allowed=f"{SCHEMA_VERSION} (written by this mixstack)",
-                )
+        version = data.get("schema_version", SCHEMA_VERSION)
+        if type(version) is not int or version != SCHEMA_VERSION:  # older ones are migrated
+            self.add(
+                unsupported_version(version) or f"schema_version {version} was not migrated",
+                ("schema_version",),
+                value=version,
+                allowed=f"1..{SCHEMA_VERSION} (older versions are migrated)",
+            )
         train = self.train(data.get("train"))
         run = self.run(data.get("run"))
         if "model" not in data:

@@ -64,7 +64,7 @@ def test_round_trip_gives_the_same_model(exported) -> None:
     assert torch.equal(loaded(ids), model.eval()(ids))
     assert loaded.lm_head.weight is loaded.embedding.weight  # still tied
     config = json.loads((folder / "config.json").read_text())
-    assert config["spec_hash"] == model.spec.spec_hash and config["schema_version"] == 1
+    assert config["spec_hash"] == model.spec.spec_hash and config["schema_version"] == 2
     assert config["model"] == model.spec.canonical() and "mixstack_version" in config
     assert mixstack.load_spec(str(folder / "spec.yaml")).model == model.spec
     card = (folder / "README.md").read_text()
