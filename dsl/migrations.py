@@ -37,8 +37,8 @@ MigrationStep = Callable[[dict[str, Any]], list[str]]
 
 
 def _v1_to_v2(document: dict[str, Any]) -> list[str]:
-    """Drop ``model.activation_checkpointing`` (a ``true`` moves to ``run``); set the
-    init scheme v1 used."""
+    """Drop ``model.activation_checkpointing`` (a ``true`` moves to ``run``); pin the init
+    scheme v1 used (``mixstack``), whatever the current default."""
     model = document.get("model")
     if not isinstance(model, dict):
         return []
@@ -53,6 +53,9 @@ def _v1_to_v2(document: dict[str, Any]) -> list[str]:
                 "model.activation_checkpointing: true moved to run.activation_checkpointing "
                 "(a run setting since schema 2; it never changed the model)"
             )
+    init = model.setdefault("init", {})
+    if isinstance(init, dict):
+        init.setdefault("scheme", "mixstack")  # the only init v1 had
     return notes
 
 

@@ -76,6 +76,12 @@ class InitConfig(StrictModel):
         True,
         description="divide residual output projections by sqrt(n_layers) (GPT-2 / mamba_ssm)",
     )
+    scheme: Literal["mixstack", "normal_linear"] = Field(
+        "mixstack",
+        description="mixstack: each mixer's own init (MATH.md); normal_linear: then every "
+        "Linear (Δ projections and filter MLPs included) redrawn from N(0, std) with zero "
+        "bias, as the safari / zoology LM code does (residual_scaling still applies)",
+    )
 
 
 class ClassifierConfig(StrictModel):

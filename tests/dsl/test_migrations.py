@@ -32,6 +32,7 @@ def test_v1_checkpointing_true_moves_to_run_and_the_input_is_left_alone() -> Non
     assert json.dumps(document, sort_keys=True) == before  # a copy is migrated
     assert migrated["schema_version"] == SCHEMA_VERSION
     assert "activation_checkpointing" not in migrated["model"]
+    assert migrated["model"]["init"] == {"scheme": "mixstack"}  # the init v1 had
     # v1 checkpointed every block when the model flag was true: `run` selects all.
     assert migrated["run"] == {"activation_checkpointing": True}
     assert len(notes) == 1 and "moved to run.activation_checkpointing" in notes[0]
@@ -42,6 +43,9 @@ def test_v1_checkpointing_false_is_dropped_silently_and_run_kept() -> None:
     migrated, notes = migrate({"schema_version": 1, "model": model})
     assert "activation_checkpointing" not in migrated["model"] and "run" not in migrated
     assert notes == []
+    model = {**V2_MODEL, "init": {"std": 0.1}}
+    migrated, _ = migrate({"schema_version": 1, "model": model})
+    assert migrated["model"]["init"] == {"std": 0.1, "scheme": "mixstack"}
 
 
 def test_v1_spec_loads_with_checkpointing_as_a_run_setting(caplog) -> None:
