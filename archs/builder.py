@@ -92,7 +92,7 @@ def _as_spec(spec: Any) -> tuple[ModelSpec, RunSpec]:
     if isinstance(spec, ModelSpec):
         return spec, RunSpec()
     if isinstance(spec, (str, Path, dict)):
-        from mixstack import load_spec
+        from mixstack.dsl.loader import load_spec
 
         loaded = load_spec(spec)
         return loaded.model, loaded.run

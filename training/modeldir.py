@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import yaml
 
+from mixstack._version import __version__
 from mixstack.archs.models import MixStackModel
 from mixstack.dsl.errors import CheckpointError, MixstackError
 from mixstack.dsl.migrations import SCHEMA_VERSION, spec_hash_of, unsupported_version
@@ -48,8 +49,6 @@ PICKLES = ("pytorch_model.bin", "model.pt", "model.ckpt", "model.pth")
 
 def config_of(spec: ModelSpec) -> dict[str, Any]:
     """The content of ``config.json``."""
-    from mixstack import __version__
-
     return {
         "mixstack_version": __version__,
         "schema_version": SCHEMA_VERSION,
