@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import mixstack
 from mixstack.dsl.errors import CheckpointError
 from mixstack.dsl.migrations import SCHEMA_VERSION
-from mixstack.training.modeldir import HASH_KEY
+from mixstack.hub.modeldir import HASH_KEY
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "modeldir_v1"
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import mixstack
 from mixstack.dsl.errors import CheckpointError
-from mixstack.training.modeldir import save_model_dir
+from mixstack.hub.modeldir import save_model_dir
 
 SPEC = {
     "model": {
