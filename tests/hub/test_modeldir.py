@@ -15,20 +15,15 @@ import mixstack
 from mixstack.dsl.errors import CheckpointError
 from mixstack.hub.modeldir import save_model_dir
 
-SPEC = {
-    "model": {
-        "vocab_size": 16,
-        "max_seq_len": 16,
-        "d_model": 16,
-        "layers": {
-            "pattern": "*-",
-            "symbols": {
-                "*": {"type": "attention", "n_heads": 2},
-                "-": {"type": "mlp", "hidden": 32},
-            },
-        },
-    }
-}
+SPEC = yaml.safe_load("""
+model:
+  vocab_size: 16
+  max_seq_len: 16
+  d_model: 16
+  layers:
+    pattern: "*-"
+    symbols: {"*": {type: attention, n_heads: 2}, "-": {type: mlp, hidden: 32}}
+""")
 
 
 @pytest.fixture
