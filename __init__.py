@@ -70,9 +70,9 @@ def from_pretrained(
     Safetensors only, strict: a missing, unexpected or mis-shaped tensor, a spec-hash
     mismatch or ``config.json`` / ``spec.yaml`` disagreeing raise
     :class:`~mixstack.dsl.errors.CheckpointError` naming them. See
-    :func:`mixstack.training.modeldir.load_model_dir`.
+    :func:`mixstack.hub.modeldir.load_model_dir`.
     """
-    from mixstack.training.modeldir import load_model_dir
+    from mixstack.hub.modeldir import load_model_dir
 
     return load_model_dir(path, device=device, dtype=dtype)
 

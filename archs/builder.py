@@ -9,12 +9,21 @@ Steps of :func:`build`:
    explicit ``torch.Generator`` seeded with ``seed`` (never the global RNG), then
    moved to ``device``. Drawing on the CPU makes a seed give the same weights on
    every device; doing it part by part bounds the extra host memory to one layer.
-3. Residual scaling: parameters a mixer hints as ``residual_out`` are multiplied by
+3. ``spec.init.scheme == "normal_linear"``: right after a part's own init, every
+   ``nn.Linear`` in it (Δ projections, filter MLPs, heads) is redrawn from
+   N(0, ``init.std``) with a zero bias: the safari / zoology LM init. The redraws come
+   from a second generator (seeded from ``seed``), so every other parameter
+   (embedding, A_log, dt_bias, convs, norms) is exactly the one the ``mixstack``
+   scheme (default, no redraw) gives for that seed.
+4. Residual scaling: parameters a mixer hints as ``residual_out`` are multiplied by
    ``1/sqrt(n_residual)`` (``spec.init.residual_scaling``), where ``n_residual`` counts
    residual branches: one per symbol, one per sub-block of a sequential composite
    (the mamba_ssm ``n_residuals_per_layer · n_layer`` rule). So ``"M-"`` repeated and a
-   ``sequential [mamba2, mlp]`` symbol repeated initialise alike.
-4. ``dtype``: :func:`mixstack.blocks.precision.cast_module` (``keep_fp32`` params stay
+   ``sequential [mamba2, mlp]`` symbol repeated initialise alike. It applies under
+   both schemes: safari / zoology redraw ``out_proj`` / ``fc2`` from
+   N(0, std/√(2·n_layer)), which is N(0, std) scaled by 1/√(residual branches) when
+   each layer is a mixer plus an MLP.
+5. ``dtype``: :func:`mixstack.blocks.precision.cast_module` (``keep_fp32`` params stay
    fp32).
 """
 
@@ -37,8 +46,13 @@ from mixstack.dsl.base import LayerConfig
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.spec import ModelSpec, RunSpec, Spec
+from mixstack.mixers.base import init_linear
 
 log = logging.getLogger(__name__)
+
+# Seeds the ``normal_linear`` redraw generator (``seed ^ salt``, both < 2**64): a stream
+# apart from the main one, which therefore draws the same under both init schemes.
+LINEAR_REDRAW_SALT = 0x9E3779B97F4A7C15
 
 DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -78,7 +92,7 @@ def _as_spec(spec: Any) -> tuple[ModelSpec, RunSpec]:
     if isinstance(spec, ModelSpec):
         return spec, RunSpec()
     if isinstance(spec, (str, Path, dict)):
-        from mixstack import load_spec
+        from mixstack.dsl.loader import load_spec
 
         loaded = load_spec(spec)
         return loaded.model, loaded.run
@@ -132,13 +146,9 @@ def build_mixer(cfg: LayerConfig, ctx: LayerContext) -> nn.Module:
 
 
 def build_block(cfg: LayerConfig, ctx: LayerContext, spec: ModelSpec) -> ResidualBlock:
-    """Norm + layer + residual (+ dropout, optional checkpointing)."""
-    return ResidualBlock(
-        build_norm(spec.norm, spec.d_model),
-        build_mixer(cfg, ctx),
-        dropout=spec.dropout,
-        checkpointing=spec.activation_checkpointing,
-    )
+    """Norm + layer + residual (+ dropout). Activation checkpointing is a run setting
+    (``run.activation_checkpointing``, set by the trainer), not part of the model."""
+    return ResidualBlock(build_norm(spec.norm, spec.d_model), build_mixer(cfg, ctx), spec.dropout)
 
 
 def build_position(cfg: LayerConfig, index: int, spec: ModelSpec) -> nn.Module:
@@ -155,9 +165,16 @@ def build_position(cfg: LayerConfig, index: int, spec: ModelSpec) -> nn.Module:
 def initialize(model: MixStackModel, seed: int, device: torch.device) -> None:
     """Real storage on ``device`` and every weight drawn from one seeded CPU generator."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    linear_redraw = None
+    if model.spec.init.scheme == "normal_linear":
+        linear_redraw = torch.Generator(device="cpu").manual_seed(seed ^ LINEAR_REDRAW_SALT)
     for part, init in model.init_parts():
         part.to_empty(device="cpu")
         init(generator)
+        if linear_redraw is not None:
+            for module in part.modules():
+                if isinstance(module, nn.Linear):
+                    init_linear(module, model.spec.init.std, linear_redraw)
         part.to(device)
     model.tie_weights()
     if model.spec.init.residual_scaling:

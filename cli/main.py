@@ -374,9 +374,9 @@ def evaluate(
 ) -> None:
     """Evaluate a model directory on the fixed validation set of a task."""
     with _handled(ctx):
+        from mixstack.hub.modeldir import load_model_dir
         from mixstack.training.evaluate import evaluate as run_eval
         from mixstack.training.evaluate import spec_for
-        from mixstack.training.modeldir import load_model_dir
 
         model = load_model_dir(model_dir)
         run_spec = model_dir.parent / "spec.yaml"

@@ -15,7 +15,9 @@
    merged document (absolute references in OmegaConf's syntax; ``\\${`` escapes).
    Resolver calls such as ``${oc.env:HOME}`` are refused: an environment value must
    never end up in a pushed spec.
-5. **Validation** (:mod:`mixstack.dsl.validate`): every problem of the document is
+5. **Migration.** A document with an older ``schema_version`` is brought to the
+   current one (:func:`mixstack.dsl.migrations.migrate`).
+6. **Validation** (:mod:`mixstack.dsl.validate`): every problem of the document is
    collected and raised as one :class:`SpecError`.
 
 Why not OmegaConf: merging, overrides and interpolation are done here on plain data,
@@ -51,6 +53,7 @@ from mixstack.dsl.errors import (
     did_you_mean,
     format_path,
 )
+from mixstack.dsl.migrations import migrate
 from mixstack.dsl.provenance import Provenance, merge, read_yaml_file
 from mixstack.dsl.spec import Spec
 from mixstack.dsl.validate import LAYER_FORMS, form_conflict, layer_forms, validate_spec
@@ -82,7 +85,7 @@ def load_spec(
     issues = IssueCollector()
     data, prov = _compose_source(source, issues)
     data, prov = apply_overrides(data, prov, override_list, issues)
-    data = interpolate(data, prov)
+    data, _ = migrate(interpolate(data, prov))
     spec = validate_spec(data, prov, issues)
     log.debug("loaded spec %s (pattern %s)", spec.spec_hash[:12], spec.model.layers.pattern)
     return spec

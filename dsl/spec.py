@@ -10,8 +10,6 @@ errors.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -26,8 +24,7 @@ from pydantic import (
 
 from mixstack.dsl.base import LayerConfig
 from mixstack.dsl.context import Arch, LayerContext
-
-SCHEMA_VERSION = 1
+from mixstack.dsl.migrations import SCHEMA_VERSION, spec_hash_of
 
 # Where stage boundaries (`|`) sit in a realized pattern is recorded but changes nothing.
 STAGE_MARK = "|"
@@ -78,6 +75,12 @@ class InitConfig(StrictModel):
     residual_scaling: bool = Field(
         True,
         description="divide residual output projections by sqrt(n_layers) (GPT-2 / mamba_ssm)",
+    )
+    scheme: Literal["mixstack", "normal_linear"] = Field(
+        "mixstack",
+        description="mixstack: each mixer's own init (MATH.md); normal_linear: then every "
+        "Linear (Δ projections and filter MLPs included) redrawn from N(0, std) with zero "
+        "bias, as the safari / zoology LM code does (residual_scaling still applies)",
     )
 
 
@@ -151,7 +154,6 @@ class ModelSpec(StrictModel):
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     init: InitConfig = Field(default_factory=InitConfig)
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on every residual branch")
-    activation_checkpointing: bool = Field(False, description="recompute blocks in backward")
     tie_embeddings: bool = Field(True, description="share embedding and LM head weights")
     classifier: ClassifierConfig | None = Field(None, description="required for arch classifier")
     layers: LayersSpec
@@ -211,19 +213,9 @@ class ModelSpec(StrictModel):
 
     @property
     def spec_hash(self) -> str:
-        """sha256 of the canonical JSON of the architecture plus ``schema_version``.
-
-        The ``layers.requested`` provenance is left out: the same realized architecture
-        reached by a pattern or by ratios has one hash.
-        """
-        data = self.canonical()
-        data["layers"].pop("requested", None)
-        payload = json.dumps(
-            {"schema_version": SCHEMA_VERSION, "model": data},
-            sort_keys=True,
-            separators=(",", ":"),
-        )
-        return hashlib.sha256(payload.encode()).hexdigest()
+        """sha256 of the canonical JSON of the architecture plus ``schema_version``
+        (:func:`mixstack.dsl.migrations.spec_hash_of`; ``layers.requested`` left out)."""
+        return spec_hash_of(self.canonical())
 
 
 # -- the train section: what a run does ----------------------------------------------------

@@ -5,7 +5,7 @@ Wiring only: :class:`~mixstack.training.lit.LitModel` and
 the spec (``run.trainer`` for accelerator / devices / strategy / nodes, so DDP and FSDP
 are configuration; precision; loggers; gradient clipping and accumulation); the run
 directory (:mod:`.rundir`) records the resolved spec, metrics, checkpoints and
-metadata; the model directory (:mod:`.modeldir`) is exported at the end.
+metadata; the model directory (:mod:`mixstack.hub.modeldir`) is exported at the end.
 """
 
 from __future__ import annotations
@@ -271,7 +271,7 @@ def _close_segment(run: RunDir, segment: int, status: str, step: int, lit: Any) 
 
 def _finish(run: RunDir, lit: Any, result: RunResult) -> None:
     """Merge the metrics, export the model (finished runs), complete ``run.json``."""
-    from mixstack.training.modeldir import save_model_dir
+    from mixstack.hub.modeldir import save_model_dir
 
     rows = rundir.merge_metrics(run)
     result.metrics = rundir.last_metrics(rows)

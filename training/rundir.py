@@ -272,7 +272,7 @@ def versions() -> dict[str, str]:
     """Versions of mixstack and the libraries a run depends on."""
     from importlib import metadata
 
-    from mixstack import __version__
+    from mixstack._version import __version__
 
     out = {"mixstack": __version__, "python": platform.python_version()}
     for name in ("torch", "lightning", "torchmetrics", "safetensors"):
@@ -285,9 +285,7 @@ def versions() -> dict[str, str]:
 
 def git_revision() -> dict[str, Any] | None:
     """Commit (and whether the tree is dirty) of the mixstack checkout, if it is one."""
-    import mixstack
-
-    where = Path(mixstack.__file__).resolve().parent
+    where = Path(__file__).resolve().parent.parent  # the package root (training/..)
     try:
         sha = subprocess.run(
             ["git", "-C", str(where), "rev-parse", "HEAD"],

@@ -32,6 +32,7 @@ import re
 from typing import Any
 
 from mixstack.dsl.errors import IssueCollector, SpecError, SpecIssue
+from mixstack.dsl.migrations import unsupported_version
 from mixstack.dsl.provenance import Provenance
 from mixstack.dsl.spec import SCHEMA_VERSION, Spec
 from mixstack.dsl.validate.common import Checker
@@ -50,15 +51,14 @@ def document(ck: Checker, data: dict[Any, Any]) -> Spec | None:
     """The top level: ``schema_version``, then each section; ``train`` and ``run`` are
     checked against the model only once the model is valid."""
     ck.unknown_keys(data, TOP_KEYS, ())
-    if "schema_version" in data:
-        version = data["schema_version"]
-        if type(version) is not int or version != SCHEMA_VERSION:
-            ck.add(
-                "unsupported schema_version",
-                ("schema_version",),
-                value=version,
-                allowed=f"{SCHEMA_VERSION} (written by this mixstack)",
-            )
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if type(version) is not int or version != SCHEMA_VERSION:  # older ones are migrated
+        ck.add(
+            unsupported_version(version) or f"schema_version {version} was not migrated",
+            ("schema_version",),
+            value=version,
+            allowed=f"1..{SCHEMA_VERSION} (older versions are migrated)",
+        )
     train = train_section(ck, data.get("train"))
     run = run_section(ck, data.get("run"))
     if "model" not in data:

@@ -201,11 +201,11 @@ def test_one_backend_policy_shared_by_every_mixer() -> None:
         model.set_backend("trition")
 
 
-def test_dropout_and_checkpointing_options_reach_every_block() -> None:
-    model = build(make_spec(dropout=0.25, activation_checkpointing=True), seed=0)
+def test_dropout_reaches_every_block_and_checkpointing_is_a_run_setting() -> None:
+    model = build(make_spec(dropout=0.25), seed=0)
     blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
     assert len(blocks) == 4
-    assert all(b.dropout.p == 0.25 and b.checkpointing for b in blocks)
+    assert all(b.dropout.p == 0.25 and not b.checkpointing for b in blocks)
 
 
 # -- forward -----------------------------------------------------------------------------

@@ -427,10 +427,10 @@ CASES = [
     ),
     Case(
         "schema-version",
-        main("schema_version: 2\n" + VALID),
+        main("schema_version: 3\n" + VALID),
         "main.yaml:1",
         "schema_version",
-        "allowed: 1",
+        "newer than this mixstack reads (1..2)",
     ),
     Case(
         "bad-backend",

@@ -11,7 +11,9 @@
 
 Loading reads safetensors only (never a pickle), refuses any missing, unexpected or
 mis-shaped tensor, and checks the spec hash three ways (config.json against its own
-model section, spec.yaml against config.json, the weights' recorded hash). It only
+model section, spec.yaml against config.json, the weights' recorded hash). A directory
+of an older ``schema_version`` is checked with that version's hash rule, then its spec
+is migrated (:mod:`mixstack.dsl.migrations`); the loaded spec has the current hash. It only
 reads: a directory that fails to load is left as it was. Export writes a complete
 new directory next to the target and swaps it in, so a reader never sees half of one.
 """
@@ -30,9 +32,11 @@ from typing import Any
 import torch
 import yaml
 
+from mixstack._version import __version__
 from mixstack.archs.models import MixStackModel
 from mixstack.dsl.errors import CheckpointError, MixstackError
-from mixstack.dsl.spec import SCHEMA_VERSION, ModelSpec
+from mixstack.dsl.migrations import SCHEMA_VERSION, spec_hash_of, unsupported_version
+from mixstack.dsl.spec import ModelSpec
 
 CONFIG = "config.json"
 SPEC = "spec.yaml"
@@ -45,8 +49,6 @@ PICKLES = ("pytorch_model.bin", "model.pt", "model.ckpt", "model.pth")
 
 def config_of(spec: ModelSpec) -> dict[str, Any]:
     """The content of ``config.json``."""
-    from mixstack import __version__
-
     return {
         "mixstack_version": __version__,
         "schema_version": SCHEMA_VERSION,
@@ -172,19 +174,18 @@ def _read_config(folder: Path) -> dict[str, Any]:
     missing = [k for k in ("schema_version", "spec_hash", "model") if k not in config]
     if not isinstance(config, dict) or missing:
         raise CheckpointError(f"{path}: missing keys {missing or 'all'} of a model config")
-    if config["schema_version"] != SCHEMA_VERSION:
-        raise CheckpointError(
-            f"{path}: schema_version {config['schema_version']!r}; this mixstack reads "
-            f"{SCHEMA_VERSION}"
-        )
+    problem = unsupported_version(config["schema_version"])
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     return config
 
 
-def _load_model_spec(data: Any, where: str) -> ModelSpec:
+def _load_model_spec(data: Any, version: Any, where: str) -> ModelSpec:
+    """Validate a saved ``model`` section of schema ``version`` (migrated if older)."""
     from mixstack.dsl.loader import load_spec
 
     try:
-        return load_spec({"schema_version": SCHEMA_VERSION, "model": data}).model
+        return load_spec({"schema_version": version, "model": data}).model
     except MixstackError as exc:
         raise CheckpointError(f"{where}: the model spec is invalid:\n{exc}") from None
 
@@ -198,16 +199,24 @@ def _diff(a: Any, b: Any, path: str = "model") -> list[str]:
 
 def read_spec(folder: str | os.PathLike[str]) -> ModelSpec:
     """The model spec of a model directory, after every consistency check of its files."""
-    folder = Path(folder)
+    return _checked_spec(Path(folder))[0]
+
+
+def _checked_spec(folder: Path) -> tuple[ModelSpec, str]:
+    """(the migrated spec, the spec hash ``config.json`` recorded) of a model directory."""
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a directory (a local model directory was expected)")
     config = _read_config(folder)
-    spec = _load_model_spec(config["model"], str(folder / CONFIG))
-    if spec.spec_hash != config["spec_hash"]:
+    version = config["schema_version"]
+    # The hash rule of the version that wrote the file, on the content as written
+    # (config.json holds the canonical dump), before any migration.
+    content_hash = spec_hash_of(config["model"], version)
+    if content_hash != config["spec_hash"]:
         raise CheckpointError(
             f"{folder / CONFIG}: spec_hash {config['spec_hash']} does not match its model "
-            f"section (hash {spec.spec_hash}); the file was edited or is damaged"
+            f"section (hash {content_hash}); the file was edited or is damaged"
         )
+    spec = _load_model_spec(config["model"], version, str(folder / CONFIG))
     yaml_path = folder / SPEC
     if not yaml_path.is_file():
         raise CheckpointError(
@@ -217,8 +226,10 @@ def read_spec(folder: str | os.PathLike[str]) -> ModelSpec:
         data = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise CheckpointError(f"{yaml_path}: not readable YAML: {exc}") from None
-    model_data = data.get("model") if isinstance(data, dict) else None
-    from_yaml = _load_model_spec(model_data, str(yaml_path))
+    data = data if isinstance(data, dict) else {}
+    from_yaml = _load_model_spec(
+        data.get("model"), data.get("schema_version", SCHEMA_VERSION), str(yaml_path)
+    )
     if from_yaml != spec:
         changed = _diff(spec.canonical(), from_yaml.canonical())
         raise CheckpointError(
@@ -226,11 +237,15 @@ def read_spec(folder: str | os.PathLike[str]) -> ModelSpec:
             f"{', '.join(changed[:8]) or 'their layers'}); {CONFIG} is the source of truth: "
             f"restore {SPEC} from it or re-export"
         )
-    return spec
+    return spec, config["spec_hash"]
 
 
-def check_weights(model: MixStackModel, path: Path) -> None:
-    """Compare the tensors of a safetensors file with ``model`` (names, shapes, hash)."""
+def check_weights(model: MixStackModel, path: Path, spec_hash: str | None = None) -> None:
+    """Compare the tensors of a safetensors file with ``model`` (names, shapes, hash).
+
+    ``spec_hash``: the hash the weights must record (default ``model.spec.spec_hash``;
+    a directory of an older schema passes the hash its ``config.json`` recorded)."""
+    spec_hash = spec_hash or model.spec.spec_hash
     from safetensors import safe_open
 
     try:
@@ -240,10 +255,10 @@ def check_weights(model: MixStackModel, path: Path) -> None:
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from None
     saved_hash = metadata.get(HASH_KEY)
-    if saved_hash is not None and saved_hash != model.spec.spec_hash:
+    if saved_hash is not None and saved_hash != spec_hash:
         raise CheckpointError(
             f"{path}: the weights were saved for spec {saved_hash[:12]}, but {CONFIG} "
-            f"describes spec {model.spec.spec_hash[:12]}"
+            f"describes spec {spec_hash[:12]}"
         )
     problems = tensor_mismatches(model.state_dict(), shapes)
     if problems:
@@ -290,7 +305,7 @@ def load_model_dir(
     from mixstack.archs.builder import build
 
     folder = Path(folder)
-    spec = read_spec(folder)
+    spec, recorded_hash = _checked_spec(folder)
     weights = folder / WEIGHTS
     if not weights.is_file():
         pickles = [p for p in PICKLES if (folder / p).exists()]
@@ -299,7 +314,7 @@ def load_model_dir(
         )
         raise CheckpointError(f"{folder}: no {WEIGHTS}{found}; mixstack loads safetensors only")
     model = build(spec, seed=0)
-    check_weights(model, weights)
+    check_weights(model, weights, recorded_hash)
     load_model(model, str(weights), strict=True)
     model.tie_weights()
     if device is not None or dtype is not None:

@@ -13,22 +13,17 @@ from safetensors.torch import load_file, save_file
 
 import mixstack
 from mixstack.dsl.errors import CheckpointError
-from mixstack.training.modeldir import save_model_dir
+from mixstack.hub.modeldir import save_model_dir
 
-SPEC = {
-    "model": {
-        "vocab_size": 16,
-        "max_seq_len": 16,
-        "d_model": 16,
-        "layers": {
-            "pattern": "*-",
-            "symbols": {
-                "*": {"type": "attention", "n_heads": 2},
-                "-": {"type": "mlp", "hidden": 32},
-            },
-        },
-    }
-}
+SPEC = yaml.safe_load("""
+model:
+  vocab_size: 16
+  max_seq_len: 16
+  d_model: 16
+  layers:
+    pattern: "*-"
+    symbols: {"*": {type: attention, n_heads: 2}, "-": {type: mlp, hidden: 32}}
+""")
 
 
 @pytest.fixture
@@ -64,7 +59,7 @@ def test_round_trip_gives_the_same_model(exported) -> None:
     assert torch.equal(loaded(ids), model.eval()(ids))
     assert loaded.lm_head.weight is loaded.embedding.weight  # still tied
     config = json.loads((folder / "config.json").read_text())
-    assert config["spec_hash"] == model.spec.spec_hash and config["schema_version"] == 1
+    assert config["spec_hash"] == model.spec.spec_hash and config["schema_version"] == 2
     assert config["model"] == model.spec.canonical() and "mixstack_version" in config
     assert mixstack.load_spec(str(folder / "spec.yaml")).model == model.spec
     card = (folder / "README.md").read_text()
