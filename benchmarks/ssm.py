@@ -72,8 +72,8 @@ def methods(args: argparse.Namespace) -> list[Method]:
         Method(
             "ssd quadratic states",
             ssd_inputs,
-            ssd.ssd_scan_quadratic_states,
-            chunk,
+            ssd.ssd_scan_chunked,
+            {**chunk, "quadratic_states": True},
             max_len=args.quadratic_max,
         ),
         Method(

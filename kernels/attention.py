@@ -30,7 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mixstack.kernels.backends import register_backend, register_kernel
+from mixstack.kernels.backends import (
+    BackendPolicy,
+    implementation,
+    register_backend,
+    register_kernel,
+)
 
 KERNEL = "attention"
 
@@ -222,6 +227,35 @@ def attention_torch(
     if has_key is not None:
         out = torch.where(has_key, out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out.transpose(1, 2)  # (B, Lq, H, Pv)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    window: int | None = None,
+    scale: float | None = None,
+    q_positions: Tensor | None = None,
+    q_seq_idx: Tensor | None = None,
+    k_seq_idx: Tensor | None = None,
+    backends: BackendPolicy | None = None,
+) -> Tensor:
+    """Attention through the backend ``backends`` picks for ``q``'s device and dtype
+    (``None``: ``auto``); arguments and result as in :func:`attention_reference`."""
+    attend = implementation(KERNEL, q, backends)
+    return attend(
+        q,
+        k,
+        v,
+        causal=causal,
+        window=window,
+        scale=scale,
+        q_positions=q_positions,
+        q_seq_idx=q_seq_idx,
+        k_seq_idx=k_seq_idx,
+    )
 
 
 def _random_qkv(

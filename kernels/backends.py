@@ -11,6 +11,7 @@ unavailable or inapplicable raises :class:`BackendError`: never a silent fallbac
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from collections.abc import Callable, Mapping
@@ -221,14 +222,24 @@ class BackendPolicy:
             f"no backend of kernel {kernel!r} runs on {device.type}/{dtype}; " + "; ".join(skipped)
         )
 
-    def call(self, kernel: str, *args: Any, **kwargs: Any) -> Any:
-        """Call ``kernel`` with the backend resolved from the first tensor argument."""
-        first = next(a for a in args if isinstance(a, torch.Tensor))
-        return self.resolve(kernel, first.device, first.dtype).fn(*args, **kwargs)
-
     def resolved(self) -> dict[str, str]:
         """``{"kernel@device/dtype": provider}``, for run metadata."""
         return {
             f"{k}@{dev}/{str(dt).removeprefix('torch.')}": b.provider
             for (k, dev, dt), b in self._cache.items()
         }
+
+
+@functools.cache
+def _default_policy() -> BackendPolicy:
+    """The ``auto`` policy of calls that pass no policy, shared so its cache persists."""
+    return BackendPolicy.default()
+
+
+def implementation(
+    kernel: str, like: torch.Tensor, backends: BackendPolicy | None
+) -> Callable[..., Any]:
+    """The function ``backends`` (``None``: the shared ``auto`` policy) picks for ``kernel``
+    on the device and dtype of ``like``, the kernel's first tensor argument (cached)."""
+    policy = _default_policy() if backends is None else backends
+    return policy.resolve(kernel, like.device, like.dtype).fn

@@ -15,7 +15,7 @@
   ``nn.Conv1d(padding=K//2)``). No state: it sees the future.
 
 Packed sequences (``seq_idx (B, L)``, −1 = padding; documents as in
-:func:`mixstack.kernels.ssd.document_runs`): padding is **transparent**, as in the
+:func:`mixstack.kernels.common.document_runs`): padding is **transparent**, as in the
 SSD scan: the taps run over the non-padding positions of the row in order, so a pad
 anywhere (left, right, inside a document) changes nothing, and its output is 0. An
 output only sees inputs of its own document; the initial state's columns belong to
@@ -35,8 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mixstack.kernels.backends import register_backend, register_kernel
-from mixstack.kernels.ssd import compute_dtype, document_runs
+from mixstack.kernels.backends import (
+    BackendPolicy,
+    implementation,
+    register_backend,
+    register_kernel,
+)
+from mixstack.kernels.common import compute_dtype, document_runs, zero_padding
 
 CAUSAL = "causal_conv1d"
 CENTERED = "centered_conv1d"
@@ -96,9 +101,7 @@ def _history(x: Tensor, width: int, initial_state: Tensor | None) -> Tensor:
 
 def _output(y: Tensor, x: Tensor, seq_idx: Tensor | None, activation: str | None) -> Tensor:
     """Activation, zero at padding, ``(B, C, L)`` -> ``(B, L, C)`` in ``x.dtype``."""
-    y = _activate(y, activation)
-    if seq_idx is not None:
-        y = y.masked_fill((seq_idx < 0)[:, None, :], 0.0)
+    y = zero_padding(_activate(y, activation), seq_idx, channel_dim=1)
     return y.transpose(1, 2).to(x.dtype)
 
 
@@ -366,6 +369,49 @@ def centered_conv1d_torch(
         ext_run = F.pad(comp.run, (half, half), value=-1)  # outside the row: never visible
         y = _uncompact(_shift_sum(ext, weight, bias, ext_run, x.shape[1], half), comp)
     return _output(y, x, seq_idx, activation)
+
+
+# -- dispatchers -------------------------------------------------------------------------------
+
+
+def causal_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    activation: Activation = None,
+    seq_idx: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+    backends: BackendPolicy | None = None,
+) -> ConvResult:
+    """The causal short convolution through the backend ``backends`` picks for ``x``'s
+    device and dtype (``None``: ``auto``); contract of :func:`causal_conv1d_reference`."""
+    convolve = implementation(CAUSAL, x, backends)
+    return convolve(
+        x,
+        weight,
+        bias,
+        activation=activation,
+        seq_idx=seq_idx,
+        initial_state=initial_state,
+        return_final_state=return_final_state,
+    )
+
+
+def centered_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    activation: Activation = None,
+    seq_idx: Tensor | None = None,
+    backends: BackendPolicy | None = None,
+) -> Tensor:
+    """The centred short convolution through the backend ``backends`` picks for ``x``'s
+    device and dtype (``None``: ``auto``); contract of :func:`centered_conv1d_reference`."""
+    convolve = implementation(CENTERED, x, backends)
+    return convolve(x, weight, bias, activation=activation, seq_idx=seq_idx)
 
 
 # -- parity cases ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ as, or longer than L. Only the kernel's FFT carries the ``1/n`` (inside ``irfft`
 the result is the true convolution, never divided twice (MATH §10, Orchid defect 2).
 
 Packed sequences (``seq_idx (B, L)``, document ids, −1 = padding; documents as in
-:func:`mixstack.kernels.ssd.document_runs`, shared with ``causal_conv1d``): padding is
+:func:`mixstack.kernels.common.document_runs`, shared with ``causal_conv1d``): padding is
 transparent (the convolution runs over the non-padding positions of a row in order)
 and outputs exactly 0 there; a position only sees positions of its own document, as if
 each document were convolved alone. Circular mode has no packed form (its period is the
@@ -53,8 +53,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mixstack.kernels.backends import BackendPolicy, register_backend, register_kernel
-from mixstack.kernels.ssd import compute_dtype, document_runs
+from mixstack.kernels.backends import (
+    BackendPolicy,
+    implementation,
+    register_backend,
+    register_kernel,
+)
+from mixstack.kernels.common import compute_dtype, document_runs
 
 KERNEL = "fftconv"
 Mode = Literal["causal", "two_sided", "circular"]
@@ -336,6 +341,24 @@ def fftconv_torch(
     return y.to(u.dtype)
 
 
+# -- dispatcher ---------------------------------------------------------------------------------
+
+
+def fftconv(
+    u: Tensor,
+    k: Tensor,
+    *,
+    mode: Mode = "causal",
+    k_back: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    backends: BackendPolicy | None = None,
+) -> Tensor:
+    """The long convolution through the backend ``backends`` picks for ``u``'s device and
+    dtype (``None``: ``auto``); arguments and result as in :func:`fftconv_reference`."""
+    convolve = implementation(KERNEL, u, backends)
+    return convolve(u, k, mode=mode, k_back=k_back, seq_idx=seq_idx)
+
+
 # -- layout helper for mixers -----------------------------------------------------------------
 
 
@@ -361,7 +384,7 @@ def fftconv_heads(
         return t.repeat_interleave(P, dim=0) if t is not None and t.dim() == 3 else t
 
     seq = None if seq_idx is None else seq_idx.repeat_interleave(P, dim=0)
-    y = policy.call("fftconv", u, per_row(k), mode=mode, k_back=per_row(k_back), seq_idx=seq)
+    y = fftconv(u, per_row(k), mode=mode, k_back=per_row(k_back), seq_idx=seq, backends=policy)
     return y.reshape(B, P, H, L).permute(0, 3, 2, 1)
 
 

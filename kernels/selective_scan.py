@@ -14,7 +14,7 @@ already applied.
 Conventions shared by every backend (the same as ``ssd_scan``'s):
 
 - ``seq_idx (B, L)`` int: document id per position, ``-1`` for padding; documents as
-  in :func:`mixstack.kernels.ssd.document_runs`. The state is zeroed where a new
+  in :func:`mixstack.kernels.common.document_runs`. The state is zeroed where a new
   document starts (a non-padding position whose id differs from the previous
   non-padding position's). Padding is inert: it neither decays nor feeds the state
   (``Δ = 0`` there) and its output is 0, so a pad anywhere changes nothing.
@@ -31,7 +31,8 @@ Backends (one signature, :func:`selective_scan_reference`):
   memory stays bounded (segment-boundary states plus one segment's working set, never
   the (B, L, Dn, N) history). Runs everywhere.
 
-:func:`selective_scan_step` is the one-token update used for decoding.
+:func:`selective_scan` is the dispatcher callers use; :func:`selective_scan_step` is
+the one-token update used for decoding.
 """
 
 from __future__ import annotations
@@ -45,8 +46,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from mixstack.kernels.backends import register_backend, register_kernel
-from mixstack.kernels.ssd import compute_dtype, document_runs
+from mixstack.kernels.backends import (
+    BackendPolicy,
+    implementation,
+    register_backend,
+    register_kernel,
+)
+from mixstack.kernels.common import compute_dtype, document_runs
 
 KERNEL = "selective_scan"
 DEFAULT_CHUNK_SIZE = 32
@@ -391,6 +397,42 @@ def selective_scan_chunked(
             y_s, h = _scan_segment(*args)
         ys.append(y_s)
     return _finish(torch.cat(ys, dim=1), scan, h, D, z, u.dtype, return_final_state)
+
+
+# -- dispatcher --------------------------------------------------------------------------------
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+    backends: BackendPolicy | None = None,
+) -> ScanResult:
+    """The selective scan through the backend ``backends`` picks for ``u``'s device and
+    dtype (``None``: ``auto``); arguments and result as in :func:`selective_scan_reference`."""
+    scan = implementation(KERNEL, u, backends)
+    return scan(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        chunk_size=chunk_size,
+        D=D,
+        z=z,
+        seq_idx=seq_idx,
+        initial_state=initial_state,
+        return_final_state=return_final_state,
+    )
 
 
 # -- decoding ----------------------------------------------------------------------------------

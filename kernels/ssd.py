@@ -18,9 +18,9 @@ Backends (one signature, :func:`ssd_scan_reference`):
   Segment sums are built in fp32 by mask-then-cumsum and masked to −∞ *before*
   ``exp``, so neither forward nor backward produces NaN for large Δ (MATH §10).
 
-:func:`ssd_scan_quadratic_states` is ssd_minimal's variant whose state passing is
-quadratic in the number of chunks; it is not a backend, only a baseline for
-``benchmarks/ssm.py``.
+:func:`ssd_scan_chunked` with ``quadratic_states=True`` is ssd_minimal's variant
+whose state passing is quadratic in the number of chunks; no policy picks it, it is a
+baseline for ``benchmarks/ssm.py``. Callers use the dispatcher :func:`ssd_scan`.
 
 Packed sequences (``seq_idx (B, L)``, document ids, −1 for padding): the state is
 zeroed where a new document starts (a non-padding position whose id differs from the
@@ -41,38 +41,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mixstack.kernels.backends import register_backend, register_kernel
+from mixstack.kernels.backends import (
+    BackendPolicy,
+    implementation,
+    register_backend,
+    register_kernel,
+)
+from mixstack.kernels.common import compute_dtype, document_runs, zero_padding
 
 KERNEL = "ssd_scan"
 
 ScanResult = Tensor | tuple[Tensor, Tensor]
-
-
-# -- shared helpers --------------------------------------------------------------------
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 stays fp64 (exact tests); everything else is computed in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def document_runs(seq_idx: Tensor) -> tuple[Tensor, Tensor]:
-    """Segment packed rows into documents.
-
-    ``seq_idx (B, L)`` int -> ``run (B, L)`` int64 and ``pad (B, L)`` bool. ``run``
-    counts document starts so far: 0 for the first document of a row (the one an
-    initial state belongs to), +1 at each later start. A start is a non-padding position
-    whose id differs from the id of the previous non-padding position; padding keeps
-    the run of the position before it, so it never separates a document from itself.
-    """
-    bsz, length = seq_idx.shape
-    pad = seq_idx < 0
-    pos = torch.arange(length, device=seq_idx.device).expand(bsz, length)
-    last_real = torch.where(pad, -1, pos).cummax(dim=1).values  # (B, L): last non-pad <= t
-    prev_real = F.pad(last_real[:, :-1], (1, 0), value=-1)  # (B, L): last non-pad < t
-    prev_id = seq_idx.gather(1, prev_real.clamp(min=0))
-    start = ~pad & (prev_real >= 0) & (seq_idx != prev_id)
-    return start.long().cumsum(dim=1), pad
 
 
 def _check_args(
@@ -361,21 +340,29 @@ def _quadratic_chunk_states(
     return out[:, :-1], out[:, -1]
 
 
-def _ssd_chunked(
+@register_backend(KERNEL, "torch")
+def ssd_scan_chunked(
     x: Tensor,
     dt: Tensor,
     A: Tensor,
     B: Tensor,
     C: Tensor,
     *,
-    chunk_size: int,
-    D: Tensor | None,
-    seq_idx: Tensor | None,
-    initial_state: Tensor | None,
-    return_final_state: bool,
-    quadratic_states: bool,
+    chunk_size: int = 256,
+    D: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+    quadratic_states: bool = False,
 ) -> ScanResult:
-    """The chunked algorithm (MATH §2 steps 1-4); state passing linear or quadratic."""
+    """Chunked SSD (MATH §2 steps 1-4); contract of :func:`ssd_scan_reference`.
+
+    Work is O(L·Q) within chunks plus O(L/Q) sequential chunk steps; memory holds the
+    (Q, Q) decay blocks of every chunk and one (P, N) state per chunk and head.
+    ``quadratic_states=True`` swaps the linear pass over chunks for ssd_minimal's
+    quadratic one (identical results, O((L/Q)²·H·P·N) work): a baseline for
+    ``benchmarks/ssm.py``, never chosen by a policy.
+    """
     _check_args(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state)
     f = compute_dtype(x.dtype)
     bsz, length, heads, hdim = x.shape
@@ -384,11 +371,10 @@ def _ssd_chunked(
     xs, dts, Bs, Cs = (t.to(f) for t in (x, dt, B, C))
     q = min(chunk_size, length)
     extra = -length % q
-    run = pad = None
+    run = None
+    xs, dts = zero_padding(xs, seq_idx), zero_padding(dts, seq_idx)  # padding: inert steps
     if seq_idx is not None:
-        run, pad = document_runs(seq_idx)
-        xs = xs.masked_fill(pad[..., None, None], 0.0)
-        dts = dts.masked_fill(pad[..., None], 0.0)
+        run = document_runs(seq_idx)[0]
         run = F.pad(run, (0, extra), mode="replicate") if extra else run
     xc, dtc, Bc, Cc = _chunk_layout(*(_pad_to_chunks(t, extra) for t in (xs, dts, Bs, Cs)), q)
     a = dtc * A.to(f).view(groups, rep, 1)  # (B, c, G, R, Q): log-decay per step
@@ -405,13 +391,14 @@ def _ssd_chunked(
     y = y + y_off * enter_decay[..., None]
     y = y.permute(0, 1, 4, 2, 3, 5).reshape(bsz, -1, heads, hdim)[:, :length]
     y = y + _skip(xs, D)
-    if pad is not None:
-        y = y.masked_fill(pad[..., None, None], 0.0)
+    y = zero_padding(y, seq_idx)
     return _finish(y, final.reshape(bsz, heads, hdim, nstate), x.dtype, return_final_state)
 
 
-@register_backend(KERNEL, "torch")
-def ssd_scan_chunked(
+# -- dispatcher ------------------------------------------------------------------------------
+
+
+def ssd_scan(
     x: Tensor,
     dt: Tensor,
     A: Tensor,
@@ -423,13 +410,12 @@ def ssd_scan_chunked(
     seq_idx: Tensor | None = None,
     initial_state: Tensor | None = None,
     return_final_state: bool = False,
+    backends: BackendPolicy | None = None,
 ) -> ScanResult:
-    """Chunked SSD with a linear scan over chunks; contract of :func:`ssd_scan_reference`.
-
-    Work is O(L·Q) within chunks plus O(L/Q) sequential chunk steps; memory holds the
-    (Q, Q) decay blocks of every chunk and one (P, N) state per chunk and head.
-    """
-    return _ssd_chunked(
+    """The SSD scan through the backend ``backends`` picks for ``x``'s device and dtype
+    (``None``: ``auto``); arguments and result as in :func:`ssd_scan_reference`."""
+    scan = implementation(KERNEL, x, backends)
+    return scan(
         x,
         dt,
         A,
@@ -440,40 +426,6 @@ def ssd_scan_chunked(
         seq_idx=seq_idx,
         initial_state=initial_state,
         return_final_state=return_final_state,
-        quadratic_states=False,
-    )
-
-
-def ssd_scan_quadratic_states(
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    *,
-    chunk_size: int = 256,
-    D: Tensor | None = None,
-    seq_idx: Tensor | None = None,
-    initial_state: Tensor | None = None,
-    return_final_state: bool = False,
-) -> ScanResult:
-    """ssd_minimal's quadratic inter-chunk state passing (not a backend; a baseline).
-
-    Identical results to :func:`ssd_scan_chunked`; the state passing costs
-    O((L/Q)²·H·P·N), which dominates at long lengths (``benchmarks/ssm.py``).
-    """
-    return _ssd_chunked(
-        x,
-        dt,
-        A,
-        B,
-        C,
-        chunk_size=chunk_size,
-        D=D,
-        seq_idx=seq_idx,
-        initial_state=initial_state,
-        return_final_state=return_final_state,
-        quadratic_states=True,
     )
 
 

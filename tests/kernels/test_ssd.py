@@ -7,6 +7,7 @@ document run alone, so no test relies only on agreement of two paths of the modu
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -14,8 +15,11 @@ import torch
 
 from mixstack.kernels import ssd
 from mixstack.kernels.backends import get_kernel
+from mixstack.kernels.common import document_runs
 
 F64 = torch.float64
+# ssd_minimal's quadratic state passing, the benchmark baseline
+QUADRATIC_STATES = functools.partial(ssd.ssd_scan_chunked, quadratic_states=True)
 
 
 def make_inputs(
@@ -131,7 +135,7 @@ def test_quadratic_state_passing_matches_linear_scan():
     inputs = make_inputs(11, 2, 50, 4, 3, 2, 5, initial=True)
     seq_idx = torch.tensor([[0] * 20 + [1] * 30, [-1] * 3 + [2] * 40 + [-1] * 7])
     linear = run_with_grads(ssd.ssd_scan_chunked, inputs, 8, seq_idx=seq_idx)
-    quadratic = run_with_grads(ssd.ssd_scan_quadratic_states, inputs, 8, seq_idx=seq_idx)
+    quadratic = run_with_grads(QUADRATIC_STATES, inputs, 8, seq_idx=seq_idx)
     assert_close_all(linear, quadratic)
 
 
@@ -169,7 +173,7 @@ def test_segsum_is_masked_before_exp():
 
 def test_document_runs():
     seq_idx = torch.tensor([[-1, 3, 3, -1, 3, 5, 5, -1, 0, 0]])
-    run, pad = ssd.document_runs(seq_idx)
+    run, pad = document_runs(seq_idx)
     assert run.tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 2, 2]]
     assert pad.tolist() == [[True, False, False, True, False, False, False, True, False, False]]
 
@@ -295,7 +299,7 @@ def test_padding_is_inert():
 # -- numerics ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fn", [ssd.ssd_scan_chunked, ssd.ssd_scan_quadratic_states])
+@pytest.mark.parametrize("fn", [ssd.ssd_scan_chunked, QUADRATIC_STATES])
 def test_no_nan_with_large_dt_on_long_sequences(fn):
     g = torch.Generator().manual_seed(0)
     bsz, length, heads = 1, 2048, 2
