@@ -34,7 +34,6 @@ from mixstack.kernels.backends import (
     BackendPolicy,
     implementation,
     register_backend,
-    register_kernel,
 )
 
 KERNEL = "attention"
@@ -256,60 +255,3 @@ def attention(
         q_seq_idx=q_seq_idx,
         k_seq_idx=k_seq_idx,
     )
-
-
-def _random_qkv(
-    g: torch.Generator, B: int, Lq: int, Lk: int, H: int, Hkv: int, P: int, Pv: int
-) -> dict[str, Tensor]:
-    return {
-        "q": torch.randn(B, Lq, H, P, generator=g),
-        "k": torch.randn(B, Lk, Hkv, P, generator=g),
-        "v": torch.randn(B, Lk, Hkv, Pv, generator=g),
-    }
-
-
-def _packed_ids(rows: list[list[tuple[int, int]]]) -> Tensor:
-    """``[[(seq_id, length), ...] per row]`` -> (B, L) sequence ids."""
-    return torch.tensor([[sid for sid, n in row for _ in range(n)] for row in rows])
-
-
-def parity_cases() -> list[dict[str, Any]]:
-    """Inputs on which every backend must match the reference (fp32, CPU-sized)."""
-    g = torch.Generator().manual_seed(1234)
-    packed = _packed_ids([[(-1, 2), (0, 4), (1, 5)], [(3, 6), (4, 3), (-1, 2)]])  # (2, 11)
-    cached_ids = _packed_ids([[(0, 6), (1, 4)], [(-1, 3), (2, 7)]])  # (2, 10)
-    return [
-        {**_random_qkv(g, 2, 7, 7, 4, 4, 8, 8), "causal": True},
-        {**_random_qkv(g, 2, 7, 7, 4, 4, 8, 8), "causal": False},
-        {**_random_qkv(g, 1, 9, 9, 6, 2, 5, 3), "causal": True},  # GQA, odd P, Pv != P
-        {**_random_qkv(g, 2, 11, 11, 4, 1, 8, 8), "causal": True, "window": 3},  # MQA
-        {
-            **_random_qkv(g, 2, 11, 11, 4, 2, 8, 8),
-            "causal": True,
-            "q_seq_idx": packed,
-            "k_seq_idx": packed,
-        },
-        {
-            **_random_qkv(g, 2, 11, 11, 2, 2, 4, 4),
-            "causal": False,
-            "q_seq_idx": packed,
-            "k_seq_idx": packed,
-        },
-        {**_random_qkv(g, 2, 3, 10, 4, 2, 8, 8), "causal": True},  # chunked prefill
-        {**_random_qkv(g, 2, 1, 10, 4, 2, 8, 8), "causal": True, "window": 4},  # decode
-        {
-            **_random_qkv(g, 2, 4, 10, 4, 2, 8, 8),
-            "causal": True,
-            "q_seq_idx": cached_ids[:, 6:],
-            "k_seq_idx": cached_ids,
-        },
-        {
-            **_random_qkv(g, 2, 5, 5, 3, 3, 7, 13),
-            "causal": True,
-            "scale": 0.37,
-            "q_positions": torch.tensor([[0, 1, 1, 3, 4], [4, 3, 2, 1, -1]]),
-        },
-    ]
-
-
-register_kernel(KERNEL, parity_cases=parity_cases)

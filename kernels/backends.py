@@ -60,10 +60,9 @@ class KernelBackend:
 
 @dataclass
 class KernelSpec:
-    """A kernel: its name, parity cases for the backend tests, and its backends."""
+    """A kernel: its name and its backends by provider."""
 
     name: str
-    parity_cases: Callable[[], list[dict[str, Any]]] | None = None
     backends: dict[str, KernelBackend] = field(default_factory=dict)
 
 
@@ -75,16 +74,13 @@ def _always(*_: Any) -> Reason:
     return None
 
 
-def register_kernel(
-    name: str, *, parity_cases: Callable[[], list[dict[str, Any]]] | None = None
-) -> KernelSpec:
-    """Declare a kernel. ``parity_cases()`` returns keyword-argument dicts on which every
-    backend must match the reference (used by tests/contract/test_backends.py)."""
+def register_kernel(name: str) -> KernelSpec:
+    """Declare a kernel (idempotent; :func:`register_backend` declares its kernel too).
+    The inputs every backend must match the reference on live with the tests
+    (``tests/kernels/parity_cases.py``)."""
     spec = _kernels.get(name)
     if spec is None:
         spec = _kernels[name] = KernelSpec(name)
-    if parity_cases is not None:
-        spec.parity_cases = parity_cases
     return spec
 
 

@@ -29,7 +29,7 @@ fp32 (fp64 for fp64 inputs) and comes back in ``x.dtype``; states keep ``x.dtype
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,6 @@ from mixstack.kernels.backends import (
     BackendPolicy,
     implementation,
     register_backend,
-    register_kernel,
 )
 from mixstack.kernels.common import compute_dtype, document_runs, zero_padding
 
@@ -412,61 +411,3 @@ def centered_conv1d(
     device and dtype (``None``: ``auto``); contract of :func:`centered_conv1d_reference`."""
     convolve = implementation(CENTERED, x, backends)
     return convolve(x, weight, bias, activation=activation, seq_idx=seq_idx)
-
-
-# -- parity cases ------------------------------------------------------------------------------
-
-
-def _packed() -> Tensor:
-    return torch.tensor([[-1] * 2 + [0] * 5 + [1] * 1 + [2] * 9, [4] * 11 + [-1] * 6])  # (2, 17)
-
-
-def causal_parity_cases() -> list[dict[str, Any]]:
-    """Inputs on which every causal backend must match the reference (fp32)."""
-    g = torch.Generator().manual_seed(99)
-    return [
-        {
-            "x": torch.randn(2, 13, 6, generator=g),
-            "weight": torch.randn(6, 4, generator=g),
-            "bias": torch.randn(6, generator=g),
-            "activation": "silu",
-        },
-        {
-            "x": torch.randn(2, 3, 5, generator=g),
-            "weight": torch.randn(5, 4, generator=g),
-            "initial_state": torch.randn(2, 5, 4, generator=g),
-            "return_final_state": True,
-        },
-        {
-            "x": torch.randn(2, 17, 3, generator=g),
-            "weight": torch.randn(3, 3, generator=g),
-            "bias": torch.randn(3, generator=g),
-            "seq_idx": _packed(),
-            "initial_state": torch.randn(2, 3, 3, generator=g),
-            "return_final_state": True,
-        },
-        {"x": torch.randn(1, 9, 4, generator=g), "weight": torch.randn(4, 1, generator=g)},
-    ]
-
-
-def centered_parity_cases() -> list[dict[str, Any]]:
-    """Inputs on which every centred backend must match the reference (fp32)."""
-    g = torch.Generator().manual_seed(7)
-    return [
-        {
-            "x": torch.randn(2, 13, 6, generator=g),
-            "weight": torch.randn(6, 7, generator=g),
-            "bias": torch.randn(6, generator=g),
-            "activation": "silu",
-        },
-        {
-            "x": torch.randn(2, 17, 3, generator=g),
-            "weight": torch.randn(3, 5, generator=g),
-            "seq_idx": _packed(),
-        },
-        {"x": torch.randn(1, 2, 4, generator=g), "weight": torch.randn(4, 7, generator=g)},
-    ]
-
-
-register_kernel(CAUSAL, parity_cases=causal_parity_cases)
-register_kernel(CENTERED, parity_cases=centered_parity_cases)

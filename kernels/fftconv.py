@@ -57,7 +57,6 @@ from mixstack.kernels.backends import (
     BackendPolicy,
     implementation,
     register_backend,
-    register_kernel,
 )
 from mixstack.kernels.common import compute_dtype, document_runs
 
@@ -395,45 +394,3 @@ def fftconv_flops(length: int, channels: int) -> float:
     n = next_fast_size(2 * length - 1)
     fft = 2.5 * n * math.log2(max(n, 2))
     return channels * (3 * fft + 6 * (n // 2 + 1))
-
-
-# -- parity cases -------------------------------------------------------------------------------
-
-
-def _packed_ids() -> Tensor:
-    """(2, 19): padding at the start, inside a document and at the end; a 1-token document."""
-    return torch.tensor(
-        [
-            [-1, -1, 0, 0, 0, 0, 0, 1, 2, 2, 2, -1, 2, 2, 2, 2, 2, 2, 2],
-            [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, -1, -1, -1, -1],
-        ]
-    )
-
-
-def parity_cases() -> list[dict[str, Any]]:
-    """Inputs on which every backend must match the reference (fp32, CPU-sized)."""
-    g = torch.Generator().manual_seed(606)
-
-    def r(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=g)
-
-    return [
-        {"u": r(2, 5, 13), "k": r(5, 13)},  # K = L
-        {"u": r(2, 3, 17), "k": r(2, 3, 6)},  # per-sample, K < L
-        {"u": r(1, 4, 9), "k": r(4, 30)},  # K > L
-        {"u": r(2, 3, 11), "k": r(3, 11), "mode": "two_sided", "k_back": r(3, 4)},
-        {"u": r(2, 2, 10), "k": r(2, 2, 3), "mode": "two_sided", "k_back": r(2, 2, 25)},
-        {"u": r(2, 3, 12), "k": r(3, 12), "mode": "circular"},
-        {"u": r(3, 2, 7), "k": r(3, 2, 16), "mode": "circular"},  # folded kernel
-        {"u": r(2, 3, 19), "k": r(3, 19), "seq_idx": _packed_ids()},
-        {
-            "u": r(2, 3, 19),
-            "k": r(2, 3, 8),
-            "mode": "two_sided",
-            "k_back": r(2, 3, 19),
-            "seq_idx": _packed_ids(),
-        },
-    ]
-
-
-register_kernel(KERNEL, parity_cases=parity_cases)

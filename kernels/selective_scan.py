@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +49,6 @@ from mixstack.kernels.backends import (
     BackendPolicy,
     implementation,
     register_backend,
-    register_kernel,
 )
 from mixstack.kernels.common import compute_dtype, document_runs
 
@@ -475,7 +473,7 @@ def selective_scan_step(
     return y.to(u.dtype)
 
 
-# -- parity cases for the backend contract test ------------------------------------------------
+# -- random inputs for tests and benchmarks -------------------------------------------------------
 
 
 def random_inputs(
@@ -499,32 +497,3 @@ def random_inputs(
         "B": torch.randn(*bc, generator=g).to(dtype),
         "C": torch.randn(*bc, generator=g).to(dtype),
     }
-
-
-def parity_cases() -> list[dict[str, Any]]:
-    """Inputs on which every backend must match the reference (fp32, CPU-sized)."""
-    g = torch.Generator().manual_seed(1234)
-    packed = torch.tensor([[-1] * 2 + [0] * 9 + [1] * 12 + [2] * 6, [5] * 17 + [-1] * 3 + [6] * 9])
-    return [
-        {**random_inputs(g, 2, 37, 6, 4), "chunk_size": 16},
-        {
-            **random_inputs(g, 2, 37, 6, 4, 3),
-            "chunk_size": 8,
-            "D": torch.randn(6, generator=g),
-            "z": torch.randn(2, 37, 6, generator=g),
-            "initial_state": torch.randn(2, 6, 4, generator=g),
-            "return_final_state": True,
-        },
-        {**random_inputs(g, 1, 5, 3, 2), "chunk_size": 64},  # L < chunk
-        {
-            **random_inputs(g, 2, 29, 4, 3, 2),
-            "chunk_size": 7,
-            "D": torch.randn(4, generator=g),
-            "seq_idx": packed,
-            "initial_state": torch.randn(2, 4, 3, generator=g),
-            "return_final_state": True,
-        },
-    ]
-
-
-register_kernel(KERNEL, parity_cases=parity_cases)

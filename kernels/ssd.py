@@ -35,7 +35,6 @@ the final state in the compute dtype.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +44,6 @@ from mixstack.kernels.backends import (
     BackendPolicy,
     implementation,
     register_backend,
-    register_kernel,
 )
 from mixstack.kernels.common import compute_dtype, document_runs, zero_padding
 
@@ -429,7 +427,7 @@ def ssd_scan(
     )
 
 
-# -- parity cases for the backend contract test ------------------------------------------------
+# -- random inputs for tests and benchmarks -------------------------------------------------------
 
 
 def random_inputs(
@@ -454,32 +452,3 @@ def random_inputs(
         "B": torch.randn(bsz, length, groups, nstate, generator=g).to(dtype),
         "C": torch.randn(bsz, length, groups, nstate, generator=g).to(dtype),
     }
-
-
-def parity_cases() -> list[dict[str, Any]]:
-    """Inputs on which every backend must match the reference (fp32, CPU-sized)."""
-    g = torch.Generator().manual_seed(4321)
-    packed = torch.tensor(
-        [[-1] * 2 + [0] * 9 + [1] * 12 + [2] * 6, [5] * 17 + [-1] * 3 + [6] * 9]
-    )  # (2, 29)
-    return [
-        {**random_inputs(g, 2, 37, 4, 8, 1, 8), "chunk_size": 16},
-        {
-            **random_inputs(g, 2, 37, 4, 8, 2, 8),
-            "chunk_size": 8,
-            "D": torch.randn(4, generator=g),
-            "initial_state": torch.randn(2, 4, 8, 8, generator=g),
-            "return_final_state": True,
-        },
-        {**random_inputs(g, 1, 5, 6, 3, 3, 4), "chunk_size": 64},  # L < chunk
-        {
-            **random_inputs(g, 2, 29, 4, 4, 2, 4),
-            "chunk_size": 8,
-            "seq_idx": packed,
-            "D": torch.randn(4, 4, generator=g),
-            "return_final_state": True,
-        },
-    ]
-
-
-register_kernel(KERNEL, parity_cases=parity_cases)
