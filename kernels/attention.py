@@ -32,7 +32,7 @@ from torch import Tensor
 
 from mixstack.kernels.backends import (
     BackendPolicy,
-    implementation,
+    dispatch,
     register_backend,
 )
 
@@ -243,15 +243,4 @@ def attention(
 ) -> Tensor:
     """Attention through the backend ``backends`` picks for ``q``'s device and dtype
     (``None``: ``auto``); arguments and result as in :func:`attention_reference`."""
-    attend = implementation(KERNEL, q, backends)
-    return attend(
-        q,
-        k,
-        v,
-        causal=causal,
-        window=window,
-        scale=scale,
-        q_positions=q_positions,
-        q_seq_idx=q_seq_idx,
-        k_seq_idx=k_seq_idx,
-    )
+    return dispatch(KERNEL, locals())

@@ -322,10 +322,13 @@ def _default_policy() -> BackendPolicy:
     return BackendPolicy.default()
 
 
-def implementation(
-    kernel: str, like: torch.Tensor, backends: BackendPolicy | None
-) -> Callable[..., Any]:
-    """The function ``backends`` (``None``: the shared ``auto`` policy) picks for ``kernel``
-    on the device and dtype of ``like``, the kernel's first tensor argument (cached)."""
+def dispatch(kernel: str, arguments: dict[str, Any]) -> Any:
+    """Call ``kernel`` the way a dispatcher was called: ``arguments`` is the dispatcher's
+    ``locals()`` taken first thing, its parameters in order, the kernel's (passed to the
+    backend by name) and ``backends``. The backend comes from the policy (``None``: a
+    shared ``auto`` policy) for the device and dtype of the first tensor argument."""
+    kwargs = dict(arguments)
+    backends: BackendPolicy | None = kwargs.pop("backends")
     policy = _default_policy() if backends is None else backends
-    return policy.resolve(kernel, like.device, like.dtype).fn
+    first = next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+    return policy.resolve(kernel, first.device, first.dtype).fn(**kwargs)

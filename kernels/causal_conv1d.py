@@ -37,7 +37,7 @@ from torch import Tensor
 
 from mixstack.kernels.backends import (
     BackendPolicy,
-    implementation,
+    dispatch,
     register_backend,
 )
 from mixstack.kernels.common import compute_dtype, document_runs, zero_padding
@@ -386,16 +386,7 @@ def causal_conv1d(
 ) -> ConvResult:
     """The causal short convolution through the backend ``backends`` picks for ``x``'s
     device and dtype (``None``: ``auto``); contract of :func:`causal_conv1d_reference`."""
-    convolve = implementation(CAUSAL, x, backends)
-    return convolve(
-        x,
-        weight,
-        bias,
-        activation=activation,
-        seq_idx=seq_idx,
-        initial_state=initial_state,
-        return_final_state=return_final_state,
-    )
+    return dispatch(CAUSAL, locals())
 
 
 def centered_conv1d(
@@ -409,5 +400,4 @@ def centered_conv1d(
 ) -> Tensor:
     """The centred short convolution through the backend ``backends`` picks for ``x``'s
     device and dtype (``None``: ``auto``); contract of :func:`centered_conv1d_reference`."""
-    convolve = implementation(CENTERED, x, backends)
-    return convolve(x, weight, bias, activation=activation, seq_idx=seq_idx)
+    return dispatch(CENTERED, locals())

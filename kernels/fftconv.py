@@ -55,7 +55,7 @@ from torch import Tensor
 
 from mixstack.kernels.backends import (
     BackendPolicy,
-    implementation,
+    dispatch,
     register_backend,
 )
 from mixstack.kernels.common import compute_dtype, document_runs
@@ -354,8 +354,7 @@ def fftconv(
 ) -> Tensor:
     """The long convolution through the backend ``backends`` picks for ``u``'s device and
     dtype (``None``: ``auto``); arguments and result as in :func:`fftconv_reference`."""
-    convolve = implementation(KERNEL, u, backends)
-    return convolve(u, k, mode=mode, k_back=k_back, seq_idx=seq_idx)
+    return dispatch(KERNEL, locals())
 
 
 # -- layout helper for mixers -----------------------------------------------------------------

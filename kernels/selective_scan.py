@@ -47,7 +47,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mixstack.kernels.backends import (
     BackendPolicy,
-    implementation,
+    dispatch,
     register_backend,
 )
 from mixstack.kernels.common import compute_dtype, document_runs
@@ -417,20 +417,7 @@ def selective_scan(
 ) -> ScanResult:
     """The selective scan through the backend ``backends`` picks for ``u``'s device and
     dtype (``None``: ``auto``); arguments and result as in :func:`selective_scan_reference`."""
-    scan = implementation(KERNEL, u, backends)
-    return scan(
-        u,
-        delta,
-        A,
-        B,
-        C,
-        chunk_size=chunk_size,
-        D=D,
-        z=z,
-        seq_idx=seq_idx,
-        initial_state=initial_state,
-        return_final_state=return_final_state,
-    )
+    return dispatch(KERNEL, locals())
 
 
 # -- decoding ----------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from mixstack.kernels.backends import (
     BackendPolicy,
-    implementation,
+    dispatch,
     register_backend,
 )
 from mixstack.kernels.common import compute_dtype, document_runs, zero_padding
@@ -430,19 +430,7 @@ def ssd_scan(
 ) -> ScanResult:
     """The SSD scan through the backend ``backends`` picks for ``x``'s device and dtype
     (``None``: ``auto``); arguments and result as in :func:`ssd_scan_reference`."""
-    scan = implementation(KERNEL, x, backends)
-    return scan(
-        x,
-        dt,
-        A,
-        B,
-        C,
-        chunk_size=chunk_size,
-        D=D,
-        seq_idx=seq_idx,
-        initial_state=initial_state,
-        return_final_state=return_final_state,
-    )
+    return dispatch(KERNEL, locals())
 
 
 # -- random inputs for tests and benchmarks -------------------------------------------------------
