@@ -70,48 +70,40 @@ def _conv_packing() -> Tensor:
     return packed_ids([[(-1, 2), (0, 5), (1, 1), (2, 9)], [(4, 11), (-1, 6)]])
 
 
+def _conv_case(
+    g: torch.Generator, bsz: int, length: int, channels: int, width: int, *, bias: bool = False
+) -> Case:
+    """x (B, L, C), weight (C, K) and, with ``bias``, bias (C,)."""
+    case = {
+        "x": torch.randn(bsz, length, channels, generator=g),
+        "weight": torch.randn(channels, width, generator=g),
+    }
+    if bias:
+        case["bias"] = torch.randn(channels, generator=g)
+    return case
+
+
 def causal_conv1d_cases() -> list[Case]:
     g = torch.Generator().manual_seed(99)
+    silu = _conv_case(g, 2, 13, 6, 4, bias=True)
+    with_state = _conv_case(g, 2, 3, 5, 4)  # L < K: the state reaches every output
+    with_state["initial_state"] = torch.randn(2, 5, 4, generator=g)
+    packed = _conv_case(g, 2, 17, 3, 3, bias=True)
+    packed["initial_state"] = torch.randn(2, 3, 3, generator=g)
     return [
-        {
-            "x": torch.randn(2, 13, 6, generator=g),
-            "weight": torch.randn(6, 4, generator=g),
-            "bias": torch.randn(6, generator=g),
-            "activation": "silu",
-        },
-        {
-            "x": torch.randn(2, 3, 5, generator=g),
-            "weight": torch.randn(5, 4, generator=g),
-            "initial_state": torch.randn(2, 5, 4, generator=g),
-            "return_final_state": True,
-        },
-        {
-            "x": torch.randn(2, 17, 3, generator=g),
-            "weight": torch.randn(3, 3, generator=g),
-            "bias": torch.randn(3, generator=g),
-            "seq_idx": _conv_packing(),
-            "initial_state": torch.randn(2, 3, 3, generator=g),
-            "return_final_state": True,
-        },
-        {"x": torch.randn(1, 9, 4, generator=g), "weight": torch.randn(4, 1, generator=g)},
+        {**silu, "activation": "silu"},
+        {**with_state, "return_final_state": True},
+        {**packed, "seq_idx": _conv_packing(), "return_final_state": True},
+        _conv_case(g, 1, 9, 4, 1),  # K = 1
     ]
 
 
 def centered_conv1d_cases() -> list[Case]:
     g = torch.Generator().manual_seed(7)
     return [
-        {
-            "x": torch.randn(2, 13, 6, generator=g),
-            "weight": torch.randn(6, 7, generator=g),
-            "bias": torch.randn(6, generator=g),
-            "activation": "silu",
-        },
-        {
-            "x": torch.randn(2, 17, 3, generator=g),
-            "weight": torch.randn(3, 5, generator=g),
-            "seq_idx": _conv_packing(),
-        },
-        {"x": torch.randn(1, 2, 4, generator=g), "weight": torch.randn(4, 7, generator=g)},
+        {**_conv_case(g, 2, 13, 6, 7, bias=True), "activation": "silu"},
+        {**_conv_case(g, 2, 17, 3, 5), "seq_idx": _conv_packing()},
+        _conv_case(g, 1, 2, 4, 7),  # K > L
     ]
 
 

@@ -22,21 +22,13 @@ QUADRATIC_STATES = functools.partial(ssd.ssd_scan_chunked, quadratic_states=True
 
 
 def make_inputs(
-    seed: int,
-    bsz: int,
-    length: int,
-    heads: int,
-    hdim: int,
-    groups: int,
-    nstate: int,
-    *,
-    dtype: torch.dtype = F64,
-    D: str | None = "head",
-    initial: bool = False,
+    seed: int, *dims: int, dtype: torch.dtype = F64, D: str | None = "head", initial: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Random SSD inputs (leaf tensors with requires_grad)."""
+    """Random SSD inputs (leaf tensors with requires_grad); ``dims`` are
+    ``(bsz, length, heads, hdim, groups, nstate)`` as for :func:`ssd.random_inputs`."""
+    bsz, _, heads, hdim, _, nstate = dims
     g = torch.Generator().manual_seed(seed)
-    out = ssd.random_inputs(g, bsz, length, heads, hdim, groups, nstate, dtype=dtype)
+    out = ssd.random_inputs(g, *dims, dtype=dtype)
     if D == "head":
         out["D"] = torch.randn(heads, generator=g).to(dtype)
     elif D == "channel":
