@@ -17,6 +17,9 @@ Visibility rule (both backends). Queries carry absolute positions on the key axi
 
 A query that sees no key at all outputs exactly 0, forward and backward (no NaN).
 
+Callers use the dispatcher :func:`attention` (the reference's signature plus
+``backends``, the policy that picks the backend).
+
 SDPA trap (MATH.md §10): ``is_causal=True`` is top-left aligned, which is only right
 when ``Lq == Lk``; any other case gets an explicit bottom-right boolean mask.
 """

@@ -23,6 +23,9 @@ the first document of the row, and the final state holds the last K non-padding
 inputs of the last document (zeros for columns of earlier documents), so decoding
 continues that document exactly as a longer forward would.
 
+Callers use the dispatchers :func:`causal_conv1d` and :func:`centered_conv1d` (the
+references' signatures plus ``backends``, the policy that picks the backend).
+
 ``activation`` is ``None`` or ``"silu"``, applied after the bias. Computation runs in
 fp32 (fp64 for fp64 inputs) and comes back in ``x.dtype``; states keep ``x.dtype``.
 """

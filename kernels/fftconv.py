@@ -35,6 +35,9 @@ Backends:
   documents (``gap`` = the longest tap any document can use), which makes one batched
   FFT exact; the cost is a row of ``L + (documents − 1)·gap`` positions.
 
+Callers use the dispatcher :func:`fftconv` (the reference's signature plus ``backends``,
+the policy that picks the backend), or :func:`fftconv_heads` on the mixers' layout.
+
 Computation runs in fp32 (fp64 for fp64 inputs): CPU ``rfft`` rejects bf16 and fp16 FFTs
 lose too much; the result comes back in ``u.dtype``. The ``torch`` backend's FFT step has
 its own backward (the adjoint convolution with three real FFTs, reusing the forward
