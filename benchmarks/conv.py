@@ -43,11 +43,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import MODES, argument_parser, loglog_modes, pyplot, save_figure
 
 from mixstack.kernels.fftconv import fftconv_reference, fftconv_torch
 
 log = logging.getLogger("benchmarks.conv")
-MODES = ("fwd", "fwd+bwd")
 Conv = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -234,33 +234,14 @@ def sanity(args: argparse.Namespace) -> None:
 
 def plot(args: argparse.Namespace, long_cells: dict, short_cells: dict, path: Path) -> None:
     """Left: time vs L for K = L. Right: time vs K at --sweep-length (crossover)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(12, 4.5))
     for i, name in enumerate(METHODS):
-        for mode, style in zip(MODES, ("-", "--"), strict=True):
-            Ls = [L for L in args.lengths if (name, L, L) in long_cells]
-            left.loglog(
-                Ls,
-                [long_cells[name, L, L].median(mode) for L in Ls],
-                style,
-                marker="o",
-                color=f"C{i}",
-                label=f"{name} ({mode})",
-            )
-            Ks = [K for K in args.sweep_kernels if (name, args.sweep_length, K) in short_cells]
-            if Ks:
-                right.loglog(
-                    Ks,
-                    [short_cells[name, args.sweep_length, K].median(mode) for K in Ks],
-                    style,
-                    marker="o",
-                    color=f"C{i}",
-                    label=f"{name} ({mode})",
-                )
+        Ls = [L for L in args.lengths if (name, L, L) in long_cells]
+        loglog_modes(left, Ls, [long_cells[name, L, L] for L in Ls], i, name)
+        L = args.sweep_length
+        Ks = [K for K in args.sweep_kernels if (name, L, K) in short_cells]
+        if Ks:
+            loglog_modes(right, Ks, [short_cells[name, L, K] for K in Ks], i, name)
     left.set(
         xlabel="sequence length L (kernel K = L)",
         ylabel="median time [s]",
@@ -271,16 +252,11 @@ def plot(args: argparse.Namespace, long_cells: dict, short_cells: dict, path: Pa
         ylabel="median time [s]",
         title="short kernels: FFT vs direct",
     )
-    for ax in (left, right):
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, (left, right), path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argument_parser(__doc__)
     p.add_argument(
         "--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536]
     )

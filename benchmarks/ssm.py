@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from common import MODES, argument_parser, loglog_modes, pyplot, save_figure
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixstack.kernels import ssd
@@ -39,7 +40,6 @@ from mixstack.kernels import ssd
 log = logging.getLogger("benchmarks.ssm")
 
 InputMaker = Callable[[argparse.Namespace, int, int, torch.device], dict[str, torch.Tensor]]
-MODES = ("fwd", "fwd+bwd")
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,8 @@ def methods(args: argparse.Namespace) -> list[Method]:
         Method(
             "ssd quadratic states",
             ssd_inputs,
-            ssd.ssd_scan_quadratic_states,
-            chunk,
+            ssd.ssd_scan_chunked,
+            {**chunk, "quadratic_states": True},
             max_len=args.quadratic_max,
         ),
         Method(
@@ -261,34 +261,21 @@ def acceptance(args: argparse.Namespace, cells: dict[tuple[str, int], Cell]) -> 
 
 def plot(args: argparse.Namespace, cells: dict[tuple[str, int], Cell], path: str) -> None:
     """Log-log time vs length, one colour per method, solid fwd / dashed fwd+bwd."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for i, method in enumerate(methods(args)):
         lengths = [n for n in args.lengths if (method.name, n) in cells]
-        for mode, style in zip(MODES, ("-", "--"), strict=True):
-            times = [cells[method.name, n].median(mode) for n in lengths]
-            ax.loglog(
-                lengths, times, style, marker="o", color=f"C{i}", label=f"{method.name} ({mode})"
-            )
+        loglog_modes(ax, lengths, [cells[method.name, n] for n in lengths], i, method.name)
     ax.set_xlabel(f"sequence length L (B·L = {args.tokens} tokens)")
     ax.set_ylabel("median time per call [s]")
     ax.set_title(
         f"SSD scan, H={args.heads} P={args.headdim} N={args.d_state} "
         f"G={args.groups} chunk={args.chunk}, {args.device}"
     )
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, (ax,), path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argument_parser(__doc__)
     p.add_argument("--tokens", type=int, default=32768, help="B·L, constant across lengths")
     p.add_argument(
         "--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384, 32768]

@@ -17,6 +17,9 @@ Visibility rule (both backends). Queries carry absolute positions on the key axi
 
 A query that sees no key at all outputs exactly 0, forward and backward (no NaN).
 
+Callers use the dispatcher :func:`attention` (the reference's signature plus
+``backends``, the policy that picks the backend).
+
 SDPA trap (MATH.md §10): ``is_causal=True`` is top-left aligned, which is only right
 when ``Lq == Lk``; any other case gets an explicit bottom-right boolean mask.
 """
@@ -30,7 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mixstack.kernels.backends import register_backend, register_kernel
+from mixstack.kernels.backends import (
+    BackendPolicy,
+    dispatch,
+    register_backend,
+)
 
 KERNEL = "attention"
 
@@ -224,58 +231,19 @@ def attention_torch(
     return out.transpose(1, 2)  # (B, Lq, H, Pv)
 
 
-def _random_qkv(
-    g: torch.Generator, B: int, Lq: int, Lk: int, H: int, Hkv: int, P: int, Pv: int
-) -> dict[str, Tensor]:
-    return {
-        "q": torch.randn(B, Lq, H, P, generator=g),
-        "k": torch.randn(B, Lk, Hkv, P, generator=g),
-        "v": torch.randn(B, Lk, Hkv, Pv, generator=g),
-    }
-
-
-def _packed_ids(rows: list[list[tuple[int, int]]]) -> Tensor:
-    """``[[(seq_id, length), ...] per row]`` -> (B, L) sequence ids."""
-    return torch.tensor([[sid for sid, n in row for _ in range(n)] for row in rows])
-
-
-def parity_cases() -> list[dict[str, Any]]:
-    """Inputs on which every backend must match the reference (fp32, CPU-sized)."""
-    g = torch.Generator().manual_seed(1234)
-    packed = _packed_ids([[(-1, 2), (0, 4), (1, 5)], [(3, 6), (4, 3), (-1, 2)]])  # (2, 11)
-    cached_ids = _packed_ids([[(0, 6), (1, 4)], [(-1, 3), (2, 7)]])  # (2, 10)
-    return [
-        {**_random_qkv(g, 2, 7, 7, 4, 4, 8, 8), "causal": True},
-        {**_random_qkv(g, 2, 7, 7, 4, 4, 8, 8), "causal": False},
-        {**_random_qkv(g, 1, 9, 9, 6, 2, 5, 3), "causal": True},  # GQA, odd P, Pv != P
-        {**_random_qkv(g, 2, 11, 11, 4, 1, 8, 8), "causal": True, "window": 3},  # MQA
-        {
-            **_random_qkv(g, 2, 11, 11, 4, 2, 8, 8),
-            "causal": True,
-            "q_seq_idx": packed,
-            "k_seq_idx": packed,
-        },
-        {
-            **_random_qkv(g, 2, 11, 11, 2, 2, 4, 4),
-            "causal": False,
-            "q_seq_idx": packed,
-            "k_seq_idx": packed,
-        },
-        {**_random_qkv(g, 2, 3, 10, 4, 2, 8, 8), "causal": True},  # chunked prefill
-        {**_random_qkv(g, 2, 1, 10, 4, 2, 8, 8), "causal": True, "window": 4},  # decode
-        {
-            **_random_qkv(g, 2, 4, 10, 4, 2, 8, 8),
-            "causal": True,
-            "q_seq_idx": cached_ids[:, 6:],
-            "k_seq_idx": cached_ids,
-        },
-        {
-            **_random_qkv(g, 2, 5, 5, 3, 3, 7, 13),
-            "causal": True,
-            "scale": 0.37,
-            "q_positions": torch.tensor([[0, 1, 1, 3, 4], [4, 3, 2, 1, -1]]),
-        },
-    ]
-
-
-register_kernel(KERNEL, parity_cases=parity_cases)
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    window: int | None = None,
+    scale: float | None = None,
+    q_positions: Tensor | None = None,
+    q_seq_idx: Tensor | None = None,
+    k_seq_idx: Tensor | None = None,
+    backends: BackendPolicy | None = None,
+) -> Tensor:
+    """Attention through the backend ``backends`` picks for ``q``'s device and dtype
+    (``None``: ``auto``); arguments and result as in :func:`attention_reference`."""
+    return dispatch(KERNEL, locals())

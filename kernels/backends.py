@@ -7,12 +7,23 @@ provider, or a per-kernel map) and resolves it lazily per (kernel, device, dtype
 the model is built on CPU and moved later. Resolutions are cached, logged once and
 reported as run metadata. An explicitly requested backend that is unknown,
 unavailable or inapplicable raises :class:`BackendError`: never a silent fallback.
+
+Where backends come from: the kernel modules of this package (found by scanning it)
+register mixstack's own providers, the fixed table :data:`AUTO_PRIORITY` plus
+``reference``. Another distribution adds a provider through an entry point in the group
+``mixstack.providers`` whose object (a module, or a callable called with no arguments)
+calls :func:`register_backend` for existing kernels. ``auto`` never picks such a
+provider; a run uses it only when ``run.backend`` names it (for every kernel or per
+kernel). :func:`provider_origins` says where each provider came from.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.metadata
 import logging
+import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,16 +44,10 @@ AUTO_PRIORITY: tuple[str, ...] = (
     "fla",
     "torch",
 )
-PROVIDERS: tuple[str, ...] = ("reference", *AUTO_PRIORITY)
-
-# Kernel modules imported on first use of the registry.
-_KERNEL_MODULES = (
-    "mixstack.kernels.attention",
-    "mixstack.kernels.ssd",
-    "mixstack.kernels.selective_scan",
-    "mixstack.kernels.causal_conv1d",
-    "mixstack.kernels.fftconv",
-)
+BUILTIN_PROVIDERS: tuple[str, ...] = ("reference", *AUTO_PRIORITY)
+BUILTIN_ORIGIN = "mixstack (built-in)"
+# Entry-point group through which other distributions register providers.
+PROVIDER_GROUP = "mixstack.providers"
 
 Reason = str | None  # None: fine; a string: why not
 
@@ -59,31 +64,31 @@ class KernelBackend:
 
 @dataclass
 class KernelSpec:
-    """A kernel: its name, parity cases for the backend tests, and its backends."""
+    """A kernel: its name and its backends by provider."""
 
     name: str
-    parity_cases: Callable[[], list[dict[str, Any]]] | None = None
     backends: dict[str, KernelBackend] = field(default_factory=dict)
 
 
 _kernels: dict[str, KernelSpec] = {}
 _loaded = False
+# provider -> "<distribution> <version>" for providers registered from entry points
+_third_party: dict[str, str] = {}
+# origin of the entry point being loaded; None while mixstack's own modules register
+_loading_origin: str | None = None
 
 
 def _always(*_: Any) -> Reason:
     return None
 
 
-def register_kernel(
-    name: str, *, parity_cases: Callable[[], list[dict[str, Any]]] | None = None
-) -> KernelSpec:
-    """Declare a kernel. ``parity_cases()`` returns keyword-argument dicts on which every
-    backend must match the reference (used by tests/contract/test_backends.py)."""
+def register_kernel(name: str) -> KernelSpec:
+    """Declare a kernel (idempotent; :func:`register_backend` declares its kernel too).
+    The inputs every backend must match the reference on live with the tests
+    (``tests/kernels/parity_cases.py``)."""
     spec = _kernels.get(name)
     if spec is None:
         spec = _kernels[name] = KernelSpec(name)
-    if parity_cases is not None:
-        spec.parity_cases = parity_cases
     return spec
 
 
@@ -95,9 +100,13 @@ def register_backend(
     applies: Callable[[torch.device, torch.dtype], Reason] = _always,
     install_hint: str = "",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator registering ``fn`` as ``provider``'s implementation of ``kernel``."""
-    if provider not in PROVIDERS:
-        raise ValueError(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}")
+    """Decorator registering ``fn`` as ``provider``'s implementation of ``kernel``.
+
+    mixstack's kernel modules register the providers of :data:`BUILTIN_PROVIDERS`; code
+    loaded from a ``mixstack.providers`` entry point registers its own provider names,
+    for kernels mixstack defines.
+    """
+    _check_provider_name(kernel, provider)
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         spec = register_kernel(kernel)
@@ -109,12 +118,90 @@ def register_backend(
     return decorate
 
 
+def _check_provider_name(kernel: str, provider: str) -> None:
+    """Built-in names for mixstack's modules, new names for entry points (recorded)."""
+    if _loading_origin is None:
+        if provider not in BUILTIN_PROVIDERS:
+            raise BackendError(
+                f"provider {provider!r} for kernel {kernel!r} is not one of mixstack's "
+                f"({', '.join(BUILTIN_PROVIDERS)}); other providers register from an "
+                f"entry point in the group {PROVIDER_GROUP!r}"
+            )
+        return
+    where = f"entry point of {_loading_origin}"
+    if provider in BUILTIN_PROVIDERS:
+        raise BackendError(f"{where}: provider name {provider!r} is reserved by mixstack")
+    if _third_party.get(provider, _loading_origin) != _loading_origin:
+        raise BackendError(
+            f"{where}: provider {provider!r} is already registered by {_third_party[provider]}"
+        )
+    if kernel not in _kernels:
+        hint = did_you_mean(kernel, _kernels)
+        raise BackendError(
+            f"{where}: provider {provider!r} registers unknown kernel {kernel!r}; kernels: "
+            f"{', '.join(sorted(_kernels))}" + (f" (did you mean {hint!r}?)" if hint else "")
+        )
+    _third_party[provider] = _loading_origin
+
+
+def _import_kernel_modules() -> None:
+    """Import every module of this package: each registers its kernel's backends."""
+    package = importlib.import_module("mixstack.kernels")
+    for module in pkgutil.iter_modules(package.__path__, f"{package.__name__}."):
+        importlib.import_module(module.name)
+
+
+def _entry_point_origin(entry_point: importlib.metadata.EntryPoint) -> str:
+    dist = getattr(entry_point, "dist", None)
+    if dist is None:
+        return f"{entry_point.value} (no distribution)"
+    return f"{dist.name} {dist.version}"
+
+
+def _load_provider_entry_points() -> None:
+    """Load every ``mixstack.providers`` entry point; a failure names the entry point."""
+    global _loading_origin
+    for entry_point in importlib.metadata.entry_points(group=PROVIDER_GROUP):
+        _loading_origin = _entry_point_origin(entry_point)
+        try:
+            loaded = entry_point.load()
+            if callable(loaded):
+                loaded()
+        except BackendError:
+            raise
+        except Exception as error:
+            raise BackendError(
+                f"provider entry point {entry_point.name!r} = {entry_point.value!r} of "
+                f"{_loading_origin} (group {PROVIDER_GROUP!r}) failed to load: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        finally:
+            _loading_origin = None
+
+
 def ensure_loaded() -> None:
+    """Import mixstack's kernel modules, then the third-party providers (once)."""
     global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in _KERNEL_MODULES:
-            importlib.import_module(module)
+    if _loaded:
+        return
+    _loaded = True
+    try:
+        _import_kernel_modules()
+        _load_provider_entry_points()
+    except BaseException:
+        _loaded = False  # the next use reports the problem again
+        raise
+
+
+def providers() -> tuple[str, ...]:
+    """Every provider name a policy may request: mixstack's, then third-party ones."""
+    ensure_loaded()
+    return (*BUILTIN_PROVIDERS, *sorted(_third_party))
+
+
+def provider_origins() -> dict[str, str]:
+    """``{provider: origin}``: ``"mixstack (built-in)"`` or ``"<distribution> <version>"``."""
+    return {p: _third_party.get(p, BUILTIN_ORIGIN) for p in providers()}
 
 
 def kernels() -> dict[str, KernelSpec]:
@@ -164,11 +251,11 @@ class BackendPolicy:
 
     def _validate_request(self) -> None:
         values = [self.request] if isinstance(self.request, str) else list(self.request.values())
-        for value in ["auto", *values]:
-            if value != "auto" and value not in PROVIDERS:
-                hint = did_you_mean(value, PROVIDERS)
+        for value in values:
+            if value != "auto" and value not in providers():
+                hint = did_you_mean(value, providers())
                 raise BackendError(
-                    f"unknown backend {value!r}; allowed: auto, {', '.join(PROVIDERS)}"
+                    f"unknown backend {value!r}; allowed: auto, {', '.join(providers())}"
                     + (f" (did you mean {hint!r}?)" if hint else "")
                 )
         if isinstance(self.request, dict):
@@ -221,14 +308,27 @@ class BackendPolicy:
             f"no backend of kernel {kernel!r} runs on {device.type}/{dtype}; " + "; ".join(skipped)
         )
 
-    def call(self, kernel: str, *args: Any, **kwargs: Any) -> Any:
-        """Call ``kernel`` with the backend resolved from the first tensor argument."""
-        first = next(a for a in args if isinstance(a, torch.Tensor))
-        return self.resolve(kernel, first.device, first.dtype).fn(*args, **kwargs)
-
     def resolved(self) -> dict[str, str]:
         """``{"kernel@device/dtype": provider}``, for run metadata."""
         return {
             f"{k}@{dev}/{str(dt).removeprefix('torch.')}": b.provider
             for (k, dev, dt), b in self._cache.items()
         }
+
+
+@functools.cache
+def _default_policy() -> BackendPolicy:
+    """The ``auto`` policy of calls that pass no policy, shared so its cache persists."""
+    return BackendPolicy.default()
+
+
+def dispatch(kernel: str, arguments: dict[str, Any]) -> Any:
+    """Call ``kernel`` the way a dispatcher was called: ``arguments`` is the dispatcher's
+    ``locals()`` taken first thing, its parameters in order, the kernel's (passed to the
+    backend by name) and ``backends``. The backend comes from the policy (``None``: a
+    shared ``auto`` policy) for the device and dtype of the first tensor argument."""
+    kwargs = dict(arguments)
+    backends: BackendPolicy | None = kwargs.pop("backends")
+    policy = _default_policy() if backends is None else backends
+    first = next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+    return policy.resolve(kernel, first.device, first.dtype).fn(**kwargs)

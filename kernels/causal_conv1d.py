@@ -15,7 +15,7 @@
   ``nn.Conv1d(padding=K//2)``). No state: it sees the future.
 
 Packed sequences (``seq_idx (B, L)``, −1 = padding; documents as in
-:func:`mixstack.kernels.ssd.document_runs`): padding is **transparent**, as in the
+:func:`mixstack.kernels.common.document_runs`): padding is **transparent**, as in the
 SSD scan: the taps run over the non-padding positions of the row in order, so a pad
 anywhere (left, right, inside a document) changes nothing, and its output is 0. An
 output only sees inputs of its own document; the initial state's columns belong to
@@ -23,20 +23,27 @@ the first document of the row, and the final state holds the last K non-padding
 inputs of the last document (zeros for columns of earlier documents), so decoding
 continues that document exactly as a longer forward would.
 
+Callers use the dispatchers :func:`causal_conv1d` and :func:`centered_conv1d` (the
+references' signatures plus ``backends``, the policy that picks the backend).
+
 ``activation`` is ``None`` or ``"silu"``, applied after the bias. Computation runs in
 fp32 (fp64 for fp64 inputs) and comes back in ``x.dtype``; states keep ``x.dtype``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mixstack.kernels.backends import register_backend, register_kernel
-from mixstack.kernels.ssd import compute_dtype, document_runs
+from mixstack.kernels.backends import (
+    BackendPolicy,
+    dispatch,
+    register_backend,
+)
+from mixstack.kernels.common import compute_dtype, document_runs, zero_padding
 
 CAUSAL = "causal_conv1d"
 CENTERED = "centered_conv1d"
@@ -96,9 +103,7 @@ def _history(x: Tensor, width: int, initial_state: Tensor | None) -> Tensor:
 
 def _output(y: Tensor, x: Tensor, seq_idx: Tensor | None, activation: str | None) -> Tensor:
     """Activation, zero at padding, ``(B, C, L)`` -> ``(B, L, C)`` in ``x.dtype``."""
-    y = _activate(y, activation)
-    if seq_idx is not None:
-        y = y.masked_fill((seq_idx < 0)[:, None, :], 0.0)
+    y = zero_padding(_activate(y, activation), seq_idx, channel_dim=1)
     return y.transpose(1, 2).to(x.dtype)
 
 
@@ -368,59 +373,34 @@ def centered_conv1d_torch(
     return _output(y, x, seq_idx, activation)
 
 
-# -- parity cases ------------------------------------------------------------------------------
+# -- dispatchers -------------------------------------------------------------------------------
 
 
-def _packed() -> Tensor:
-    return torch.tensor([[-1] * 2 + [0] * 5 + [1] * 1 + [2] * 9, [4] * 11 + [-1] * 6])  # (2, 17)
+def causal_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    activation: Activation = None,
+    seq_idx: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+    backends: BackendPolicy | None = None,
+) -> ConvResult:
+    """The causal short convolution through the backend ``backends`` picks for ``x``'s
+    device and dtype (``None``: ``auto``); contract of :func:`causal_conv1d_reference`."""
+    return dispatch(CAUSAL, locals())
 
 
-def causal_parity_cases() -> list[dict[str, Any]]:
-    """Inputs on which every causal backend must match the reference (fp32)."""
-    g = torch.Generator().manual_seed(99)
-    return [
-        {
-            "x": torch.randn(2, 13, 6, generator=g),
-            "weight": torch.randn(6, 4, generator=g),
-            "bias": torch.randn(6, generator=g),
-            "activation": "silu",
-        },
-        {
-            "x": torch.randn(2, 3, 5, generator=g),
-            "weight": torch.randn(5, 4, generator=g),
-            "initial_state": torch.randn(2, 5, 4, generator=g),
-            "return_final_state": True,
-        },
-        {
-            "x": torch.randn(2, 17, 3, generator=g),
-            "weight": torch.randn(3, 3, generator=g),
-            "bias": torch.randn(3, generator=g),
-            "seq_idx": _packed(),
-            "initial_state": torch.randn(2, 3, 3, generator=g),
-            "return_final_state": True,
-        },
-        {"x": torch.randn(1, 9, 4, generator=g), "weight": torch.randn(4, 1, generator=g)},
-    ]
-
-
-def centered_parity_cases() -> list[dict[str, Any]]:
-    """Inputs on which every centred backend must match the reference (fp32)."""
-    g = torch.Generator().manual_seed(7)
-    return [
-        {
-            "x": torch.randn(2, 13, 6, generator=g),
-            "weight": torch.randn(6, 7, generator=g),
-            "bias": torch.randn(6, generator=g),
-            "activation": "silu",
-        },
-        {
-            "x": torch.randn(2, 17, 3, generator=g),
-            "weight": torch.randn(3, 5, generator=g),
-            "seq_idx": _packed(),
-        },
-        {"x": torch.randn(1, 2, 4, generator=g), "weight": torch.randn(4, 7, generator=g)},
-    ]
-
-
-register_kernel(CAUSAL, parity_cases=causal_parity_cases)
-register_kernel(CENTERED, parity_cases=centered_parity_cases)
+def centered_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    activation: Activation = None,
+    seq_idx: Tensor | None = None,
+    backends: BackendPolicy | None = None,
+) -> Tensor:
+    """The centred short convolution through the backend ``backends`` picks for ``x``'s
+    device and dtype (``None``: ``auto``); contract of :func:`centered_conv1d_reference`."""
+    return dispatch(CENTERED, locals())

@@ -18,7 +18,7 @@ as, or longer than L. Only the kernel's FFT carries the ``1/n`` (inside ``irfft`
 the result is the true convolution, never divided twice (MATH §10, Orchid defect 2).
 
 Packed sequences (``seq_idx (B, L)``, document ids, −1 = padding; documents as in
-:func:`mixstack.kernels.ssd.document_runs`, shared with ``causal_conv1d``): padding is
+:func:`mixstack.kernels.common.document_runs`, shared with ``causal_conv1d``): padding is
 transparent (the convolution runs over the non-padding positions of a row in order)
 and outputs exactly 0 there; a position only sees positions of its own document, as if
 each document were convolved alone. Circular mode has no packed form (its period is the
@@ -34,6 +34,9 @@ Backends:
   what the sequence can use). Packed rows are re-laid out with ``gap`` zeros between
   documents (``gap`` = the longest tap any document can use), which makes one batched
   FFT exact; the cost is a row of ``L + (documents − 1)·gap`` positions.
+
+Callers use the dispatcher :func:`fftconv` (the reference's signature plus ``backends``,
+the policy that picks the backend), or :func:`fftconv_heads` on the mixers' layout.
 
 Computation runs in fp32 (fp64 for fp64 inputs): CPU ``rfft`` rejects bf16 and fp16 FFTs
 lose too much; the result comes back in ``u.dtype``. The ``torch`` backend's FFT step has
@@ -53,8 +56,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mixstack.kernels.backends import BackendPolicy, register_backend, register_kernel
-from mixstack.kernels.ssd import compute_dtype, document_runs
+from mixstack.kernels.backends import (
+    BackendPolicy,
+    dispatch,
+    register_backend,
+)
+from mixstack.kernels.common import compute_dtype, document_runs
 
 KERNEL = "fftconv"
 Mode = Literal["causal", "two_sided", "circular"]
@@ -336,6 +343,23 @@ def fftconv_torch(
     return y.to(u.dtype)
 
 
+# -- dispatcher ---------------------------------------------------------------------------------
+
+
+def fftconv(
+    u: Tensor,
+    k: Tensor,
+    *,
+    mode: Mode = "causal",
+    k_back: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    backends: BackendPolicy | None = None,
+) -> Tensor:
+    """The long convolution through the backend ``backends`` picks for ``u``'s device and
+    dtype (``None``: ``auto``); arguments and result as in :func:`fftconv_reference`."""
+    return dispatch(KERNEL, locals())
+
+
 # -- layout helper for mixers -----------------------------------------------------------------
 
 
@@ -361,7 +385,7 @@ def fftconv_heads(
         return t.repeat_interleave(P, dim=0) if t is not None and t.dim() == 3 else t
 
     seq = None if seq_idx is None else seq_idx.repeat_interleave(P, dim=0)
-    y = policy.call("fftconv", u, per_row(k), mode=mode, k_back=per_row(k_back), seq_idx=seq)
+    y = fftconv(u, per_row(k), mode=mode, k_back=per_row(k_back), seq_idx=seq, backends=policy)
     return y.reshape(B, P, H, L).permute(0, 3, 2, 1)
 
 
@@ -372,45 +396,3 @@ def fftconv_flops(length: int, channels: int) -> float:
     n = next_fast_size(2 * length - 1)
     fft = 2.5 * n * math.log2(max(n, 2))
     return channels * (3 * fft + 6 * (n // 2 + 1))
-
-
-# -- parity cases -------------------------------------------------------------------------------
-
-
-def _packed_ids() -> Tensor:
-    """(2, 19): padding at the start, inside a document and at the end; a 1-token document."""
-    return torch.tensor(
-        [
-            [-1, -1, 0, 0, 0, 0, 0, 1, 2, 2, 2, -1, 2, 2, 2, 2, 2, 2, 2],
-            [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, -1, -1, -1, -1],
-        ]
-    )
-
-
-def parity_cases() -> list[dict[str, Any]]:
-    """Inputs on which every backend must match the reference (fp32, CPU-sized)."""
-    g = torch.Generator().manual_seed(606)
-
-    def r(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=g)
-
-    return [
-        {"u": r(2, 5, 13), "k": r(5, 13)},  # K = L
-        {"u": r(2, 3, 17), "k": r(2, 3, 6)},  # per-sample, K < L
-        {"u": r(1, 4, 9), "k": r(4, 30)},  # K > L
-        {"u": r(2, 3, 11), "k": r(3, 11), "mode": "two_sided", "k_back": r(3, 4)},
-        {"u": r(2, 2, 10), "k": r(2, 2, 3), "mode": "two_sided", "k_back": r(2, 2, 25)},
-        {"u": r(2, 3, 12), "k": r(3, 12), "mode": "circular"},
-        {"u": r(3, 2, 7), "k": r(3, 2, 16), "mode": "circular"},  # folded kernel
-        {"u": r(2, 3, 19), "k": r(3, 19), "seq_idx": _packed_ids()},
-        {
-            "u": r(2, 3, 19),
-            "k": r(2, 3, 8),
-            "mode": "two_sided",
-            "k_back": r(2, 3, 19),
-            "seq_idx": _packed_ids(),
-        },
-    ]
-
-
-register_kernel(KERNEL, parity_cases=parity_cases)

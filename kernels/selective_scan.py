@@ -14,7 +14,7 @@ already applied.
 Conventions shared by every backend (the same as ``ssd_scan``'s):
 
 - ``seq_idx (B, L)`` int: document id per position, ``-1`` for padding; documents as
-  in :func:`mixstack.kernels.ssd.document_runs`. The state is zeroed where a new
+  in :func:`mixstack.kernels.common.document_runs`. The state is zeroed where a new
   document starts (a non-padding position whose id differs from the previous
   non-padding position's). Padding is inert: it neither decays nor feeds the state
   (``Δ = 0`` there) and its output is 0, so a pad anywhere changes nothing.
@@ -31,22 +31,26 @@ Backends (one signature, :func:`selective_scan_reference`):
   memory stays bounded (segment-boundary states plus one segment's working set, never
   the (B, L, Dn, N) history). Runs everywhere.
 
-:func:`selective_scan_step` is the one-token update used for decoding.
+:func:`selective_scan` is the dispatcher callers use; :func:`selective_scan_step` is
+the one-token update used for decoding.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from mixstack.kernels.backends import register_backend, register_kernel
-from mixstack.kernels.ssd import compute_dtype, document_runs
+from mixstack.kernels.backends import (
+    BackendPolicy,
+    dispatch,
+    register_backend,
+)
+from mixstack.kernels.common import compute_dtype, document_runs
 
 KERNEL = "selective_scan"
 DEFAULT_CHUNK_SIZE = 32
@@ -393,6 +397,29 @@ def selective_scan_chunked(
     return _finish(torch.cat(ys, dim=1), scan, h, D, z, u.dtype, return_final_state)
 
 
+# -- dispatcher --------------------------------------------------------------------------------
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+    backends: BackendPolicy | None = None,
+) -> ScanResult:
+    """The selective scan through the backend ``backends`` picks for ``u``'s device and
+    dtype (``None``: ``auto``); arguments and result as in :func:`selective_scan_reference`."""
+    return dispatch(KERNEL, locals())
+
+
 # -- decoding ----------------------------------------------------------------------------------
 
 
@@ -433,7 +460,7 @@ def selective_scan_step(
     return y.to(u.dtype)
 
 
-# -- parity cases for the backend contract test ------------------------------------------------
+# -- random inputs for tests and benchmarks -------------------------------------------------------
 
 
 def random_inputs(
@@ -457,32 +484,3 @@ def random_inputs(
         "B": torch.randn(*bc, generator=g).to(dtype),
         "C": torch.randn(*bc, generator=g).to(dtype),
     }
-
-
-def parity_cases() -> list[dict[str, Any]]:
-    """Inputs on which every backend must match the reference (fp32, CPU-sized)."""
-    g = torch.Generator().manual_seed(1234)
-    packed = torch.tensor([[-1] * 2 + [0] * 9 + [1] * 12 + [2] * 6, [5] * 17 + [-1] * 3 + [6] * 9])
-    return [
-        {**random_inputs(g, 2, 37, 6, 4), "chunk_size": 16},
-        {
-            **random_inputs(g, 2, 37, 6, 4, 3),
-            "chunk_size": 8,
-            "D": torch.randn(6, generator=g),
-            "z": torch.randn(2, 37, 6, generator=g),
-            "initial_state": torch.randn(2, 6, 4, generator=g),
-            "return_final_state": True,
-        },
-        {**random_inputs(g, 1, 5, 3, 2), "chunk_size": 64},  # L < chunk
-        {
-            **random_inputs(g, 2, 29, 4, 3, 2),
-            "chunk_size": 7,
-            "D": torch.randn(4, generator=g),
-            "seq_idx": packed,
-            "initial_state": torch.randn(2, 4, 3, generator=g),
-            "return_final_state": True,
-        },
-    ]
-
-
-register_kernel(KERNEL, parity_cases=parity_cases)

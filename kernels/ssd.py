@@ -18,9 +18,9 @@ Backends (one signature, :func:`ssd_scan_reference`):
   Segment sums are built in fp32 by mask-then-cumsum and masked to −∞ *before*
   ``exp``, so neither forward nor backward produces NaN for large Δ (MATH §10).
 
-:func:`ssd_scan_quadratic_states` is ssd_minimal's variant whose state passing is
-quadratic in the number of chunks; it is not a backend, only a baseline for
-``benchmarks/ssm.py``.
+:func:`ssd_scan_chunked` with ``quadratic_states=True`` is ssd_minimal's variant
+whose state passing is quadratic in the number of chunks; no policy picks it, it is a
+baseline for ``benchmarks/ssm.py``. Callers use the dispatcher :func:`ssd_scan`.
 
 Packed sequences (``seq_idx (B, L)``, document ids, −1 for padding): the state is
 zeroed where a new document starts (a non-padding position whose id differs from the
@@ -35,44 +35,22 @@ the final state in the compute dtype.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mixstack.kernels.backends import register_backend, register_kernel
+from mixstack.kernels.backends import (
+    BackendPolicy,
+    dispatch,
+    register_backend,
+)
+from mixstack.kernels.common import compute_dtype, document_runs, zero_padding
 
 KERNEL = "ssd_scan"
 
 ScanResult = Tensor | tuple[Tensor, Tensor]
-
-
-# -- shared helpers --------------------------------------------------------------------
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 stays fp64 (exact tests); everything else is computed in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def document_runs(seq_idx: Tensor) -> tuple[Tensor, Tensor]:
-    """Segment packed rows into documents.
-
-    ``seq_idx (B, L)`` int -> ``run (B, L)`` int64 and ``pad (B, L)`` bool. ``run``
-    counts document starts so far: 0 for the first document of a row (the one an
-    initial state belongs to), +1 at each later start. A start is a non-padding position
-    whose id differs from the id of the previous non-padding position; padding keeps
-    the run of the position before it, so it never separates a document from itself.
-    """
-    bsz, length = seq_idx.shape
-    pad = seq_idx < 0
-    pos = torch.arange(length, device=seq_idx.device).expand(bsz, length)
-    last_real = torch.where(pad, -1, pos).cummax(dim=1).values  # (B, L): last non-pad <= t
-    prev_real = F.pad(last_real[:, :-1], (1, 0), value=-1)  # (B, L): last non-pad < t
-    prev_id = seq_idx.gather(1, prev_real.clamp(min=0))
-    start = ~pad & (prev_real >= 0) & (seq_idx != prev_id)
-    return start.long().cumsum(dim=1), pad
 
 
 def _check_args(
@@ -262,23 +240,6 @@ def _pad_to_chunks(t: Tensor, extra: int) -> Tensor:
     return F.pad(t, pad)
 
 
-def _chunk_layout(
-    x: Tensor, dt: Tensor, B: Tensor, C: Tensor, q: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Reshape padded inputs into chunks, heads split as (G, R = H/G):
-
-    x -> (B, c, G, R, Q, P), dt -> (B, c, G, R, Q), B/C -> (B, c, G, Q, N).
-    """
-    bsz, lp, heads, hdim = x.shape
-    groups, nstate = B.shape[2], B.shape[3]
-    nc, rep = lp // q, heads // groups
-    xc = x.view(bsz, nc, q, groups, rep, hdim).permute(0, 1, 3, 4, 2, 5)
-    dtc = dt.view(bsz, nc, q, groups, rep).permute(0, 1, 3, 4, 2)
-    Bc = B.view(bsz, nc, q, groups, nstate).permute(0, 1, 3, 2, 4)
-    Cc = C.view(bsz, nc, q, groups, nstate).permute(0, 1, 3, 2, 4)
-    return xc, dtc, Bc, Cc
-
-
 def _run_masks(run: Tensor, q: int) -> tuple[Tensor, Tensor, Tensor]:
     """Document masks of chunked runs ``(B, c·Q)``.
 
@@ -294,24 +255,56 @@ def _run_masks(run: Tensor, q: int) -> tuple[Tensor, Tensor, Tensor]:
     return same, from_prev, from_prev[..., -1]
 
 
-def _intra_chunk(
-    xdt: Tensor, a: Tensor, Bc: Tensor, Cc: Tensor, same: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """Diagonal blocks and chunk states.
+class _Chunks(NamedTuple):
+    """Inputs in the compute dtype, cut into ``c`` chunks of ``Q`` steps (the last one
+    zero-padded: inert steps), heads split as (G, R = H/G).
 
-    xdt (B, c, G, R, Q, P) = x·Δ, a (B, c, G, R, Q) = Δ·A, B/C (B, c, G, Q, N) ->
-    y_diag (B, c, G, R, Q, P) and the state each chunk adds, T (B, c, G, R, P, N).
+    xdt (B, c, G, R, Q, P) = x·Δ; a (B, c, G, R, Q) = Δ·A, the log-decay of each step;
+    B, C (B, c, G, Q, N); initial (B, G, R, P, N); with seq_idx the document masks of
+    :func:`_run_masks` (same, from_prev, carry), else None.
     """
-    seg = segsum(a)  # (B, c, G, R, Q, Q)
-    if same is not None:
-        seg = seg.masked_fill(~same[:, :, None, None], float("-inf"))
-    decay = torch.exp(seg)  # (B, c, G, R, Q, Q), 0 above the diagonal and across documents
-    scores = (Cc @ Bc.transpose(-1, -2))[:, :, :, None] * decay  # (B, c, G, R, Q, Q)
-    y_diag = scores @ xdt  # (B, c, G, R, Q, P)
-    # Row Q-1 of the decay matrix is exp(Σ_{k=s+1..Q-1} a_k): input s up to the chunk end.
-    weighted = xdt * decay[..., -1, :, None]  # (B, c, G, R, Q, P)
-    states = weighted.transpose(-1, -2) @ Bc[:, :, :, None]  # (B, c, G, R, P, N)
-    return y_diag, states
+
+    xdt: Tensor
+    a: Tensor
+    B: Tensor
+    C: Tensor
+    initial: Tensor
+    same: Tensor | None
+    from_prev: Tensor | None
+    carry: Tensor | None
+
+
+def _chunked_inputs(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    q: int,
+    seq_idx: Tensor | None,
+    initial_state: Tensor | None,
+) -> _Chunks:
+    """Cast, zero padding (no decay, no input there), pad to whole chunks, regroup."""
+    f = compute_dtype(x.dtype)
+    bsz, length, heads, hdim = x.shape
+    groups, nstate = B.shape[2], B.shape[3]
+    rep = heads // groups
+    extra = -length % q
+    xs, dts = zero_padding(x.to(f), seq_idx), zero_padding(dt.to(f), seq_idx)
+    xs, dts, Bs, Cs = (_pad_to_chunks(t, extra) for t in (xs, dts, B.to(f), C.to(f)))
+    nc = xs.shape[1] // q
+    xc = xs.view(bsz, nc, q, groups, rep, hdim).permute(0, 1, 3, 4, 2, 5)
+    dtc = dts.view(bsz, nc, q, groups, rep).permute(0, 1, 3, 4, 2)
+    Bc, Cc = (t.view(bsz, nc, q, groups, nstate).permute(0, 1, 3, 2, 4) for t in (Bs, Cs))
+    masks: tuple[Tensor | None, ...] = (None, None, None)
+    if seq_idx is not None:
+        run = document_runs(seq_idx)[0]
+        masks = _run_masks(F.pad(run, (0, extra), mode="replicate") if extra else run, q)
+    initial = xs.new_zeros(bsz, groups, rep, hdim, nstate)
+    if initial_state is not None:
+        initial = initial_state.to(f).reshape(bsz, groups, rep, hdim, nstate)
+    a = dtc * A.to(f).view(groups, rep, 1)
+    return _Chunks(xc * dtc[..., None], a, Bc, Cc, initial, *masks)
 
 
 def _carry_decays(
@@ -361,55 +354,6 @@ def _quadratic_chunk_states(
     return out[:, :-1], out[:, -1]
 
 
-def _ssd_chunked(
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    *,
-    chunk_size: int,
-    D: Tensor | None,
-    seq_idx: Tensor | None,
-    initial_state: Tensor | None,
-    return_final_state: bool,
-    quadratic_states: bool,
-) -> ScanResult:
-    """The chunked algorithm (MATH §2 steps 1-4); state passing linear or quadratic."""
-    _check_args(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state)
-    f = compute_dtype(x.dtype)
-    bsz, length, heads, hdim = x.shape
-    groups, nstate = B.shape[2], B.shape[3]
-    rep = heads // groups
-    xs, dts, Bs, Cs = (t.to(f) for t in (x, dt, B, C))
-    q = min(chunk_size, length)
-    extra = -length % q
-    run = pad = None
-    if seq_idx is not None:
-        run, pad = document_runs(seq_idx)
-        xs = xs.masked_fill(pad[..., None, None], 0.0)
-        dts = dts.masked_fill(pad[..., None], 0.0)
-        run = F.pad(run, (0, extra), mode="replicate") if extra else run
-    xc, dtc, Bc, Cc = _chunk_layout(*(_pad_to_chunks(t, extra) for t in (xs, dts, Bs, Cs)), q)
-    a = dtc * A.to(f).view(groups, rep, 1)  # (B, c, G, R, Q): log-decay per step
-    xdt = xc * dtc[..., None]  # (B, c, G, R, Q, P)
-    same, from_prev, carry = _run_masks(run, q) if run is not None else (None, None, None)
-    y, states = _intra_chunk(xdt, a, Bc, Cc, same)
-    chunk_log_decay, enter_decay = _carry_decays(a, from_prev, carry)
-    initial = xs.new_zeros(bsz, groups, rep, hdim, nstate)
-    if initial_state is not None:
-        initial = initial_state.to(f).reshape(bsz, groups, rep, hdim, nstate)
-    passing = _quadratic_chunk_states if quadratic_states else _scan_chunk_states
-    entering, final = passing(states, chunk_log_decay, initial)
-    y_off = Cc[:, :, :, None] @ entering.transpose(-1, -2)  # (B, c, G, R, Q, P)
-    y = y + y_off * enter_decay[..., None]
-    y = y.permute(0, 1, 4, 2, 3, 5).reshape(bsz, -1, heads, hdim)[:, :length]
-    y = y + _skip(xs, D)
-    if pad is not None:
-        y = y.masked_fill(pad[..., None, None], 0.0)
-    return _finish(y, final.reshape(bsz, heads, hdim, nstate), x.dtype, return_final_state)
-
-
 @register_backend(KERNEL, "torch")
 def ssd_scan_chunked(
     x: Tensor,
@@ -423,28 +367,54 @@ def ssd_scan_chunked(
     seq_idx: Tensor | None = None,
     initial_state: Tensor | None = None,
     return_final_state: bool = False,
+    quadratic_states: bool = False,
 ) -> ScanResult:
-    """Chunked SSD with a linear scan over chunks; contract of :func:`ssd_scan_reference`.
+    """Chunked SSD (MATH §2 steps 1-4); contract of :func:`ssd_scan_reference`.
 
     Work is O(L·Q) within chunks plus O(L/Q) sequential chunk steps; memory holds the
     (Q, Q) decay blocks of every chunk and one (P, N) state per chunk and head.
+    ``quadratic_states=True`` swaps the linear pass over chunks for ssd_minimal's
+    quadratic one (identical results, O((L/Q)²·H·P·N) work): a baseline for
+    ``benchmarks/ssm.py``, never chosen by a policy.
     """
-    return _ssd_chunked(
-        x,
-        dt,
-        A,
-        B,
-        C,
-        chunk_size=chunk_size,
-        D=D,
-        seq_idx=seq_idx,
-        initial_state=initial_state,
-        return_final_state=return_final_state,
-        quadratic_states=False,
-    )
+    _check_args(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state)
+    bsz, length, heads, hdim = x.shape
+    ch = _chunked_inputs(x, dt, A, B, C, min(chunk_size, length), seq_idx, initial_state)
+    # Axes: b batch, c chunk, g group, r head in the group, i / s target / source step in
+    # a chunk, p head dim, n state dim (MATH §2, ssd_minimal's four steps).
+
+    # 1. intra-chunk (diagonal blocks): attention-like, quadratic in Q
+    log_decay = segsum(ch.a)  # (B, c, G, R, Q, Q): [i, s] = Σ_{k=s+1..i} a_k, −∞ for s > i
+    if ch.same is not None:  # no decay path across documents
+        log_decay = log_decay.masked_fill(~ch.same[:, :, None, None], float("-inf"))
+    decay = torch.exp(log_decay)  # (B, c, G, R, Q, Q)
+    # scores (B, c, G, R, Q, Q): C_i·B_s, decayed from s to i
+    scores = torch.einsum("bcgin,bcgsn->bcgis", ch.C, ch.B)[:, :, :, None] * decay
+    y_diag = torch.einsum("bcgris,bcgrsp->bcgrip", scores, ch.xdt)  # (B, c, G, R, Q, P)
+
+    # 2. chunk states: what each chunk's inputs leave in the state at its end
+    to_end = decay[..., -1, :]  # (B, c, G, R, Q): row Q-1, exp(Σ_{k=s+1..Q-1} a_k)
+    # states (B, c, G, R, P, N)
+    states = torch.einsum("bcgrs,bcgrsp,bcgsn->bcgrpn", to_end, ch.xdt, ch.B)
+
+    # 3. inter-chunk recurrence (linear pass over chunks): S_c = decay_c · S_{c−1} + T_c
+    chunk_log_decay, enter_decay = _carry_decays(ch.a, ch.from_prev, ch.carry)
+    passing = _quadratic_chunk_states if quadratic_states else _scan_chunk_states
+    entering, final = passing(states, chunk_log_decay, ch.initial)  # (B, c, G, R, P, N)
+
+    # 4. state -> output: each step reads the state entering its chunk, decayed to it
+    # y_off (B, c, G, R, Q, P)
+    y_off = torch.einsum("bcgin,bcgrpn->bcgrip", ch.C, entering) * enter_decay[..., None]
+
+    y = (y_diag + y_off).permute(0, 1, 4, 2, 3, 5).reshape(bsz, -1, heads, hdim)[:, :length]
+    y = zero_padding(y + _skip(x.to(ch.a.dtype), D), seq_idx)  # (B, L, H, P)
+    return _finish(y, final.reshape(bsz, heads, hdim, -1), x.dtype, return_final_state)
 
 
-def ssd_scan_quadratic_states(
+# -- dispatcher ------------------------------------------------------------------------------
+
+
+def ssd_scan(
     x: Tensor,
     dt: Tensor,
     A: Tensor,
@@ -456,28 +426,14 @@ def ssd_scan_quadratic_states(
     seq_idx: Tensor | None = None,
     initial_state: Tensor | None = None,
     return_final_state: bool = False,
+    backends: BackendPolicy | None = None,
 ) -> ScanResult:
-    """ssd_minimal's quadratic inter-chunk state passing (not a backend; a baseline).
-
-    Identical results to :func:`ssd_scan_chunked`; the state passing costs
-    O((L/Q)²·H·P·N), which dominates at long lengths (``benchmarks/ssm.py``).
-    """
-    return _ssd_chunked(
-        x,
-        dt,
-        A,
-        B,
-        C,
-        chunk_size=chunk_size,
-        D=D,
-        seq_idx=seq_idx,
-        initial_state=initial_state,
-        return_final_state=return_final_state,
-        quadratic_states=True,
-    )
+    """The SSD scan through the backend ``backends`` picks for ``x``'s device and dtype
+    (``None``: ``auto``); arguments and result as in :func:`ssd_scan_reference`."""
+    return dispatch(KERNEL, locals())
 
 
-# -- parity cases for the backend contract test ------------------------------------------------
+# -- random inputs for tests and benchmarks -------------------------------------------------------
 
 
 def random_inputs(
@@ -502,32 +458,3 @@ def random_inputs(
         "B": torch.randn(bsz, length, groups, nstate, generator=g).to(dtype),
         "C": torch.randn(bsz, length, groups, nstate, generator=g).to(dtype),
     }
-
-
-def parity_cases() -> list[dict[str, Any]]:
-    """Inputs on which every backend must match the reference (fp32, CPU-sized)."""
-    g = torch.Generator().manual_seed(4321)
-    packed = torch.tensor(
-        [[-1] * 2 + [0] * 9 + [1] * 12 + [2] * 6, [5] * 17 + [-1] * 3 + [6] * 9]
-    )  # (2, 29)
-    return [
-        {**random_inputs(g, 2, 37, 4, 8, 1, 8), "chunk_size": 16},
-        {
-            **random_inputs(g, 2, 37, 4, 8, 2, 8),
-            "chunk_size": 8,
-            "D": torch.randn(4, generator=g),
-            "initial_state": torch.randn(2, 4, 8, 8, generator=g),
-            "return_final_state": True,
-        },
-        {**random_inputs(g, 1, 5, 6, 3, 3, 4), "chunk_size": 64},  # L < chunk
-        {
-            **random_inputs(g, 2, 29, 4, 4, 2, 4),
-            "chunk_size": 8,
-            "seq_idx": packed,
-            "D": torch.randn(4, 4, generator=g),
-            "return_final_state": True,
-        },
-    ]
-
-
-register_kernel(KERNEL, parity_cases=parity_cases)

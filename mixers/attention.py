@@ -28,6 +28,7 @@ from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue, divisors
 from mixstack.dsl.registry import register
+from mixstack.kernels.attention import attention
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
 
 CheckResult = list[tuple[tuple[str | int, ...], str]]
@@ -242,8 +243,7 @@ class Attention(Mixer):
     def _attend(
         self, q: Tensor, k: Tensor, v: Tensor, q_seq: Tensor | None, k_seq: Tensor | None
     ) -> Tensor:
-        return self.backends.call(
-            "attention",
+        return attention(
             q,
             k,
             v,
@@ -252,6 +252,7 @@ class Attention(Mixer):
             scale=self.cfg.softmax_scale,
             q_seq_idx=q_seq,
             k_seq_idx=k_seq,
+            backends=self.backends,
         )
 
     def _finish(self, o: Tensor, seq_idx: Tensor | None) -> Tensor:

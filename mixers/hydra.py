@@ -52,7 +52,9 @@ from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import SpecError, SpecIssue
 from mixstack.dsl.registry import register
-from mixstack.kernels.ssd import document_runs
+from mixstack.kernels.causal_conv1d import centered_conv1d
+from mixstack.kernels.common import document_runs
+from mixstack.kernels.ssd import ssd_scan
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
 from mixstack.mixers.mamba2 import check_heads
 
@@ -265,13 +267,13 @@ class Hydra(Mixer):
         bsz, length, _ = u.shape
         G, N = self.cfg.ngroups, self.cfg.d_state
         z, xBC, dt_f, dt_b = self._split(u)
-        xBC = self.backends.call(
-            "centered_conv1d",
+        xBC = centered_conv1d(
             xBC,
             self.conv1d.weight[:, 0, :],
             self.conv1d.bias,
             activation="silu",
             seq_idx=seq_idx,
+            backends=self.backends,
         )  # (B, L, conv_dim), 0 at padding
         x, B_f, C_f, B_b, C_b = xBC.split([self.d_inner, G * N, G * N, G * N, G * N], dim=-1)
         both_seq = None if seq_idx is None else torch.cat([seq_idx, seq_idx.flip(1)])  # (2B, L)
@@ -325,8 +327,7 @@ class Hydra(Mixer):
         linear in v."""
         bsz = v.shape[0]
         both = torch.cat([v, v.flip(1)])  # (2B, L, H, P'): forward | time-reversed
-        y = self.backends.call(
-            "ssd_scan",
+        y = ssd_scan(
             both,
             coeffs.dt,
             coeffs.A,
@@ -335,6 +336,7 @@ class Hydra(Mixer):
             chunk_size=self.cfg.chunk_size,
             D=None,
             seq_idx=coeffs.seq_idx,
+            backends=self.backends,
         )  # (2B, L, H, P')
         y = _shift(y, coeffs.prev, coeffs.keep)  # shift BEFORE un-flipping the backward half
         y_fw, y_bw = y[:bsz], y[bsz:].flip(1)

@@ -47,7 +47,7 @@ from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue
 from mixstack.dsl.registry import register
-from mixstack.kernels import causal_conv1d  # noqa: F401  (registers the short-conv kernels)
+from mixstack.kernels.causal_conv1d import causal_conv1d, centered_conv1d
 from mixstack.kernels.fftconv import fftconv_flops, fftconv_heads
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, init_linear
 
@@ -166,9 +166,10 @@ class Hyena(Mixer):
             )
 
     def _short_conv(self, proj: Tensor, seq_idx: Tensor | None) -> Tensor:
-        kernel = "causal_conv1d" if self.causal else "centered_conv1d"
+        conv = causal_conv1d if self.causal else centered_conv1d
         weight = self.short_filter.weight[:, 0, :]  # (C, K)
-        return self.backends.call(kernel, proj, weight, self.short_filter.bias, seq_idx=seq_idx)
+        bias = self.short_filter.bias
+        return conv(proj, weight, bias, seq_idx=seq_idx, backends=self.backends)
 
     def _filters(self, length: int) -> tuple[list[Tensor], list[Tensor] | None]:
         """Per step o: filter (D, L) from the ``(v o)`` channel layout; backward ones too."""

@@ -40,8 +40,8 @@ from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue
 from mixstack.dsl.registry import register
-from mixstack.kernels.causal_conv1d import causal_conv1d_update
-from mixstack.kernels.selective_scan import selective_scan_step
+from mixstack.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
+from mixstack.kernels.selective_scan import selective_scan, selective_scan_step
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
 
 CheckResult = list[tuple[tuple[str | int, ...], str]]
@@ -220,8 +220,7 @@ class Mamba(Mixer):
         value (the last d_conv pre-conv columns).
         """
         xs, z = self.in_proj(u).chunk(2, dim=-1)  # [x | z]
-        conv = self.backends.call(
-            "causal_conv1d",
+        conv = causal_conv1d(
             xs,
             self._conv_weight(),
             self.conv1d.bias,
@@ -230,6 +229,7 @@ class Mamba(Mixer):
             # a copy: autograd may save what the kernel reads, and the state is overwritten
             initial_state=None if state is None else state.conv_state.clone(),
             return_final_state=state is not None,
+            backends=self.backends,
         )
         if state is not None:
             conv, conv_state = conv
@@ -245,8 +245,7 @@ class Mamba(Mixer):
         initial_state: Tensor | None,
         final: bool,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        return self.backends.call(
-            "selective_scan",
+        return selective_scan(
             v,
             coeffs.delta,
             coeffs.A,
@@ -257,6 +256,7 @@ class Mamba(Mixer):
             seq_idx=coeffs.seq_idx,
             initial_state=initial_state,
             return_final_state=final,
+            backends=self.backends,
         )
 
     # -- forward and matrix view -------------------------------------------------------

@@ -39,8 +39,8 @@ from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue, divisors
 from mixstack.dsl.registry import register
-from mixstack.kernels.causal_conv1d import causal_conv1d_update
-from mixstack.kernels.ssd import ssd_step
+from mixstack.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
+from mixstack.kernels.ssd import ssd_scan, ssd_step
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
 
 CheckResult = list[tuple[tuple[str | int, ...], str]]
@@ -321,8 +321,7 @@ class Mamba2(Mixer):
     def _scan(
         self, v: Tensor, coeffs: Mamba2Coeffs, initial_state: Tensor | None, final: bool
     ) -> Tensor | tuple[Tensor, Tensor]:
-        return self.backends.call(
-            "ssd_scan",
+        return ssd_scan(
             v,
             coeffs.dt,
             coeffs.A,
@@ -333,6 +332,7 @@ class Mamba2(Mixer):
             seq_idx=coeffs.seq_idx,
             initial_state=initial_state,
             return_final_state=final,
+            backends=self.backends,
         )
 
     def _coefficients(
@@ -344,8 +344,7 @@ class Mamba2(Mixer):
         value (the last d_conv pre-conv columns).
         """
         parts = self._project(u)
-        conv = self.backends.call(
-            "causal_conv1d",
+        conv = causal_conv1d(
             parts.xBC,
             self._conv_weight(),
             self.conv1d.bias,
@@ -354,6 +353,7 @@ class Mamba2(Mixer):
             # a copy: autograd may save what the kernel reads, and the state is overwritten
             initial_state=None if state is None else state.conv_state.clone(),
             return_final_state=state is not None,
+            backends=self.backends,
         )
         if state is not None:
             conv, conv_state = conv

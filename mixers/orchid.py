@@ -94,9 +94,9 @@ from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue
 from mixstack.dsl.registry import register
-from mixstack.kernels import causal_conv1d  # noqa: F401  (registers the short-conv kernel)
+from mixstack.kernels.causal_conv1d import causal_conv1d
+from mixstack.kernels.common import document_runs
 from mixstack.kernels.fftconv import fftconv_flops, fftconv_heads
-from mixstack.kernels.ssd import document_runs
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, init_linear
 
 CheckResult = list[tuple[tuple[str | int, ...], str]]
@@ -455,8 +455,8 @@ class Orchid(Mixer):
         if self.mode == "circular":
             return None
         weight = self.conv1d_short.weight[:, 0, :]  # (3D, K)
-        return self.backends.call(
-            "causal_conv1d", proj, weight, self.conv1d_short.bias, seq_idx=seq_idx
+        return causal_conv1d(
+            proj, weight, self.conv1d_short.bias, seq_idx=seq_idx, backends=self.backends
         )
 
     def _static(self, filt: ImplicitFilter, length: int) -> tuple[Tensor, Tensor | None]:

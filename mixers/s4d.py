@@ -45,8 +45,8 @@ from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue
 from mixstack.dsl.registry import register
+from mixstack.kernels.common import document_runs
 from mixstack.kernels.fftconv import fftconv_flops, fftconv_heads
-from mixstack.kernels.ssd import document_runs
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
 
 CheckResult = list[tuple[tuple[str | int, ...], str]]

@@ -2,7 +2,8 @@
 every available provider.
 
 Kernel level: for each registered kernel, each backend usable on CPU for the case's
-dtype is run on the kernel's ``parity_cases()`` and compared with ``reference`` on
+dtype is run on the kernel's parity cases (``tests/kernels/parity_cases.py``) and
+compared with ``reference`` on
 outputs and on gradients of every floating input (a random cotangent is pulled back).
 Mixer level: each layer is run with each provider available for the kernels it may
 use and compared with the all-``reference`` policy.
@@ -10,6 +11,8 @@ use and compared with the all-``reference`` policy.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from typing import Any
 
 import pytest
@@ -19,6 +22,7 @@ from torch import Tensor
 from mixstack.dsl import registry
 from mixstack.kernels import backends as kb
 from mixstack.kernels.backends import BackendPolicy
+from tests.kernels.parity_cases import PARITY_CASES
 
 CPU = torch.device("cpu")
 # Relative tolerance (max error / max magnitude) by the dtype of a parity case.
@@ -32,9 +36,8 @@ def case_dtype(case: dict[str, Any]) -> torch.dtype:
 
 def kernel_params() -> list:
     out = []
-    for name, spec in sorted(kb.kernels().items()):
-        cases = spec.parity_cases() if spec.parity_cases else []
-        for i, case in enumerate(cases):
+    for name in sorted(kb.kernels()):
+        for i, case in enumerate(PARITY_CASES.get(name, list)()):
             dtype = case_dtype(case)
             for provider in kb.available_backends(name, CPU, dtype):
                 if provider != "reference":
@@ -76,13 +79,13 @@ def test_every_kernel_has_reference_torch_and_parity_cases() -> None:
     for name, spec in kb.kernels().items():
         assert "reference" in spec.backends, f"kernel {name!r} has no reference backend"
         assert "torch" in spec.backends, f"kernel {name!r} has no torch backend"
-        assert spec.parity_cases is not None and spec.parity_cases(), f"{name!r}: no cases"
+        assert name in PARITY_CASES and PARITY_CASES[name](), f"{name!r}: no parity cases"
 
 
 @pytest.mark.parametrize(("kernel", "index", "provider"), kernel_params())
 def test_backend_matches_reference_on_parity_cases(kernel: str, index: int, provider: str, near):
     spec = kb.get_kernel(kernel)
-    case = spec.parity_cases()[index]
+    case = PARITY_CASES[kernel]()[index]
     rel = REL_TOL[case_dtype(case)]
     want, want_grads = run_with_grads(spec.backends["reference"].fn, case)
     got, got_grads = run_with_grads(spec.backends[provider].fn, case)
@@ -98,6 +101,34 @@ def test_backend_matches_reference_on_parity_cases(kernel: str, index: int, prov
     for name, grad in want_grads.items():
         assert torch.isfinite(got_grads[name]).all(), f"d{name} is not finite"
         near(got_grads[name], grad, 10 * rel, f"d{name}")
+
+
+def dispatcher_of(kernel: str) -> Any:
+    """The kernel module's public dispatcher, named after the kernel."""
+    module = importlib.import_module(kb.get_kernel(kernel).backends["reference"].fn.__module__)
+    return getattr(module, kernel)
+
+
+@pytest.mark.parametrize("kernel", sorted(kb.kernels()))
+def test_dispatcher_has_the_reference_signature_and_follows_the_policy(kernel: str) -> None:
+    spec = kb.get_kernel(kernel)
+    reference, dispatcher = spec.backends["reference"].fn, dispatcher_of(kernel)
+    *params, backends = inspect.signature(dispatcher).parameters.values()
+    assert params == list(inspect.signature(reference).parameters.values())
+    assert (backends.name, backends.kind, backends.default) == (
+        "backends",
+        inspect.Parameter.KEYWORD_ONLY,
+        None,
+    )
+    case = PARITY_CASES[kernel]()[-1]
+    policy = BackendPolicy("reference")
+    for got, want in [
+        (dispatcher(**case, backends=policy), reference(**case)),
+        (dispatcher(**case), spec.backends["torch"].fn(**case)),  # None: auto -> torch on CPU
+    ]:
+        for a, b in zip(flat_tensors(got), flat_tensors(want), strict=True):
+            assert torch.equal(a, b)
+    assert list(policy.resolved().values()) == ["reference"]
 
 
 def providers_on_cpu() -> list[str]:

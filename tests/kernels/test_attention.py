@@ -14,6 +14,7 @@ import torch
 
 from mixstack.kernels.attention import attention_reference, attention_torch
 from mixstack.kernels.backends import BackendPolicy, get_kernel
+from tests.kernels.parity_cases import attention_cases
 
 BACKENDS = {"reference": attention_reference, "torch": attention_torch}
 
@@ -211,7 +212,7 @@ def test_registered_backends_and_auto_choice() -> None:
     assert BackendPolicy().resolve("attention", torch.device("cpu"), torch.float32).fn is (
         attention_torch
     )
-    cases = spec.parity_cases()
+    cases = attention_cases()
     assert any(c.get("q_seq_idx") is not None for c in cases)
     assert any(c["q"].shape[1] < c["k"].shape[1] for c in cases)
     assert any(c["q"].shape[2] != c["k"].shape[2] for c in cases)
