@@ -53,16 +53,15 @@ from mixstack.dsl.spec import (
     OPTIMIZER_TYPES,
     SCHEMA_VERSION,
     STAGE_MARK,
-    TASK_TYPES,
     AdamWConfig,
     CSVLoggerConfig,
     LayersRequest,
     LayersSpec,
     ModelSpec,
-    MQARTask,
     OverrideSpec,
     RunSpec,
     Spec,
+    TaskConfig,
     TrainSpec,
 )
 
@@ -501,13 +500,14 @@ class _Validator:
             self.add("train must be a mapping", path, value=data, allowed="a mapping")
             return None
         task = None
+        task_types = registry.task_configs()  # the registered tasks (mixstack/tasks/, plugins)
         if "task" in data:
-            task = self.tagged(data["task"], (*path, "task"), TASK_TYPES, None)
+            task = self.tagged(data["task"], (*path, "task"), task_types, None)
         else:
             self.add(
                 "missing required key 'task'",
                 (*path, "task"),
-                allowed=f"task: {{type: NAME, ...}} with NAME one of {_keys_text(TASK_TYPES)}",
+                allowed=f"task: {{type: NAME, ...}} with NAME one of {_keys_text(task_types)}",
                 at=path,
             )
         optimizer = self.tagged(
@@ -522,7 +522,11 @@ class _Validator:
                 at=path,
             )
         # Failed parts get a stand-in so the other fields are still checked.
-        fields = {**data, "task": task or MQARTask(), "optimizer": optimizer or AdamWConfig()}
+        fields = {
+            **data,
+            "task": task or TaskConfig(type="?"),
+            "optimizer": optimizer or AdamWConfig(),
+        }
         train = self.pydantic(TrainSpec, fields if length else {**fields, "max_steps": 1}, path)
         return train if task is not None and optimizer is not None and length else None
 

@@ -10,7 +10,8 @@ import yaml
 
 import mixstack
 from mixstack.dsl.errors import SpecError
-from mixstack.dsl.spec import MQARTask, TextTask
+from mixstack.tasks.mqar import MQARTask
+from mixstack.tasks.text import TextTask
 
 MODEL = """\
 model:
