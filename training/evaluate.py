@@ -37,7 +37,8 @@ def evaluate(
     model: MixStackModel, spec: Spec, *, batch_size: int | None = None
 ) -> dict[str, float]:
     """Validation metrics (``loss``, ``accuracy``, ``ppl`` for LM objectives, the task's
-    own) of ``model`` on the validation set of ``spec.train.task``. ``spec.model`` must be the model's."""
+    own) of ``model`` on the validation set of ``spec.train.task``. ``spec.model`` must be
+    the model's."""
     train = spec.train
     if train is None:
         raise MixstackError("evaluation needs a spec with a `train:` section (its task)")

@@ -109,3 +109,23 @@ class EvalMetrics(nn.Module):
     def reset(self) -> None:
         for metric in self.torchmetrics.values():
             metric.reset()
+
+
+def val_summary(rows: Sequence[dict[str, str]]) -> dict[str, dict[str, Any]]:
+    """Per validation metric of a run's merged CSV rows: the last value, the best one (by
+    the metric's registered direction) and the optimizer step it was reached at (steps
+    done; Lightning logs a validation at the 0-based index of the step before it).
+    What ``run.json`` records under ``val``."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if not key.startswith("val/") or value in ("", None):
+                continue
+            higher = registry.metric_direction(key) == "max"
+            entry = out.setdefault(key, {"higher_is_better": higher})
+            current, step = float(value), int(row["step"]) + 1
+            best = entry.get("best")
+            if best is None or (current > best if higher else current < best):
+                entry.update(best=current, best_step=step)
+            entry.update(last=current, last_step=step)
+    return out

@@ -271,6 +271,7 @@ def _close_segment(run: RunDir, segment: int, status: str, step: int, lit: Any) 
 
 def _finish(run: RunDir, lit: Any, result: RunResult) -> None:
     """Merge the metrics, export the model (finished runs), complete ``run.json``."""
+    from mixstack.training.metrics import val_summary
     from mixstack.training.modeldir import save_model_dir
 
     rows = rundir.merge_metrics(run)
@@ -284,6 +285,7 @@ def _finish(run: RunDir, lit: Any, result: RunResult) -> None:
     meta.update(
         {
             "metrics": result.metrics,
+            "val": val_summary(rows),
             "params": result.params,
             "model_dir": str(result.model_dir) if result.model_dir else None,
         }
