@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel
 
@@ -43,7 +43,6 @@ from mixstack.dsl.errors import MixstackError, did_you_mean
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUPS = ("mixstack.mixers", "mixstack.tasks")
-ENTRY_POINT_GROUP = ENTRY_POINT_GROUPS[0]
 PLUGINS_ENV = "MIXSTACK_PLUGINS"
 # Scanned: every module in them is imported (dsl/ itself names no mixer or task).
 BUILTIN_PACKAGES = ("mixstack.mixers", "mixstack.tasks")
@@ -130,6 +129,7 @@ class MetricDef:
 class MetricEntry:
     metric: MetricDef
     task: str | None  # the task that defines it; None: computed for every task
+    source: str  # "every task" or "task NAME": one definition per name
     origin: Origin = BUILTIN
 
     @property
@@ -147,7 +147,12 @@ class TaskEntry:
     origin: Origin = BUILTIN
 
 
-E = TypeVar("E")
+class _Entry(Protocol):
+    @property
+    def source(self) -> str: ...
+
+
+E = TypeVar("E", bound=_Entry)
 M = TypeVar("M")
 
 
@@ -158,12 +163,14 @@ class Registry(Generic[E]):
     what: str
     entries: dict[str, E] = field(default_factory=dict)
 
-    def add(self, name: str, entry: E, source: str) -> None:
+    def add(self, name: str, entry: E) -> None:
+        """Register ``entry``; the same name from another source is refused (a module
+        imported twice registers again from the same source, which is fine)."""
         existing = self.entries.get(name)
-        if existing is not None and getattr(existing, "source", source) != source:
+        if existing is not None and existing.source != entry.source:
             raise RegistryError(
                 f"{self.what} {name!r} is already registered by {existing.source}; "
-                f"{source} cannot register it again"
+                f"{entry.source} cannot register it again"
             )
         self.entries[name] = entry
 
@@ -216,9 +223,7 @@ def register(config_cls: type[LayerConfig]) -> Callable[[type[M]], type[M]]:
     def decorate(module_cls: type[M]) -> type[M]:
         name = _type_name(config_cls)
         source = f"{module_cls.__module__}.{module_cls.__qualname__}"
-        layers.add(
-            name, LayerEntry(name, config_cls, module_cls, source, _origin_of(module_cls)), source
-        )
+        layers.add(name, LayerEntry(name, config_cls, module_cls, source, _origin_of(module_cls)))
         module_cls.config_cls = config_cls  # type: ignore[attr-defined]
         return module_cls
 
@@ -228,7 +233,7 @@ def register(config_cls: type[LayerConfig]) -> Callable[[type[M]], type[M]]:
 def register_metric(metric: MetricDef, *, task: str | None = None) -> MetricDef:
     """Register a validation metric (``task``: the task defining it; None: every task)."""
     source = f"task {task}" if task else "every task"
-    metrics.add(metric.name, MetricEntry(metric, task, _origin or BUILTIN), source)
+    metrics.add(metric.name, MetricEntry(metric, task, source, _origin or BUILTIN))
     return metric
 
 
@@ -245,7 +250,7 @@ def register_task(
         source = f"{task_cls.__module__}.{task_cls.__qualname__}"
         names_ = tuple(m.name for m in extra)
         entry = TaskEntry(name, config_cls, task_cls, source, names_, _origin_of(task_cls))
-        tasks.add(name, entry, source)
+        tasks.add(name, entry)
         for metric in extra:
             register_metric(metric, task=name)
         task_cls.config_cls = config_cls  # type: ignore[attr-defined]

@@ -108,6 +108,9 @@ def test_a_second_registration_of_a_name_is_refused(scoped_registry: Any) -> Non
         registry.register(mlp.config_cls)(type("OtherMlp", (), {}))
     with pytest.raises(RegistryError, match=r"unknown task type 'mqr'.*did you mean 'mqar'"):
         registry.tasks.get("mqr")
+    accuracy = registry.metrics.get("accuracy").metric
+    with pytest.raises(RegistryError, match="metric 'accuracy' is already registered by every"):
+        registry.register_metric(accuracy, task="induction")  # one name, one definition
 
 
 def test_metric_directions_come_from_the_registry(scoped_registry: Any) -> None:

@@ -178,6 +178,11 @@ def test_the_test_task_is_registered_from_this_file() -> None:
     assert registry.metric_direction("val/parity_hits") == "max"
 
 
+def test_every_registered_task_has_examples() -> None:
+    missing = [e.name for e in registry.tasks.all() if not e.config_cls.examples()]
+    assert not missing, f"tasks without examples() run no contract test: {missing}"
+
+
 @pytest.mark.parametrize(("name", "index"), CASES, ids=IDS)
 def test_same_seed_same_samples_other_seed_other_samples(name: str, index: int) -> None:
     a, _ = _task(name, index, seed=3)
