@@ -315,11 +315,20 @@ def ensure_loaded() -> None:
             for module in builtin_modules():
                 importlib.import_module(module)
         _load_entry_points()
-        for path in filter(None, os.environ.get(PLUGINS_ENV, "").split(os.pathsep)):
+        for path in _listed_plugins():
+            if not Path(path).is_file():
+                raise RegistryError(
+                    f"plugin file {path!r} (listed in ${PLUGINS_ENV}, set by `mixstack --plugin` "
+                    "in a parent process) does not exist"
+                )
             _import_plugin(Path(path))
         _loaded = True
     finally:
         _loading = False
+
+
+def _listed_plugins() -> list[str]:
+    return [p for p in os.environ.get(PLUGINS_ENV, "").split(os.pathsep) if p]
 
 
 def _import_plugin(path: Path) -> None:
@@ -354,7 +363,7 @@ def load_plugin_file(path: str | Path) -> None:
         raise RegistryError(f"plugin file {str(path)!r} does not exist")
     ensure_loaded()
     _import_plugin(path)
-    listed = list(filter(None, os.environ.get(PLUGINS_ENV, "").split(os.pathsep)))
+    listed = _listed_plugins()
     if str(path.resolve()) not in listed:
         os.environ[PLUGINS_ENV] = os.pathsep.join([*listed, str(path.resolve())])
 

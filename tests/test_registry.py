@@ -141,6 +141,15 @@ def test_plugin_files_reach_child_processes_with_their_origin(
                           registry.tasks.get("test_zeros").origin.to_dict()]))
     """
     assert json.loads(_child(code)) == [expected, expected]
+    missing = {registry.PLUGINS_ENV: "/nowhere/gone.py"}
+    result = subprocess.run(
+        [sys.executable, "-c", "from mixstack.dsl import registry; registry.names()"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **missing},
+        check=False,
+    )
+    assert "plugin file '/nowhere/gone.py' (listed in $MIXSTACK_PLUGINS" in result.stderr
 
 
 def test_entry_points_register_with_distribution_and_version(tmp_path: Path) -> None:
