@@ -213,8 +213,15 @@ def _type_name(config_cls: type[BaseModel]) -> str:
     return field_.default
 
 
-def _origin_of(module_cls: type) -> Origin:
-    return _origin if _origin is not None else Origin("code", path=module_cls.__module__)
+def _origin_of(module: str) -> Origin:
+    """The origin of a registration made by ``module``: that of the plugin or entry point
+    being loaded; built-in for mixstack's own modules (also when imported directly,
+    before the registry loaded them); else the module's name."""
+    if _origin is not None:
+        return _origin
+    if module in BUILTIN_MODULES or module.rpartition(".")[0] in BUILTIN_PACKAGES:
+        return BUILTIN
+    return Origin("code", path=module)
 
 
 def register(config_cls: type[LayerConfig]) -> Callable[[type[M]], type[M]]:
@@ -223,7 +230,10 @@ def register(config_cls: type[LayerConfig]) -> Callable[[type[M]], type[M]]:
     def decorate(module_cls: type[M]) -> type[M]:
         name = _type_name(config_cls)
         source = f"{module_cls.__module__}.{module_cls.__qualname__}"
-        layers.add(name, LayerEntry(name, config_cls, module_cls, source, _origin_of(module_cls)))
+        layers.add(
+            name,
+            LayerEntry(name, config_cls, module_cls, source, _origin_of(module_cls.__module__)),
+        )
         module_cls.config_cls = config_cls  # type: ignore[attr-defined]
         return module_cls
 
@@ -233,7 +243,8 @@ def register(config_cls: type[LayerConfig]) -> Callable[[type[M]], type[M]]:
 def register_metric(metric: MetricDef, *, task: str | None = None) -> MetricDef:
     """Register a validation metric (``task``: the task defining it; None: every task)."""
     source = f"task {task}" if task else "every task"
-    metrics.add(metric.name, MetricEntry(metric, task, source, _origin or BUILTIN))
+    origin = _origin_of(metric.factory.__module__)
+    metrics.add(metric.name, MetricEntry(metric, task, source, origin))
     return metric
 
 
@@ -249,7 +260,9 @@ def register_task(
         name = _type_name(config_cls)
         source = f"{task_cls.__module__}.{task_cls.__qualname__}"
         names_ = tuple(m.name for m in extra)
-        entry = TaskEntry(name, config_cls, task_cls, source, names_, _origin_of(task_cls))
+        entry = TaskEntry(
+            name, config_cls, task_cls, source, names_, _origin_of(task_cls.__module__)
+        )
         tasks.add(name, entry)
         for metric in extra:
             register_metric(metric, task=name)

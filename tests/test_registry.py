@@ -86,6 +86,14 @@ def test_builtins_are_every_module_of_mixers_and_tasks(scoped_registry: Any) -> 
     )
     assert all(e.origin == Origin("builtin") for e in registry.entries())
     assert registry.get("mamba2").module_cls.__module__ == "mixstack.mixers.mamba2"
+    assert all(e.origin == Origin("builtin") for e in registry.metrics.all())
+    # A built-in module imported before the registry loads is still built-in.
+    code = """
+        import mixstack.mixers.hyena
+        from mixstack.dsl import registry
+        print(registry.get("hyena").origin)
+    """
+    assert _child(code) == "built-in"
 
 
 def test_scoped_registry_undoes_registrations(plugin_file: Path) -> None:
