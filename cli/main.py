@@ -9,6 +9,7 @@
     eval MODEL_DIR [KEY=VALUE...] [--spec SPEC]
                                     metrics of a model directory on a task's validation set
     schema [--out FILE]             JSON schema of the spec for editor completion
+    registry list                   mixers, tasks, metrics and kernel providers, with origin
     zoo list                        presets shipped in mixstack/zoo
 
 SPEC is a YAML path or ``zoo:NAME``; overrides are dotted ``key.path=value`` pairs
@@ -52,6 +53,10 @@ zoo_app = typer.Typer(
     help="Presets shipped with mixstack (use them as zoo:NAME).", no_args_is_help=True
 )
 app.add_typer(zoo_app, name="zoo")
+registry_app = typer.Typer(
+    help="What is registered: mixers, tasks, metrics, kernel providers.", no_args_is_help=True
+)
+app.add_typer(registry_app, name="registry")
 
 EXIT_ERROR = 1
 
@@ -97,7 +102,11 @@ def _root(
     ctx: typer.Context,
     plugin: Annotated[
         list[Path] | None,
-        typer.Option("--plugin", help="Python file registering extra layers (repeatable)"),
+        typer.Option(
+            "--plugin",
+            help="Python file registering extra layers, tasks or metrics (repeatable; "
+            "child processes load it too)",
+        ),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")] = False,
 ) -> None:
@@ -465,6 +474,42 @@ def zoo_list(ctx: typer.Context) -> None:
         for name, header in zoo_presets():
             table.add_row(name, Text(header))
         _stdout().print(table)
+
+
+def registry_tables() -> list[Table]:
+    """One table per registry: layer types, tasks, metrics, kernel providers."""
+    from mixstack.dsl import registry
+    from mixstack.kernels import backends
+
+    layers = Table(
+        "type", "kind", "class", "origin", title="mixers and layers", title_justify="left"
+    )
+    for layer in registry.entries():
+        layers.add_row(layer.name, layer.kind, layer.source, str(layer.origin))
+    tasks = Table("type", "archs", "extra metrics", "origin", title="tasks", title_justify="left")
+    for task in registry.tasks.all():
+        archs = ", ".join(getattr(task.config_cls, "archs", ()))
+        tasks.add_row(task.name, archs, ", ".join(task.metrics) or "-", str(task.origin))
+    metrics = Table("name", "better", "task", "description", "origin", title="metrics (val/<name>)")
+    metrics.title_justify = "left"
+    for entry in registry.metrics.all():
+        better = "higher" if entry.metric.higher_is_better else "lower"
+        task = entry.task or "every task"
+        metrics.add_row(entry.name, better, task, entry.metric.description, str(entry.origin))
+    providers = Table("provider", "origin", title="kernel providers", title_justify="left")
+    for name, origin in backends.provider_origins().items():
+        providers.add_row(name, origin)
+    return [layers, tasks, metrics, providers]
+
+
+@registry_app.command("list")
+def registry_list(ctx: typer.Context) -> None:
+    """List what is registered, with where each entry comes from (built-in, a package's
+    entry point with its version, or a --plugin file with its sha256)."""
+    with _handled(ctx):
+        console = _stdout()
+        for table in registry_tables():
+            console.print(table)
 
 
 def main() -> None:

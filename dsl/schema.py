@@ -4,9 +4,10 @@ The schema describes what a person writes, not the validated :class:`Spec`: the
 layers may be asked for as ``pattern``, ``layer_types`` or ``n_layers`` + ``ratios``
 + ``fill``, ``base:`` may name other files, and every layer binding is a union over
 every registered config class, discriminated on ``type`` (plugins registered before
-the call are included). Composite children (``layers: [...]`` inside ``sequential``
-/ ``parallel``) use the same union. Cross-field rules (exclusive forms, ``check``
-hooks, capabilities) are beyond JSON schema; ``mixstack validate`` reports them.
+the call are included); so is ``train.task``, over every registered task. Composite
+children (``layers: [...]`` inside ``sequential`` / ``parallel``) use the layer union.
+Cross-field rules (exclusive forms, ``check`` hooks, capabilities) are beyond JSON
+schema; ``mixstack validate`` reports them.
 """
 
 from __future__ import annotations
@@ -17,18 +18,40 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 
 from mixstack.dsl import registry
 from mixstack.dsl.base import LayerConfig
-from mixstack.dsl.spec import SCHEMA_VERSION, LayersRequest, ModelSpec, OverrideSpec, RunSpec
+from mixstack.dsl.spec import (
+    SCHEMA_VERSION,
+    LayersRequest,
+    ModelSpec,
+    OverrideSpec,
+    RunSpec,
+    TaskConfig,
+    TrainSpec,
+)
 
 _FILE_CONFIG = ConfigDict(extra="forbid")
 
 
-def _layer_union() -> Any:
-    classes = [entry.config_cls for entry in registry.entries()]
+def _tagged_union(classes: list[Any], base: Any) -> Any:
+    """The classes as one union discriminated on ``type`` (``base`` when there are none)."""
     if not classes:
-        return LayerConfig
+        return base
     if len(classes) == 1:
         return classes[0]
     return Annotated[Union[tuple(classes)], Field(discriminator="type")]  # noqa: UP007
+
+
+def _layer_union() -> Any:
+    return _tagged_union([entry.config_cls for entry in registry.entries()], LayerConfig)
+
+
+def _train_file_model() -> type[BaseModel]:
+    """The train section, its task a union over every registered task config."""
+    task = _tagged_union([entry.config_cls for entry in registry.tasks.all()], TaskConfig)
+    fields: dict[str, Any] = {
+        name: (info.annotation, info) for name, info in TrainSpec.model_fields.items()
+    }
+    fields["task"] = (task, Field(..., description="what to learn: {type: TASK, ...}"))
+    return create_model("TrainFile", __config__=_FILE_CONFIG, __doc__=TrainSpec.__doc__, **fields)
 
 
 def _layers_file_model(layer: Any) -> type[BaseModel]:
@@ -77,7 +100,7 @@ def spec_file_model() -> type[BaseModel]:
             Field(None, description="written by dump()"),
         ),
         model=(_model_file_model(layers), Field(...)),
-        train=(dict[str, Any] | None, Field(None, description="what a run does")),
+        train=(_train_file_model() | None, Field(None, description="what a run does")),
         run=(RunSpec | None, Field(None, description="how a run executes")),
     )
 

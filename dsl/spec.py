@@ -22,8 +22,10 @@ from pydantic import (
     model_validator,
 )
 
+from mixstack.dsl import registry
 from mixstack.dsl.base import LayerConfig
 from mixstack.dsl.context import Arch, LayerContext
+from mixstack.dsl.errors import did_you_mean
 from mixstack.dsl.migrations import SCHEMA_VERSION, spec_hash_of
 
 # Where stage boundaries (`|`) sit in a realized pattern is recorded but changes nothing.
@@ -226,7 +228,9 @@ Problem = tuple[tuple[str | int, ...], str, str | None]
 
 
 class TaskConfig(StrictModel):
-    """Base of the ``train.task`` configs (one per ``type``).
+    """Base of the ``train.task`` configs (one per ``type``; each task of
+    :mod:`mixstack.tasks` defines its own and registers it with
+    :func:`mixstack.dsl.registry.register_task`).
 
     ``archs``: the model archs the task trains. ``resolve`` fills model-dependent
     defaults (``vocab_size: null`` -> the model's), ``check`` compares with the model.
@@ -235,6 +239,12 @@ class TaskConfig(StrictModel):
     archs: ClassVar[tuple[str, ...]] = ("causal_lm",)
     type: str
     seq_len: int = Field(64, ge=3, description="tokens per sample (<= model.max_seq_len)")
+
+    @classmethod
+    def examples(cls) -> list[TaskConfig]:
+        """Small configurations covering the task's modes, used by the contract tests
+        (each must fit a model with ``vocab_size`` 256 and ``max_seq_len`` 512)."""
+        return []
 
     def resolve(self, model: ModelSpec) -> TaskConfig:
         if getattr(self, "vocab_size", 0) is None:
@@ -264,178 +274,18 @@ class TaskConfig(StrictModel):
         return out
 
 
-class _GeneratedTask(TaskConfig):
-    val_size: int = Field(1000, ge=1, description="samples in the fixed validation set")
-    epoch_size: int | None = Field(
-        None,
-        ge=1,
-        description="training samples per epoch (the stream is endless); "
-        "None: one epoch is the whole run (needs max_steps)",
-    )
+def _dispatch_task(value: Any) -> Any:
+    """dict with a registered task ``type`` -> that task's config instance."""
+    if isinstance(value, TaskConfig):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("type"), str):
+        return registry.tasks.get(value["type"]).config_cls.model_validate(value)
+    raise ValueError(f"a task must be a mapping with a registered `type`, got {value!r}")
 
 
-class MQARTask(_GeneratedTask):
-    """Multi-query associative recall (zoology semantics; accuracy on answer positions)."""
-
-    type: Literal["mqar"] = "mqar"
-    n_pairs: int = Field(4, ge=1, description="key-value pairs per sequence, all queried")
-    vocab_size: int | None = Field(
-        None,
-        ge=4,
-        description="ids used: keys 1..V/2-1, values V/2..V-1; null: the model's vocab_size",
-    )
-    power_a: float = Field(
-        0.01, gt=0, le=1, description="query gap g drawn with probability ∝ a·(g+1)^(a-1)"
-    )
-    random_non_queries: bool = Field(True, description="fill other positions with random ids")
-
-    def check(self, model: ModelSpec) -> list[Problem]:
-        out = super().check(model)
-        if 4 * self.n_pairs > self.seq_len:
-            out.append(
-                (
-                    ("n_pairs",),
-                    f"{self.n_pairs} pairs need seq_len >= 4·n_pairs = {4 * self.n_pairs} "
-                    f"(pairs, then one query slot per pair among (seq_len - 2n)/2), "
-                    f"seq_len is {self.seq_len}",
-                    f"n_pairs <= {self.seq_len // 4}",
-                )
-            )
-        vocab = self.vocab_size or model.vocab_size
-        if vocab // 2 - 1 < self.n_pairs:
-            out.append(
-                (
-                    ("vocab_size",),
-                    f"{self.n_pairs} distinct keys need vocab_size >= {2 * self.n_pairs + 2} "
-                    f"(keys come from 1..V/2-1), got {vocab}",
-                    f">= {2 * self.n_pairs + 2}",
-                )
-            )
-        return out
-
-
-class SelectiveCopyTask(_GeneratedTask):
-    """Selective copying (Mamba §3.1): copy the scattered data tokens at the markers."""
-
-    type: Literal["selective_copy"] = "selective_copy"
-    n_tokens: int = Field(8, ge=1, description="data tokens to copy")
-    vocab_size: int | None = Field(
-        None, ge=3, description="ids used: 0 blank, 1 marker, data 2..V-1; null: the model's"
-    )
-
-    def check(self, model: ModelSpec) -> list[Problem]:
-        out = super().check(model)
-        if 2 * self.n_tokens > self.seq_len:
-            out.append(
-                (
-                    ("n_tokens",),
-                    f"{self.n_tokens} tokens need seq_len >= 2·n_tokens = {2 * self.n_tokens} "
-                    f"(a context holding them, then one marker each), seq_len is {self.seq_len}",
-                    f"n_tokens <= {self.seq_len // 2}",
-                )
-            )
-        return out
-
-
-class InductionTask(_GeneratedTask):
-    """Induction heads: after the trigger's second occurrence, recall what followed it."""
-
-    type: Literal["induction"] = "induction"
-    vocab_size: int | None = Field(
-        None, ge=2, description="ids used: 0 trigger, others 1..V-1; null: the model's"
-    )
-
-
-class MajorityTask(_GeneratedTask):
-    """Sequence classification: the id that occurs most often (arch classifier)."""
-
-    archs: ClassVar[tuple[str, ...]] = ("classifier",)
-    type: Literal["majority"] = "majority"
-    n_classes: int | None = Field(
-        None, ge=2, description="ids and classes 0..C-1; null: model.classifier.n_classes"
-    )
-
-    def resolve(self, model: ModelSpec) -> MajorityTask:
-        if self.n_classes is None and model.classifier is not None:
-            return self.model_copy(update={"n_classes": model.classifier.n_classes})
-        return self
-
-    def check(self, model: ModelSpec) -> list[Problem]:
-        out = super().check(model)
-        head = model.classifier.n_classes if model.classifier is not None else None
-        if head is not None and self.n_classes is not None and self.n_classes != head:
-            out.append(
-                (
-                    ("n_classes",),
-                    f"the task has {self.n_classes} classes, the model's classifier {head}",
-                    f"{head} (model.classifier.n_classes)",
-                )
-            )
-        if self.n_classes is not None and self.n_classes > model.vocab_size:
-            out.append(
-                (
-                    ("n_classes",),
-                    f"the task uses ids 0..{self.n_classes - 1} but the model's vocab_size "
-                    f"is {model.vocab_size}",
-                    f"<= {model.vocab_size}",
-                )
-            )
-        return out
-
-
-class TextTask(TaskConfig):
-    """Byte-level language modelling on local UTF-8 text files (no downloads).
-
-    Documents (files, or paragraphs) are encoded as bytes followed by ``eos`` when the
-    model has that special token, concatenated, split into train (first part) and
-    validation (last ``val_fraction``), and packed into rows of ``seq_len`` with
-    ``seq_idx`` marking document boundaries. causal_lm predicts the next byte; encoder
-    trains masked-LM (``train.mlm``).
-    """
-
-    archs: ClassVar[tuple[str, ...]] = ("causal_lm", "encoder")
-    type: Literal["text"] = "text"
-    seq_len: int = Field(256, ge=3, description="tokens per packed row (<= model.max_seq_len)")
-    files: list[str] = Field(
-        default_factory=list,
-        description="UTF-8 text files (relative to the working directory); "
-        "empty: the small corpus bundled with mixstack",
-    )
-    documents: Literal["file", "paragraph"] = Field(
-        "file", description="a document is a whole file, or a paragraph (blank-line separated)"
-    )
-    val_fraction: float = Field(
-        0.1, gt=0, lt=1, description="last fraction of the bytes, for validation"
-    )
-    val_size: int | None = Field(
-        None, ge=1, description="validation rows (consecutive, fixed); null: all of them"
-    )
-
-    def check(self, model: ModelSpec) -> list[Problem]:
-        out = super().check(model)
-        if model.vocab_size < 256:
-            out.append(
-                (
-                    ("type",),
-                    f"byte-level text needs ids 0..255 but the model's vocab_size is "
-                    f"{model.vocab_size}",
-                    "model.vocab_size >= 256",
-                )
-            )
-        return out
-
-
-AnyTask = Annotated[
-    MQARTask | SelectiveCopyTask | InductionTask | MajorityTask | TextTask,
-    Field(discriminator="type"),
-]
-TASK_TYPES: dict[str, type[TaskConfig]] = {
-    "mqar": MQARTask,
-    "selective_copy": SelectiveCopyTask,
-    "induction": InductionTask,
-    "majority": MajorityTask,
-    "text": TextTask,
-}
+# The task configs live with their generators in mixstack/tasks/ (one file per task) and
+# register themselves; the train section only knows this base.
+AnyTask = Annotated[SerializeAsAny[TaskConfig], BeforeValidator(_dispatch_task)]
 
 
 class AdamWConfig(StrictModel):
@@ -490,16 +340,36 @@ class MLMConfig(StrictModel):
 class EarlyStopConfig(StrictModel):
     """Finish as soon as a validation metric reaches a target (checked at each validation)."""
 
-    metric: Literal["val/accuracy", "val/loss", "val/ppl"] = Field(
-        "val/accuracy", description="validation metric to watch"
+    metric: str = Field(
+        "val/accuracy",
+        description="validation metric to watch: val/<name> of a metric of the run's task "
+        "(loss, accuracy, ppl, or one the task defines)",
     )
     threshold: float = Field(
-        ..., description="stop once the metric is >= this (accuracy) or <= this (loss, ppl)"
+        ...,
+        description="stop once the metric is >= this (higher is better, e.g. accuracy) or "
+        "<= this (lower is better, e.g. loss, ppl)",
     )
 
     @property
     def mode(self) -> Literal["max", "min"]:
-        return "max" if self.metric == "val/accuracy" else "min"
+        """The metric's direction, from the metric registry."""
+        return registry.metric_direction(self.metric)
+
+    def check(self, task: str, arch: str) -> list[Problem]:
+        """The metric must be one that a run of ``task`` on ``arch`` logs."""
+        known = [f"val/{m.name}" for m in registry.task_metrics(task, arch)]
+        if self.metric in known:
+            return []
+        hint = did_you_mean(self.metric, known)
+        return [
+            (
+                ("early_stop", "metric"),
+                f"task {task!r} on arch {arch} logs no metric {self.metric!r}"
+                + (f" (did you mean {hint!r}?)" if hint else ""),
+                "one of " + ", ".join(known),
+            )
+        ]
 
 
 class TrainSpec(StrictModel):
@@ -556,7 +426,9 @@ class TrainSpec(StrictModel):
                     "tasks for "
                     + model.arch
                     + ": "
-                    + ", ".join(n for n, c in TASK_TYPES.items() if model.arch in c.archs),
+                    + ", ".join(
+                        n for n, c in registry.task_configs().items() if model.arch in c.archs
+                    ),
                 )
             ]
         out = [(("task", *rel), msg, allowed) for rel, msg, allowed in task.check(model)]
@@ -569,6 +441,8 @@ class TrainSpec(StrictModel):
                 )
             )
         out.extend(self._check_mlm(model))
+        if self.early_stop is not None:
+            out.extend(self.early_stop.check(task.type, model.arch))
         return out
 
     def _check_mlm(self, model: ModelSpec) -> list[Problem]:

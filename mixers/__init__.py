@@ -1,13 +1,2 @@
-"""One file per mixer; importing this package registers the built-in ones."""
-
-from mixstack.mixers import (  # noqa: F401
-    attention,
-    hydra,
-    hyena,
-    long_conv,
-    mamba,
-    mamba2,
-    mlp,
-    orchid,
-    s4d,
-)
+"""One file per mixer. The registry imports every module of this package on first use
+(:func:`mixstack.dsl.registry.builtin_modules`), so a new mixer file registers itself."""

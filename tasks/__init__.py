@@ -1,26 +1,18 @@
-"""Data for training: synthetic tasks and byte-level text, as pure functions of
-``(seed, step, sample index)`` (see :mod:`mixstack.tasks.base`)."""
+"""Data for training: one file per task (its config, generator and extra metrics), each
+registering itself with :func:`mixstack.dsl.registry.register_task`. Samples are pure
+functions of ``(seed, step, sample index)`` (see :mod:`mixstack.tasks.base`)."""
 
 from __future__ import annotations
 
+from mixstack.dsl import registry
 from mixstack.dsl.spec import ModelSpec, TrainSpec
 from mixstack.tasks.base import IGNORE_INDEX, Sample, Split, Task
 
 
 def make_task(train: TrainSpec, model: ModelSpec) -> Task:
     """The task of a validated, resolved ``train`` section for ``model``."""
-    from mixstack.tasks import synthetic, text
-
-    cfg = train.task
-    if cfg.type == "text":
-        return text.ByteText(cfg, train.seed, model.special_ids.get("eos"))
-    classes: dict[str, type[synthetic._SyntheticTask]] = {
-        "mqar": synthetic.MQAR,
-        "selective_copy": synthetic.SelectiveCopy,
-        "induction": synthetic.Induction,
-        "majority": synthetic.Majority,
-    }
-    return classes[cfg.type](cfg, train.seed)
+    task_cls = registry.tasks.get(train.task.type).task_cls
+    return task_cls(train.task, train.seed, model)
 
 
 __all__ = ["IGNORE_INDEX", "Sample", "Split", "Task", "make_task"]

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
+
+from mixstack.dsl.spec import ModelSpec, TaskConfig
 
 Split = Literal["train", "val"]
 Sample = dict[str, Tensor]
@@ -48,17 +51,36 @@ def generator_for(*parts: int | str) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(derive_seed(*parts))
 
 
+def ignored(length: int) -> Tensor:
+    """``(length,)`` labels that score nothing."""
+    return torch.full((length,), IGNORE_INDEX, dtype=torch.long)
+
+
+class GeneratedTaskConfig(TaskConfig):
+    """Config base of a generated task: an endless training stream, a fixed validation set."""
+
+    val_size: int = Field(1000, ge=1, description="samples in the fixed validation set")
+    epoch_size: int | None = Field(
+        None,
+        ge=1,
+        description="training samples per epoch (the stream is endless); "
+        "None: one epoch is the whole run (needs max_steps)",
+    )
+
+
 class Task(ABC):
     """A source of samples for one run.
 
-    Subclasses are built by :func:`mixstack.tasks.make_task` from the validated
-    ``train.task`` config, the model spec and ``train.seed``.
+    Subclasses register with ``@register_task(TheirConfig)`` and are built by
+    :func:`mixstack.tasks.make_task` as ``cls(cfg, seed, model)``: the validated,
+    resolved ``train.task`` config, ``train.seed`` and the model spec.
     """
 
     #: "lm": sequence of token targets; "classification": one class per sample.
     kind: Literal["lm", "classification"] = "lm"
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, cfg: Any, seed: int, model: ModelSpec) -> None:
+        self.cfg = cfg
         self.seed = seed
 
     @abstractmethod
@@ -82,3 +104,17 @@ class Task(ABC):
         if split == "val":
             return generator_for(self.seed, "val", index)
         return generator_for(self.seed, "train", step, index)
+
+
+class GeneratedTask(Task):
+    """A task of a :class:`GeneratedTaskConfig`: each sample is drawn from its own generator."""
+
+    cfg: GeneratedTaskConfig
+
+    @property
+    def val_size(self) -> int:
+        return self.cfg.val_size
+
+    @property
+    def epoch_size(self) -> int | None:
+        return self.cfg.epoch_size

@@ -16,16 +16,65 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from mixstack.dsl.errors import MixstackError
-from mixstack.dsl.spec import TextTask
+from mixstack.dsl.registry import register_task
+from mixstack.dsl.spec import ModelSpec, Problem, TaskConfig
 from mixstack.tasks.base import IGNORE_INDEX, Sample, Split, Task
 
 BUNDLED = "corpus.txt"
 _PARAGRAPH_BREAK = re.compile(rb"\n[ \t\r]*\n")
+
+
+class TextTask(TaskConfig):
+    """Byte-level language modelling on local UTF-8 text files (no downloads).
+
+    Documents (files, or paragraphs) are encoded as bytes followed by ``eos`` when the
+    model has that special token, concatenated, split into train (first part) and
+    validation (last ``val_fraction``), and packed into rows of ``seq_len`` with
+    ``seq_idx`` marking document boundaries. causal_lm predicts the next byte; encoder
+    trains masked-LM (``train.mlm``).
+    """
+
+    archs: ClassVar[tuple[str, ...]] = ("causal_lm", "encoder")
+    type: Literal["text"] = "text"
+    seq_len: int = Field(256, ge=3, description="tokens per packed row (<= model.max_seq_len)")
+    files: list[str] = Field(
+        default_factory=list,
+        description="UTF-8 text files (relative to the working directory); "
+        "empty: the small corpus bundled with mixstack",
+    )
+    documents: Literal["file", "paragraph"] = Field(
+        "file", description="a document is a whole file, or a paragraph (blank-line separated)"
+    )
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="last fraction of the bytes, for validation"
+    )
+    val_size: int | None = Field(
+        None, ge=1, description="validation rows (consecutive, fixed); null: all of them"
+    )
+
+    @classmethod
+    def examples(cls) -> list[TextTask]:
+        return [cls(seq_len=32, val_size=4), cls(seq_len=16, documents="paragraph", val_size=4)]
+
+    def check(self, model: ModelSpec) -> list[Problem]:
+        out = super().check(model)
+        if model.vocab_size < 256:
+            out.append(
+                (
+                    ("type",),
+                    f"byte-level text needs ids 0..255 but the model's vocab_size is "
+                    f"{model.vocab_size}",
+                    "model.vocab_size >= 256",
+                )
+            )
+        return out
 
 
 def bundled_corpus() -> bytes:
@@ -83,14 +132,16 @@ def window(tokens: Tensor, docs: Tensor, start: int, seq_len: int) -> Sample:
     return {"input_ids": toks[:-1].clone(), "labels": labels, "seq_idx": seq_idx}
 
 
+@register_task(TextTask)
 class ByteText(Task):
     """Byte-level LM over local files (see the module docstring)."""
 
-    def __init__(self, cfg: TextTask, seed: int, eos_id: int | None) -> None:
-        super().__init__(seed)
-        self.cfg = cfg
+    cfg: TextTask
+
+    def __init__(self, cfg: TextTask, seed: int, model: ModelSpec) -> None:
+        super().__init__(cfg, seed, model)
         docs = split_documents(read_sources(cfg.files), cfg.documents)
-        tokens, doc_ids = encode(docs, eos_id)
+        tokens, doc_ids = encode(docs, model.special_ids.get("eos"))
         n_train = round(tokens.numel() * (1 - cfg.val_fraction))
         self.train_tokens, self.train_docs = tokens[:n_train], doc_ids[:n_train]
         self.val_tokens, self.val_docs = tokens[n_train:], doc_ids[n_train:]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+from mixstack.dsl import registry
 
 settings.register_profile(
     "ci",
@@ -50,3 +53,11 @@ def _random_packing(length: int, seed: int, bsz: int = 2) -> torch.Tensor:
 def random_packing() -> Callable[..., torch.Tensor]:
     """``random_packing(length, seed, bsz=2)``: packed ``seq_idx`` for scan tests."""
     return _random_packing
+
+
+@pytest.fixture
+def scoped_registry() -> Iterator[ModuleType]:
+    """The registry module, inside :func:`registry.scoped`: what a test registers (layers,
+    tasks, metrics, plugin files) is gone after it."""
+    with registry.scoped():
+        yield registry

@@ -18,7 +18,6 @@ from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.spec import Spec
 from mixstack.tasks import make_task
 from mixstack.training.data import TaskDataset, ValBatchSampler, collate
-from mixstack.training.losses import objective_for
 from mixstack.training.metrics import EvalMetrics
 
 
@@ -37,8 +36,9 @@ def spec_for(model: MixStackModel, train: dict[str, Any] | Spec) -> Spec:
 def evaluate(
     model: MixStackModel, spec: Spec, *, batch_size: int | None = None
 ) -> dict[str, float]:
-    """Validation metrics (``loss``, ``accuracy``, ``ppl`` for LM objectives) of ``model``
-    on the validation set of ``spec.train.task``. ``spec.model`` must be the model's."""
+    """Validation metrics (``loss``, ``accuracy``, ``ppl`` for LM objectives, the task's
+    own) of ``model`` on the validation set of ``spec.train.task``. ``spec.model`` must be
+    the model's."""
     train = spec.train
     if train is None:
         raise MixstackError("evaluation needs a spec with a `train:` section (its task)")
@@ -48,10 +48,8 @@ def evaluate(
     size = batch_size or train.val_batch_size or train.batch_size
     sampler = ValBatchSampler(size=task.val_size, batch_size=size, rank=0, world_size=1)
     loader = DataLoader(TaskDataset(task, "val", spec), batch_sampler=sampler, collate_fn=collate)
-    objective = objective_for(spec.model.arch)
-    n_out = spec.model.classifier.n_classes if spec.model.classifier else spec.model.total_vocab
     device = next(model.parameters()).device
-    metrics = EvalMetrics(objective, n_out).to(device)
+    metrics = EvalMetrics.for_spec(spec).to(device)
     was_training = model.training
     model.eval()
     try:

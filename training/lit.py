@@ -110,8 +110,8 @@ class LitModel(L.LightningModule):
         self.model = build(spec, seed=self.train_cfg.seed)
         set_activation_checkpointing(self.model, spec.run.activation_checkpointing)
         self.objective = objective_for(spec.model.arch)
-        n_out = spec.model.classifier.n_classes if spec.model.classifier else spec.model.total_vocab
-        self.val_metrics = EvalMetrics(self.objective, n_out)
+        # loss, accuracy, ppl (LM archs) and the task's own metrics, logged as val/<name>
+        self.val_metrics = EvalMetrics.for_spec(spec)
         # Not a registered submodule: the state-dict keys stay those of the model.
         self._compiled: list[nn.Module] = [torch.compile(self.model)] if spec.run.compile else []
         self.total_steps: int | None = None  # set by TaskData (needs the task's size)

@@ -1,69 +1,131 @@
-"""Validation metrics with torchmetrics (imported here, lazily from the package's view).
+"""Validation metrics: the built-in ones (registered here) and their accumulation.
 
 ``loss`` is the token-weighted mean cross-entropy (the sum over all scored targets
 divided by their count, over every batch), so ``exp(loss)`` equals ``ppl`` (torchmetrics'
 perplexity over the same targets). ``accuracy`` is the micro accuracy over scored
-targets only (``IGNORE_INDEX`` respected): for MQAR that is the answer positions.
+targets only (``IGNORE_INDEX`` respected): for MQAR that is the answer positions. Tasks
+add their own metrics (:class:`~mixstack.dsl.registry.MetricDef`, declared with
+``register_task``); a run computes the general metrics of its arch and its task's.
+torchmetrics is imported by the metric factories, not by this module.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from mixstack.dsl import registry
+from mixstack.dsl.registry import MetricDef, register_metric
+from mixstack.dsl.spec import Spec
 from mixstack.tasks.base import IGNORE_INDEX
-from mixstack.training.losses import Objective, loss_sum
+from mixstack.training.losses import loss_sum
+
+
+def _mean(n_out: int) -> Any:
+    from torchmetrics import MeanMetric
+
+    return MeanMetric()
+
+
+def _loss_inputs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean loss of the batch, weighted by its number of scored targets."""
+    total, count = loss_sum(logits, labels)
+    return total / count.clamp(min=1), count
+
+
+def _accuracy(n_out: int) -> Any:
+    from torchmetrics.classification import MulticlassAccuracy
+
+    return MulticlassAccuracy(
+        num_classes=n_out, average="micro", ignore_index=IGNORE_INDEX, validate_args=False
+    )
+
+
+def _flat(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``(N, V)`` logits and ``(N,)`` labels."""
+    return logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
+
+
+def _perplexity(n_out: int) -> Any:
+    from torchmetrics.text import Perplexity
+
+    return Perplexity(ignore_index=IGNORE_INDEX)
+
+
+LOSS = register_metric(
+    MetricDef("loss", False, "token-weighted mean cross-entropy", _mean, _loss_inputs)
+)
+ACCURACY = register_metric(
+    MetricDef("accuracy", True, "micro accuracy over scored targets", _accuracy, _flat)
+)
+PPL = register_metric(
+    MetricDef(
+        "ppl",
+        False,
+        "perplexity, exp(loss) (language-model archs)",
+        _perplexity,
+        archs=("causal_lm", "encoder"),
+    )
+)
 
 
 class EvalMetrics(nn.Module):
-    """Loss, accuracy and (LM objectives) perplexity, accumulated over batches.
+    """The validation metrics of a run, accumulated over batches.
 
     A module so the metric states follow the model's device; under DDP torchmetrics
     sums the states over processes in :meth:`compute`.
     """
 
-    def __init__(self, objective: Objective, n_classes: int) -> None:
+    def __init__(self, definitions: Sequence[MetricDef], n_out: int) -> None:
         super().__init__()
-        from torchmetrics import MeanMetric
-        from torchmetrics.classification import MulticlassAccuracy
+        self.definitions = {d.name: d for d in definitions}
+        self.torchmetrics = nn.ModuleDict({d.name: d.factory(n_out) for d in definitions})
 
-        self.objective = objective
-        self.loss = MeanMetric()
-        self.accuracy = MulticlassAccuracy(
-            num_classes=n_classes, average="micro", ignore_index=IGNORE_INDEX, validate_args=False
-        )
-        self.ppl: nn.Module | None = None
-        if objective != "classification":
-            from torchmetrics.text import Perplexity
-
-            self.ppl = Perplexity(ignore_index=IGNORE_INDEX)
+    @classmethod
+    def for_spec(cls, spec: Spec) -> EvalMetrics:
+        """The general metrics of ``spec.model.arch`` and those of ``spec.train.task``."""
+        assert spec.train is not None  # callers checked that the spec trains
+        model = spec.model
+        n_out = model.classifier.n_classes if model.classifier else model.total_vocab
+        return cls(registry.task_metrics(spec.train.task.type, model.arch), n_out)
 
     @torch.no_grad()
     def update(self, logits: Tensor, labels: Tensor) -> None:
         """``logits (B, L, V)`` / ``labels (B, L)``, or ``(B, C)`` / ``(B,)``."""
-        total, count = loss_sum(logits, labels)
-        if int(count) > 0:
-            self.loss.update(total / count, weight=count)
-        flat = logits.reshape(-1, logits.shape[-1]).float()  # (N, V)
-        self.accuracy.update(flat, labels.reshape(-1))
-        if self.ppl is not None:
-            self.ppl.update(logits.float(), labels)
+        for name, metric in self.torchmetrics.items():
+            prepare = self.definitions[name].prepare
+            metric.update(*(prepare(logits, labels) if prepare else (logits.float(), labels)))
 
     def compute(self) -> dict[str, float]:
-        out = {"loss": float(self.loss.compute()), "accuracy": float(self.accuracy.compute())}
-        if self.ppl is not None:
-            out["ppl"] = float(self.ppl.compute())
-        return out
+        return {name: float(metric.compute()) for name, metric in self.torchmetrics.items()}
 
     def metrics(self) -> dict[str, Any]:
         """The torchmetrics objects by name (for ``LightningModule.log``)."""
-        out: dict[str, Any] = {"loss": self.loss, "accuracy": self.accuracy}
-        if self.ppl is not None:
-            out["ppl"] = self.ppl
-        return out
+        return dict(self.torchmetrics.items())
 
     def reset(self) -> None:
-        for metric in self.metrics().values():
+        for metric in self.torchmetrics.values():
             metric.reset()
+
+
+def val_summary(rows: Sequence[dict[str, str]]) -> dict[str, dict[str, Any]]:
+    """Per validation metric of a run's merged CSV rows: the last value, the best one (by
+    the metric's registered direction) and the optimizer step it was reached at (steps
+    done; Lightning logs a validation at the 0-based index of the step before it).
+    What ``run.json`` records under ``val``."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if not key.startswith("val/") or value in ("", None):
+                continue
+            higher = registry.metric_direction(key) == "max"
+            entry = out.setdefault(key, {"higher_is_better": higher})
+            current, step = float(value), int(row["step"]) + 1
+            best = entry.get("best")
+            if best is None or (current > best if higher else current < best):
+                entry.update(best=current, best_step=step)
+            entry.update(last=current, last_step=step)
+    return out

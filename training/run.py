@@ -272,6 +272,7 @@ def _close_segment(run: RunDir, segment: int, status: str, step: int, lit: Any) 
 def _finish(run: RunDir, lit: Any, result: RunResult) -> None:
     """Merge the metrics, export the model (finished runs), complete ``run.json``."""
     from mixstack.hub.modeldir import save_model_dir
+    from mixstack.training.metrics import val_summary
 
     rows = rundir.merge_metrics(run)
     result.metrics = rundir.last_metrics(rows)
@@ -284,6 +285,7 @@ def _finish(run: RunDir, lit: Any, result: RunResult) -> None:
     meta.update(
         {
             "metrics": result.metrics,
+            "val": val_summary(rows),
             "params": result.params,
             "model_dir": str(result.model_dir) if result.model_dir else None,
         }

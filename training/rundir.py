@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from mixstack.dsl import registry
 from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.spec import Spec
 
@@ -320,6 +321,7 @@ def start_segment(run: RunDir, spec: Spec, start_step: int, *, world_size: int =
             "versions": versions(),
             "git": git_revision(),
             "platform": platform.platform(),
+            "plugins": registry.plugin_origins(),  # entry points (dist, version), files (sha256)
         }
     )
     meta["segments"].append({"start_step": start_step, "started": now(), "world_size": world_size})

@@ -5,15 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from mixstack.dsl import registry
 from mixstack.dsl.errors import keys_text
-from mixstack.dsl.spec import (
-    OPTIMIZER_TYPES,
-    TASK_TYPES,
-    AdamWConfig,
-    ModelSpec,
-    MQARTask,
-    TrainSpec,
-)
+from mixstack.dsl.spec import OPTIMIZER_TYPES, AdamWConfig, ModelSpec, TaskConfig, TrainSpec
 from mixstack.dsl.validate.common import Checker
 
 
@@ -26,13 +20,14 @@ def train_section(ck: Checker, data: Any) -> TrainSpec | None:
         ck.add("train must be a mapping", path, value=data, allowed="a mapping")
         return None
     task = None
+    task_types = registry.task_configs()  # the registered tasks (mixstack/tasks/, plugins)
     if "task" in data:
-        task = ck.tagged(data["task"], (*path, "task"), TASK_TYPES, None)
+        task = ck.tagged(data["task"], (*path, "task"), task_types, None)
     else:
         ck.add(
             "missing required key 'task'",
             (*path, "task"),
-            allowed=f"task: {{type: NAME, ...}} with NAME one of {keys_text(TASK_TYPES)}",
+            allowed=f"task: {{type: NAME, ...}} with NAME one of {keys_text(task_types)}",
             at=path,
         )
     optimizer = ck.tagged(data.get("optimizer"), (*path, "optimizer"), OPTIMIZER_TYPES, "adamw")
@@ -45,7 +40,11 @@ def train_section(ck: Checker, data: Any) -> TrainSpec | None:
             at=path,
         )
     # Failed parts get a stand-in so the other fields are still checked.
-    fields = {**data, "task": task or MQARTask(), "optimizer": optimizer or AdamWConfig()}
+    fields = {
+        **data,
+        "task": task or TaskConfig(type="?"),
+        "optimizer": optimizer or AdamWConfig(),
+    }
     train = ck.pydantic(TrainSpec, fields if length else {**fields, "max_steps": 1}, path)
     return train if task is not None and optimizer is not None and length else None
 

@@ -125,10 +125,7 @@ def test_zoo_list_shows_presets_with_their_header() -> None:
     assert _header("# one\n#  two\n\n# not header\nkey: 1\n") == "one two"
 
 
-def test_plugin_registers_a_layer_type(tmp_path, monkeypatch) -> None:
-    from mixstack.dsl import registry
-
-    monkeypatch.setattr(registry, "_entries", dict(registry._entries))  # undone after the test
+def test_plugin_registers_a_layer_type(tmp_path, monkeypatch, scoped_registry) -> None:
     plugin = tmp_path / "scale_plugin.py"
     plugin.write_text(
         "from typing import Literal\n"

@@ -148,16 +148,12 @@ FAKE_CONFIGS: tuple[type[LayerConfig], ...] = (
 
 @pytest.fixture(autouse=True, scope="module")
 def fake_layer_types() -> Iterator[None]:
-    registry.ensure_loaded()
-    added = []
-    for cfg in FAKE_CONFIGS:
-        name = cfg.model_fields["type"].default
-        if not registry.has(name):
-            registry.register(cfg)(type(f"Fake_{name}", (_FakeModule,), {}))
-            added.append(name)
-    yield
-    for name in added:  # the registry has no public removal; tests clean up after themselves
-        registry._entries.pop(name, None)
+    with registry.scoped():
+        for cfg in FAKE_CONFIGS:
+            registry.register(cfg)(
+                type(f"Fake_{cfg.model_fields['type'].default}", (_FakeModule,), {})
+            )
+        yield
 
 
 @pytest.fixture

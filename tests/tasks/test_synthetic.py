@@ -8,15 +8,10 @@ import pytest
 import torch
 
 from mixstack.tasks.base import IGNORE_INDEX, derive_seed, generator_for
-from mixstack.tasks.synthetic import (
-    BLANK,
-    MARKER,
-    TRIGGER,
-    induction_sample,
-    majority_sample,
-    mqar_sample,
-    selective_copy_sample,
-)
+from mixstack.tasks.induction import TRIGGER, induction_sample
+from mixstack.tasks.majority import majority_sample
+from mixstack.tasks.mqar import mqar_sample
+from mixstack.tasks.selective_copy import BLANK, MARKER, selective_copy_sample
 
 
 def _mqar(seed: int, **kw):

@@ -53,10 +53,9 @@ class Gain(Mixer):
 
 @pytest.fixture(autouse=True, scope="module")
 def gain_layer() -> Iterator[None]:
-    registry.ensure_loaded()
-    registry.register(GainConfig)(Gain)
-    yield
-    registry._entries.pop("test_fp32_gain", None)  # no public removal; leave it as found
+    with registry.scoped():
+        registry.register(GainConfig)(Gain)
+        yield
 
 
 def _gain_spec(*overrides: str):

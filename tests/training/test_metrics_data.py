@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mixstack
+from mixstack.dsl import registry
 from mixstack.dsl.errors import MixstackError
 from mixstack.tasks.base import IGNORE_INDEX
 from mixstack.training.data import (
@@ -33,7 +34,7 @@ def _batches(sizes: list[int], vocab: int, seed: int = 0):
 
 def test_lm_metrics_are_token_weighted_and_ppl_is_exp_loss() -> None:
     batches = _batches([12, 3, 7], vocab=9)
-    metrics = EvalMetrics("next_token", n_classes=9)
+    metrics = EvalMetrics(registry.task_metrics("text", "causal_lm"), 9)
     for logits, labels in batches:
         metrics.update(logits, labels)
     got = metrics.compute()
@@ -57,7 +58,7 @@ def test_lm_metrics_are_token_weighted_and_ppl_is_exp_loss() -> None:
 def test_classification_metrics() -> None:
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [1.0, 0.0, 4.0], [0.0, 2.0, 1.0]])
     labels = torch.tensor([0, 1, 1, 2])
-    metrics = EvalMetrics("classification", n_classes=3)
+    metrics = EvalMetrics(registry.task_metrics("majority", "classifier"), 3)
     metrics.update(logits, labels)
     got = metrics.compute()
     assert "ppl" not in got

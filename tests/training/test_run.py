@@ -111,6 +111,25 @@ def test_run_directory_records_what_happened(tiny_run, tiny_spec) -> None:
     ]
 
 
+def test_run_json_records_last_and_best_of_every_val_metric(tiny_run) -> None:
+    """The task's own metric (MQAR's exact_match) is logged beside loss / accuracy / ppl,
+    and run.json keeps each one's last value and its best by the registered direction."""
+    root = tiny_run.run_dir
+    summary = json.loads((root / "run.json").read_text())["val"]
+    assert set(summary) == {"val/loss", "val/accuracy", "val/ppl", "val/exact_match"}
+    rows = [r for r in _rows(root) if r["val/loss"]]
+    for name, higher in [("val/loss", False), ("val/accuracy", True), ("val/exact_match", True)]:
+        values = [(float(r[name]), int(r["step"]) + 1) for r in rows]
+        best = max(values, key=lambda v: v[0]) if higher else min(values, key=lambda v: v[0])
+        got = summary[name]
+        assert got["higher_is_better"] is higher
+        assert (got["last"], got["last_step"]) == values[-1] and got["last_step"] == 6
+        assert (
+            got["best"] == best[0]
+            and values[[v[1] for v in values].index(got["best_step"])][0] == best[0]
+        )
+
+
 def test_exported_model_reproduces_the_final_validation(tiny_run, tiny_spec) -> None:
     model = mixstack.from_pretrained(tiny_run.model_dir)
     metrics = evaluate(model, spec_for(model, tiny_spec()))

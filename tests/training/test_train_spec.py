@@ -10,7 +10,8 @@ import yaml
 
 import mixstack
 from mixstack.dsl.errors import SpecError
-from mixstack.dsl.spec import MQARTask, TextTask
+from mixstack.tasks.mqar import MQARTask
+from mixstack.tasks.text import TextTask
 
 MODEL = """\
 model:
@@ -204,3 +205,22 @@ def test_trainer_devices_are_checked_at_load(tmp_path: Path, devices: str, fragm
     hits = [text for path, text in issues.items() if path.startswith("run.trainer.devices")]
     assert hits and any(fragment in t for t in hits), issues
     assert all(str(tmp_path / "spec.yaml") + ":11:" in t for t in hits)
+
+
+def test_early_stop_reads_the_metric_direction_from_the_registry(tmp_path: Path) -> None:
+    def early_stop(metric: str) -> str:
+        return (
+            "train:\n  task: {type: mqar}\n  max_steps: 10\n"
+            f"  early_stop: {{metric: {metric}, threshold: 0.5}}\n"
+        )
+
+    spec = mixstack.load_spec(_write(tmp_path, early_stop("val/exact_match")))
+    assert spec.train.early_stop.mode == "max"  # MQAR's own metric, higher is better
+    assert (
+        mixstack.load_spec(_write(tmp_path, early_stop("val/ppl"))).train.early_stop.mode == "min"
+    )
+    issues = _issues(tmp_path, early_stop("val/exact_mach"))
+    text = issues["train.early_stop.metric"]
+    assert "task 'mqar' on arch causal_lm logs no metric 'val/exact_mach'" in text
+    assert "did you mean 'val/exact_match'?" in text
+    assert "val/accuracy, val/exact_match, val/loss, val/ppl" in text

@@ -1,0 +1,146 @@
+"""Multi-query associative recall (Arora et al. 2023, "Zoology"; HazyResearch/zoology
+``multiquery_ar``): config, generator and the extra metric ``exact_match``."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from mixstack.dsl.registry import MetricDef, register_task
+from mixstack.dsl.spec import ModelSpec, Problem
+from mixstack.tasks.base import (
+    IGNORE_INDEX,
+    GeneratedTask,
+    GeneratedTaskConfig,
+    Sample,
+    Split,
+    ignored,
+)
+
+
+class MQARTask(GeneratedTaskConfig):
+    """Multi-query associative recall (zoology semantics; accuracy on answer positions)."""
+
+    type: Literal["mqar"] = "mqar"
+    n_pairs: int = Field(4, ge=1, description="key-value pairs per sequence, all queried")
+    vocab_size: int | None = Field(
+        None,
+        ge=4,
+        description="ids used: keys 1..V/2-1, values V/2..V-1; null: the model's vocab_size",
+    )
+    power_a: float = Field(
+        0.01, gt=0, le=1, description="query gap g drawn with probability ∝ a·(g+1)^(a-1)"
+    )
+    random_non_queries: bool = Field(True, description="fill other positions with random ids")
+
+    @classmethod
+    def examples(cls) -> list[MQARTask]:
+        return [
+            cls(n_pairs=4, seq_len=32, vocab_size=64, val_size=8),
+            cls(n_pairs=3, seq_len=13, vocab_size=10, random_non_queries=False, val_size=8),
+        ]
+
+    def check(self, model: ModelSpec) -> list[Problem]:
+        out = super().check(model)
+        if 4 * self.n_pairs > self.seq_len:
+            out.append(
+                (
+                    ("n_pairs",),
+                    f"{self.n_pairs} pairs need seq_len >= 4·n_pairs = {4 * self.n_pairs} "
+                    f"(pairs, then one query slot per pair among (seq_len - 2n)/2), "
+                    f"seq_len is {self.seq_len}",
+                    f"n_pairs <= {self.seq_len // 4}",
+                )
+            )
+        vocab = self.vocab_size or model.vocab_size
+        if vocab // 2 - 1 < self.n_pairs:
+            out.append(
+                (
+                    ("vocab_size",),
+                    f"{self.n_pairs} distinct keys need vocab_size >= {2 * self.n_pairs + 2} "
+                    f"(keys come from 1..V/2-1), got {vocab}",
+                    f">= {2 * self.n_pairs + 2}",
+                )
+            )
+        return out
+
+
+def mqar_sample(
+    *,
+    n_pairs: int,
+    seq_len: int,
+    vocab_size: int,
+    power_a: float,
+    random_non_queries: bool,
+    generator: torch.Generator,
+) -> Sample:
+    """``k_1 v_1 k_2 v_2 ... k_n v_n`` (keys from ``1..V/2-1``, values from ``V/2..V-1``,
+    all distinct), then the query region: every key appears once more at an even
+    offset ``2g`` after the pairs, where the gaps ``g`` are drawn without replacement
+    with probability ∝ ``a·(g+1)^(a-1)`` (small ``a`` puts queries near the pairs).
+    The output at a query's position must be its value. The remaining positions are
+    random ids (``random_non_queries``) or 0. Example, n=2, L=8, V=8 (before the
+    random fill)::
+
+        inputs  1 5 3 6 | 3 0 1 0        labels  - - - - | 6 - 5 -
+    """
+    half = vocab_size // 2
+    keys = 1 + torch.randperm(half - 1, generator=generator)[:n_pairs]  # (n,)
+    values = half + torch.randperm(vocab_size - half, generator=generator)[:n_pairs]  # (n,)
+    context = 2 * n_pairs
+    slots = (seq_len - context) // 2
+    weights = power_a * torch.arange(1, slots + 1, dtype=torch.float64) ** (power_a - 1)
+    gaps = torch.multinomial(weights, n_pairs, replacement=False, generator=generator)  # (n,)
+    inputs = torch.zeros(seq_len, dtype=torch.long)
+    inputs[0:context:2] = keys
+    inputs[1:context:2] = values
+    positions = context + 2 * gaps  # (n,): where key i is queried
+    inputs[positions] = keys
+    labels = ignored(seq_len)
+    labels[positions] = values
+    if random_non_queries:
+        noise = torch.randint(vocab_size, (seq_len,), generator=generator)
+        inputs = torch.where(inputs == 0, noise, inputs)
+    return {"input_ids": inputs, "labels": labels}
+
+
+def rows_all_correct(logits: Tensor, labels: Tensor) -> tuple[Tensor]:
+    """``(B,)`` 1.0 where every scored position of the row is predicted right
+    (``logits (B, L, V)``, ``labels (B, L)``)."""
+    scored = labels != IGNORE_INDEX
+    right = (logits.argmax(dim=-1) == labels) | ~scored
+    return (right.all(dim=-1).float(),)
+
+
+def _mean(n_out: int) -> Any:
+    from torchmetrics import MeanMetric
+
+    return MeanMetric()
+
+
+EXACT_MATCH = MetricDef(
+    name="exact_match",
+    higher_is_better=True,
+    description="fraction of sequences whose every query is answered right",
+    factory=_mean,
+    prepare=rows_all_correct,
+)
+
+
+@register_task(MQARTask, metrics=[EXACT_MATCH])
+class MQAR(GeneratedTask):
+    cfg: MQARTask
+
+    def sample(self, split: Split, step: int, index: int) -> Sample:
+        cfg = self.cfg
+        return mqar_sample(
+            n_pairs=cfg.n_pairs,
+            seq_len=cfg.seq_len,
+            vocab_size=cfg.vocab_size,
+            power_a=cfg.power_a,
+            random_non_queries=cfg.random_non_queries,
+            generator=self.generator(split, step, index),
+        )
