@@ -70,7 +70,7 @@ class EmbeddingConfig(StrictModel):
 
 
 class InitConfig(StrictModel):
-    """Initialisation shared by all layers (mixers may apply their own, MATH.md)."""
+    """Initialisation shared by all layers (per mixer: docs/math.md#initialisation)."""
 
     std: float = Field(
         0.02, gt=0, description="std of Normal init for linear and embedding weights"

@@ -1,4 +1,4 @@
-"""The state-space-dual (SSD) scan of Mamba-2, shared with Hydra (MATH.md §2, §5).
+"""The state-space-dual (SSD) scan of Mamba-2, shared with Hydra (docs/math.md#mamba-2, #hydra).
 
 Per head ``h`` (group ``g(h) = h // (H/G)``) the state ``S ∈ R^{P×N}`` follows
 
@@ -16,7 +16,7 @@ Backends (one signature, :func:`ssd_scan_reference`):
 * ``torch``: the chunked algorithm: quadratic (attention-like) within a chunk of
   ``chunk_size`` steps, a **linear** sequential scan of chunk states across chunks.
   Segment sums are built in fp32 by mask-then-cumsum and masked to −∞ *before*
-  ``exp``, so neither forward nor backward produces NaN for large Δ (MATH §10).
+  ``exp``, so neither forward nor backward produces NaN for large Δ (docs/math.md#pitfalls).
 
 :func:`ssd_scan_quadratic_states` is ssd_minimal's variant whose state passing is
 quadratic in the number of chunks; it is not a backend, only a baseline for
@@ -375,7 +375,7 @@ def _ssd_chunked(
     return_final_state: bool,
     quadratic_states: bool,
 ) -> ScanResult:
-    """The chunked algorithm (MATH §2 steps 1-4); state passing linear or quadratic."""
+    """The chunked algorithm (docs/math.md#mamba-2 steps 1-4); state passing linear or quadratic."""
     _check_args(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state)
     f = compute_dtype(x.dtype)
     bsz, length, heads, hdim = x.shape

@@ -9,6 +9,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+# The repository root is the package: importing it here, before any test module, makes
+# pytest find it as `mixstack` (a test file that imports nothing of it, such as
+# test_packaging.py alone, would otherwise fail to import the root __init__.py).
+import mixstack  # noqa: F401
+
 settings.register_profile(
     "ci",
     deadline=None,
