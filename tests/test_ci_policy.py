@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# Two child pytest runs, started once for the module (the cost lands in the fixture).
+pytestmark = pytest.mark.slow(budget_s=20)
+
 CONFTEST = Path(__file__).with_name("conftest.py")
 
 TESTS = """

@@ -216,11 +216,11 @@ class EMA(Mixer):
         return self._finish(h.to(x_t.dtype)[:, None], None)[:, 0]
 
     def _as_state(self, state: State) -> EMAState:
-        if not isinstance(state, EMAState):
-            raise MixstackError(
-                f"ema needs the state from its own init_state(), got {type(state).__name__}"
-            )
-        return state
+        if isinstance(state, EMAState):
+            return state
+        raise MixstackError(
+            f"ema needs the state from its own init_state(), got {type(state).__name__}"
+        )
 
     # -- bookkeeping ---------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:

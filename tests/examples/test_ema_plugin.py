@@ -188,7 +188,7 @@ def _mixstack(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
-@pytest.mark.slow(budget_s=60)
+@pytest.mark.slow(budget_s=30)
 def test_cli_validates_and_trains_with_the_plugin(tmp_path: Path) -> None:
     spec = tmp_path / "ema.yaml"
     spec.write_text(yaml.safe_dump(_spec_data()))

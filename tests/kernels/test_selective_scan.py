@@ -417,6 +417,7 @@ def _malloc_live_bytes():
     return lambda: libc.mallinfo2().uordblks + libc.mallinfo2().hblkhd
 
 
+@pytest.mark.slow(budget_s=20)
 def test_chunked_path_keeps_no_state_history_for_backward() -> None:
     """What autograd holds between forward and backward: the reference keeps every step's
     (B, Dn, N) state (more than the whole history), the chunked path only boundary
