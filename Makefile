@@ -8,6 +8,10 @@ BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.mixstack-installed
 PYTEST_ARGS ?=
+# What `make test` adds: every optional integration (not `cuda`, which builds CUDA
+# sources), so that no test is skipped for a missing package. `make demo` does without.
+EXTRAS := dev,interop,data,eval,cluster
+EXTRAS_STAMP := $(VENV)/.mixstack-extras-installed
 
 .PHONY: venv demo test lint clean-venv
 
@@ -19,12 +23,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $(STAMP)
 
+$(EXTRAS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'
+	touch $(EXTRAS_STAMP)
+
 # Trains the zoo's MQAR hybrid on the CPU (about a minute, no network), shows progress,
 # ends with the accuracy and where the model was saved (runs/demo/model).
 demo: venv
 	$(BIN)/mixstack train zoo:mqar-tiny --out runs/demo --overwrite
 
-test: venv
+test: $(EXTRAS_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv

@@ -6,7 +6,7 @@ with a kernel ``k (D, K)``, ``y_t = Σ_j k_j · u_{t−j}``:
 * ``fftconv``: the ``torch`` backend of :mod:`mixstack.kernels.fftconv` (FFT size padded
   to the next 2^a·3^b·5^c at or above L + K − 1);
 * ``plain fft``: ``irfft(rfft(u, n=2L) · rfft(k, n=2L), n=2L)[..., :L]``, the one-line
-  reference of safari and MATH §6 (same math, always 2L);
+  reference of safari and docs/math.md#long-convolution (same math, always 2L);
 * ``direct``: ``F.conv1d`` (depthwise, left padding K − 1, flipped kernel): O(L·K).
 
 Three measurements:

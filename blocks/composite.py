@@ -1,4 +1,4 @@
-"""Composite layers: several layers under one pattern symbol (DESIGN §3, MATH §9).
+"""Composite layers: several layers under one pattern symbol (DESIGN §3, docs/math.md#composites).
 
 ``sequential``  one symbol holding several residual sub-layers, each with its own norm
                 and residual: the block convention of mamba_ssm / HF models, e.g. a

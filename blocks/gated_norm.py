@@ -1,4 +1,4 @@
-"""Group-wise gated RMSNorm (mamba_ssm ``RMSNormGated``; MATH.md §2 step 6, §5).
+"""Group-wise gated RMSNorm (mamba_ssm ``RMSNormGated``; docs/math.md#mamba-2 step 6, #hydra).
 
 With gate ``z`` and weight ``w``, over groups of ``group_size`` channels:
 

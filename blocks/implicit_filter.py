@@ -1,4 +1,4 @@
-"""Hyena's implicit long filter: a small network over positional features (MATH.md §6).
+"""Hyena's implicit long filter: a small network over positional features (docs/math.md#hyena).
 
 A filter of ``channels`` rows is not stored tap by tap: it is the output of an MLP
 evaluated at every position, ``ĥ(t) = MLP(z(t))``, then modulated by an exponential

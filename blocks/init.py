@@ -59,8 +59,9 @@ def reset_depthwise_conv(conv: nn.Conv1d, generator: torch.Generator | None) -> 
 def dt_bias_init(
     size: int, dt_min: float, dt_max: float, floor: float, generator: torch.Generator | None
 ) -> Tensor:
-    """softplus⁻¹ of Δ drawn log-uniform in [dt_min, dt_max] and floored (MATH §2, §3), so
-    that ``softplus(bias)`` starts in the Δ range (Mamba-1, Mamba-2, Hydra). fp64."""
+    """softplus⁻¹ of Δ drawn log-uniform in [dt_min, dt_max] and floored
+    (docs/math.md#mamba-2, #mamba-1), so that ``softplus(bias)`` starts in the Δ range
+    (Mamba-1, Mamba-2, Hydra). fp64."""
     u = _draw(torch.Size([size]), generator, torch.float64).uniform_(generator=generator)
     dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     dt = dt.clamp(min=floor)

@@ -1,7 +1,7 @@
 """Casting a model to low precision while keeping the parameters that must stay fp32.
 
 ``module.to(torch.bfloat16)`` casts everything, including SSM scalars such as
-``A_log``, ``D`` and ``dt_bias`` whose bf16 rounding changes the dynamics (MATH.md §10).
+``A_log``, ``D`` and ``dt_bias`` whose bf16 rounding changes the dynamics (docs/math.md#pitfalls).
 Mixers mark those with ``ParamHint(keep_fp32=True)`` in ``param_hints()``;
 :func:`cast_module` honours the hints of every mixer inside the module tree.
 """

@@ -1,4 +1,4 @@
-"""The pre-norm residual block: one symbol of a pattern (DESIGN §3, MATH §9).
+"""The pre-norm residual block: one symbol of a pattern (DESIGN §3, docs/math.md#hybrid-layouts).
 
 A block receives a norm and a layer that are already built (house rule 12): blocks/
 never constructs or imports mixers, so any registered layer (or a parallel composite)
@@ -76,7 +76,8 @@ class ResidualBlock(nn.Module):
         return x_t + self.dropout(self.mixer.step(self.norm(x_t), state, token_t=token_t))
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Norm to its identity init, mixer by its own rule (MATH.md), from ``generator``."""
+        """Norm to its identity init, mixer by its own rule (docs/math.md#initialisation),
+        from ``generator``."""
         self.norm.reset_parameters(generator)
         self.mixer.reset_parameters(generator)
 

@@ -1,4 +1,4 @@
-"""Rotary position embedding, rotate-half layout (MATH.md §1).
+"""Rotary position embedding, rotate-half layout (docs/math.md#attention).
 
 GPT-NeoX / Llama convention (flash-attn ``interleaved=False``): for rotary dim ``r``
 the vector's first ``r/2`` entries pair with the next ``r/2``; dims ``>= r`` pass

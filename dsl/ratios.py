@@ -2,7 +2,7 @@
 
 Megatron-LM (``megatron/core/ssm/mamba_hybrid_layer_allocation.py``) turns
 ``--hybrid-attention-ratio`` and ``--hybrid-mlp-ratio`` into a layer pattern over
-Mamba layers (MATH.md §9):
+Mamba layers (docs/math.md#hybrid-layouts):
 
 1. ``n_attn = round(N * r_attn)`` attention layers are spread evenly over the stack,
    with Mamba runs at both ends: walking the layers with a running ``x`` that starts

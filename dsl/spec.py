@@ -69,7 +69,7 @@ class EmbeddingConfig(StrictModel):
 
 
 class InitConfig(StrictModel):
-    """Initialisation shared by all layers (mixers may apply their own, MATH.md)."""
+    """Initialisation shared by all layers (per mixer: docs/math.md#initialisation)."""
 
     std: float = Field(
         0.02, gt=0, description="std of Normal init for linear and embedding weights"
@@ -80,7 +80,7 @@ class InitConfig(StrictModel):
     )
     scheme: Literal["mixstack", "normal_linear"] = Field(
         "mixstack",
-        description="mixstack: each mixer's own init (MATH.md); normal_linear: then every "
+        description="mixstack: each mixer's own init (docs/math.md); normal_linear: then every "
         "Linear (Δ projections and filter MLPs included) redrawn from N(0, std) with zero "
         "bias, as the safari / zoology LM code does (residual_scaling still applies)",
     )

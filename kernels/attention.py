@@ -1,4 +1,4 @@
-"""Scaled dot-product attention with masks, GQA and KV-cache alignment (MATH.md §1).
+"""Scaled dot-product attention with masks, GQA and KV-cache alignment (docs/math.md#attention).
 
 One signature, two backends:
 
@@ -20,7 +20,7 @@ A query that sees no key at all outputs exactly 0, forward and backward (no NaN)
 Callers use the dispatcher :func:`attention` (the reference's signature plus
 ``backends``, the policy that picks the backend).
 
-SDPA trap (MATH.md §10): ``is_causal=True`` is top-left aligned, which is only right
+SDPA trap (docs/math.md#pitfalls): ``is_causal=True`` is top-left aligned, which is only right
 when ``Lq == Lk``; any other case gets an explicit bottom-right boolean mask.
 """
 

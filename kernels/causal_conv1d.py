@@ -4,8 +4,8 @@
 
 * **causal** (kernel ``causal_conv1d``): ``y_t = Σ_k weight[:, k] · x_{t−(K−1)+k} + bias``,
   i.e. left-pad K−1 and keep the first L outputs; ``weight[:, K−1]`` multiplies the
-  current input (mamba_ssm / nn.Conv1d layout, MATH §2). Decode state: ``(B, C, K)``,
-  the last **K pre-conv input columns**, oldest first, exactly MATH §2's
+  current input (mamba_ssm / nn.Conv1d layout, docs/math.md#mamba-2). Decode state:
+  ``(B, C, K)``, the last **K pre-conv input columns**, oldest first, exactly Mamba-2's
   ``conv_state``; a forward consumes its last K−1 columns, :func:`causal_conv1d_update`
   shifts it left and appends the new input. The final state after a forward is the
   last K columns of ``[initial_state | x]`` (zero-left-padded when there was no

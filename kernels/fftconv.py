@@ -1,4 +1,5 @@
-"""Long depthwise convolutions through the real FFT (MATH.md §4, §6, §7, §10).
+"""Long depthwise convolutions through the real FFT (docs/math.md#s4d,
+#long-convolution, #hyena, #orchid, #pitfalls).
 
 One signature for every backend: a signal ``u (B, D, L)`` is convolved channel by
 channel with a kernel shared by the batch, ``k (D, K)``, or one per sample,
@@ -11,11 +12,11 @@ channel with a kernel shared by the batch, ``k (D, K)``, or one per sample,
   for lags ``−1..−Kb`` (safari's bidirectional layout,
   ``y_t = Σ_{s≤t} k⁰_{t−s}u_s + Σ_{s>t} k¹_{s−t−1}u_s``). Bidirectional mixers.
 * ``circular``: ``y_t = Σ_j k_j · u_{(t−j) mod L}``: period L, a kernel longer than L
-  wraps onto itself. Orchid's explicitly circular variant (MATH §7).
+  wraps onto itself. Orchid's explicitly circular variant (docs/math.md#orchid).
 
 Taps beyond the sequence never contribute, so a kernel may be shorter than, as long
 as, or longer than L. Only the kernel's FFT carries the ``1/n`` (inside ``irfft``):
-the result is the true convolution, never divided twice (MATH §10, Orchid defect 2).
+the result is the true convolution, never divided twice (docs/math.md#pitfalls, Orchid defect 2).
 
 Packed sequences (``seq_idx (B, L)``, document ids, −1 = padding; documents as in
 :func:`mixstack.kernels.common.document_runs`, shared with ``causal_conv1d``): padding is

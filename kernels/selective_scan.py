@@ -1,4 +1,4 @@
-"""Selective scan: the diagonal, input-dependent SSM recurrence of Mamba-1 (MATH §3).
+"""Selective scan: the diagonal, input-dependent SSM recurrence of Mamba-1 (docs/math.md#mamba-1).
 
 Per channel ``d`` (of ``Dn``) and state index ``n`` (of ``N``), with ``g(d)`` the group
 of channel ``d`` (contiguous blocks of ``Dn / G`` channels)::
@@ -366,7 +366,7 @@ def selective_scan_chunked(
     """The selective scan with bounded memory; contract of :func:`selective_scan_reference`.
 
     SSD's trick (a (Q, Q) decay matrix per chunk) does not transfer: here the decay
-    depends on (d, n), so that tensor would be (B, L/Q, Q, Q, Dn, N) (MATH §3). Instead
+    depends on (d, n), so that tensor would be (B, L/Q, Q, Q, Dn, N) (docs/math.md#mamba-1). Instead
     the sequence is cut into segments whose (B, S, Dn, N) working set holds about
     ``SEGMENT_ELEMENTS`` numbers, walked in order; within a segment, chunks of
     ``chunk_size`` steps scan side by side and then pass states along

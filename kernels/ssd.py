@@ -1,4 +1,4 @@
-"""The state-space-dual (SSD) scan of Mamba-2, shared with Hydra (MATH.md §2, §5).
+"""The state-space-dual (SSD) scan of Mamba-2, shared with Hydra (docs/math.md#mamba-2, #hydra).
 
 Per head ``h`` (group ``g(h) = h // (H/G)``) the state ``S ∈ R^{P×N}`` follows
 
@@ -16,7 +16,7 @@ Backends (one signature, :func:`ssd_scan_reference`):
 * ``torch``: the chunked algorithm: quadratic (attention-like) within a chunk of
   ``chunk_size`` steps, a **linear** sequential scan of chunk states across chunks.
   Segment sums are built in fp32 by mask-then-cumsum and masked to −∞ *before*
-  ``exp``, so neither forward nor backward produces NaN for large Δ (MATH §10).
+  ``exp``, so neither forward nor backward produces NaN for large Δ (docs/math.md#pitfalls).
 
 :func:`ssd_scan_chunked` with ``quadratic_states=True`` is ssd_minimal's variant
 whose state passing is quadratic in the number of chunks; no policy picks it, it is a
@@ -369,7 +369,7 @@ def ssd_scan_chunked(
     return_final_state: bool = False,
     quadratic_states: bool = False,
 ) -> ScanResult:
-    """Chunked SSD (MATH §2 steps 1-4); contract of :func:`ssd_scan_reference`.
+    """Chunked SSD (docs/math.md#mamba-2, steps 1-4); contract of :func:`ssd_scan_reference`.
 
     Work is O(L·Q) within chunks plus O(L/Q) sequential chunk steps; memory holds the
     (Q, Q) decay blocks of every chunk and one (P, N) state per chunk and head.
@@ -381,7 +381,7 @@ def ssd_scan_chunked(
     bsz, length, heads, hdim = x.shape
     ch = _chunked_inputs(x, dt, A, B, C, min(chunk_size, length), seq_idx, initial_state)
     # Axes: b batch, c chunk, g group, r head in the group, i / s target / source step in
-    # a chunk, p head dim, n state dim (MATH §2, ssd_minimal's four steps).
+    # a chunk, p head dim, n state dim (docs/math.md#mamba-2, ssd_minimal's four steps).
 
     # 1. intra-chunk (diagonal blocks): attention-like, quadratic in Q
     log_decay = segsum(ch.a)  # (B, c, G, R, Q, Q): [i, s] = Σ_{k=s+1..i} a_k, −∞ for s > i

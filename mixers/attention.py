@@ -1,4 +1,4 @@
-"""Multi-head softmax attention: MHA, GQA, MQA, sliding window, RoPE (MATH.md §1).
+"""Multi-head softmax attention: MHA, GQA, MQA, sliding window, RoPE (docs/math.md#attention).
 
 ``q = x W_q``, ``k = x W_k``, ``v = x W_v`` split into heads, RoPE on q and k,
 ``o_h = softmax(q_h k_{g(h)}ᵀ · s + mask) v_{g(h)}`` with KV head ``g(h) = h // (H/Hkv)``,

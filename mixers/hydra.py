@@ -1,4 +1,4 @@
-"""Hydra: the bidirectional quasiseparable mixer of Hwang et al. (2024) (MATH.md §5).
+"""Hydra: the bidirectional quasiseparable mixer of Hwang et al. (2024) (docs/math.md#hydra).
 
 Hydra runs Mamba-2's SSD scan twice, once forward in time and once on the time-reversed
 sequence, and adds a data-dependent diagonal. ``in_proj(u)`` is split
@@ -67,7 +67,7 @@ _NO_DECODE = (
 
 
 class HydraConfig(LayerConfig):
-    """Hydra mixer; defaults are goombalab/hydra's ``Hydra`` (MATH.md §5)."""
+    """Hydra mixer; defaults are goombalab/hydra's ``Hydra`` (docs/math.md#hydra)."""
 
     type: Literal["hydra"] = "hydra"
     d_state: int = Field(64, ge=1, description="SSM state size N per head and direction")
@@ -168,8 +168,8 @@ def shift_index(
 ) -> tuple[Tensor, Tensor]:
     """Where the one-step shift reads from: ``prev (B, L)`` int64 and ``keep (B, L)`` bool.
 
-    Without ``seq_idx``: ``prev = t − 1`` and ``keep = t > 0`` (MATH §5's roll and zeroed
-    first slot). With it: ``prev`` is the last non-padding position before t and ``keep``
+    Without ``seq_idx``: ``prev = t − 1`` and ``keep = t > 0`` (the shift of
+    docs/math.md#hydra). With it: ``prev`` is the last non-padding position before t and ``keep``
     says it exists, t is not padding and both are in the same document, so padding stays
     transparent and nothing crosses a document boundary.
     """
@@ -222,7 +222,7 @@ class Hydra(Mixer):
         self.out_proj = nn.Linear(self.d_inner, D, bias=cfg.bias)
         self.reset_parameters()
 
-    # -- initialisation (MATH.md §5, §2) -------------------------------------------------
+    # -- initialisation (docs/math.md#hydra, #mamba-2) ---------------------------------------------
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """PyTorch-default linears and conv (biases of linears zeroed, as mamba_ssm's LM

@@ -1,4 +1,4 @@
-"""Hyena operator of configurable order (Poli et al. 2023; MATH.md §6).
+"""Hyena operator of configurable order (Poli et al. 2023; docs/math.md#hyena).
 
 ``in_proj(u)`` (d_model → (N+1)·d_model, bias) then a depthwise short convolution
 (``short_filter``, ``short_filter_order`` taps, bias) over all ``(N+1)·d_model``
@@ -55,7 +55,7 @@ CheckResult = list[tuple[tuple[str | int, ...], str]]
 
 
 class HyenaConfig(LayerConfig):
-    """Hyena operator; defaults are safari's hyena layer config (MATH.md §6)."""
+    """Hyena operator; defaults are safari's hyena layer config (docs/math.md#hyena)."""
 
     type: Literal["hyena"] = "hyena"
     order: int = Field(

@@ -1,4 +1,4 @@
-"""Long convolution with an explicit, regularised kernel (MATH.md §6).
+"""Long convolution with an explicit, regularised kernel (docs/math.md#long-convolution).
 
 Layer (safari ``LongConv``): ``C = channels`` kernels per model channel,
 ``y_{c,h} = k_{c,h} ∗ u_h + D_{c,h} · u_h`` (FFT convolution, kernel ``kernel_len`` taps,
@@ -15,13 +15,13 @@ Kernel parameterisations (``kernel.type``):
   stride 1, zero padding, same length) then *squashed* (soft threshold
   ``k ← sign(k)·relu(|k| − λ)``). λ must be small against the spread of the smoothed
   kernel at init (``init_scale/√smooth``), or the kernel and its gradient are
-  identically zero (MATH §10; checked at load: λ <= 3·init_scale/√smooth).
+  identically zero (docs/math.md#pitfalls; checked at load: λ <= 3·init_scale/√smooth).
 * ``sgconv`` (Li et al. 2022, "What Makes Convolutional Models Great on Long Sequence
   Modeling?"): ``S = ⌈log2(K/d)⌉ + 1`` sub-kernel parameters ``w_i ∈ R^d``
   (``kernel.weight (S, sides·C, d_model, d)``, N(0, 1)), the kernel
   ``concat_i α^i · Up_{2^{max(i−1,0)}}(w_i)`` cut to K and divided by its L2 norm per row
   measured at initialisation (the buffer ``kernel.kernel_norm``, a constant afterwards).
-  Choices where MATH is UNCONFIRMED, documented here: ``Up`` is ``F.interpolate``
+  Choices the sources leave open, documented here: ``Up`` is ``F.interpolate``
   (``linear`` with ``align_corners=False``, or ``nearest``) and the norm is taken over
   the K taps of each (channel, model channel) row.
 
@@ -160,7 +160,8 @@ class LongConvConfig(LayerConfig):
                         f"(init_scale {kernel.init_scale}"
                         f"{smoothed if kernel.smooth > 1 else ''}): the soft threshold would "
                         "zero almost every kernel entry at init, and zeroed entries get no "
-                        "gradient (MATH §10); safari uses lam 0.003 with 0.002, no smoothing; "
+                        "gradient (docs/math.md#pitfalls); safari uses lam 0.003 with 0.002, "
+                        "no smoothing; "
                         f"allowed: lam <= {3 * spread:.3g}",
                     )
                 )

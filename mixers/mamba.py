@@ -1,4 +1,5 @@
-"""Mamba-1: the selective SSM layer of Gu & Dao (2023), as mamba_ssm's ``Mamba`` (MATH.md §3).
+"""Mamba-1: the selective SSM layer of Gu & Dao (2023), as mamba_ssm's ``Mamba``
+(docs/math.md#mamba-1).
 
 ``in_proj(u)`` is split **[x | z]** (the opposite order to Mamba-2); ``x ← silu(causal
 depthwise conv(x))``; ``x_proj(x)`` is split [dt_r (R) | B (N) | C (N)];
@@ -48,7 +49,7 @@ CheckResult = list[tuple[tuple[str | int, ...], str]]
 
 
 class MambaConfig(LayerConfig):
-    """Mamba-1 (selective SSM) mixer; defaults are mamba_ssm's ``Mamba`` (MATH.md §3)."""
+    """Mamba-1 (selective SSM) mixer; defaults are mamba_ssm's ``Mamba`` (docs/math.md#mamba-1)."""
 
     type: Literal["mamba"] = "mamba"
     d_state: int = Field(16, ge=1, description="SSM state size N per channel")
@@ -165,7 +166,7 @@ class Mamba(Mixer):
         self.out_proj = nn.Linear(self.d_inner, D, bias=cfg.bias)
         self.reset_parameters()
 
-    # -- initialisation (MATH.md §3) ----------------------------------------------------
+    # -- initialisation (docs/math.md#mamba-1) ----------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """PyTorch-default linears and conv (biases of linears zeroed, as mamba_ssm's LM

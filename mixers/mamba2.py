@@ -1,4 +1,5 @@
-"""Mamba-2: the SSD layer of Dao & Gu (2024), exactly as mamba_ssm's ``Mamba2`` (MATH.md §2).
+"""Mamba-2: the SSD layer of Dao & Gu (2024), exactly as mamba_ssm's ``Mamba2``
+(docs/math.md#mamba-2).
 
 ``in_proj(u)`` is split **[z0 | x0 | z | xBC | dt]** (z0, x0 of width d_mlp = d_inner −
 d_ssm, usually empty); ``xBC ← silu(causal depthwise conv(xBC))`` and split into
@@ -47,7 +48,7 @@ CheckResult = list[tuple[tuple[str | int, ...], str]]
 
 
 class Mamba2Config(LayerConfig):
-    """Mamba-2 (SSD) mixer; defaults are mamba_ssm's ``Mamba2`` (MATH.md §2)."""
+    """Mamba-2 (SSD) mixer; defaults are mamba_ssm's ``Mamba2`` (docs/math.md#mamba-2)."""
 
     type: Literal["mamba2"] = "mamba2"
     d_state: int = Field(128, ge=1, description="SSM state size N per head")
@@ -248,7 +249,7 @@ class Mamba2(Mixer):
         self.out_proj = nn.Linear(self.d_inner, D, bias=cfg.bias)
         self.reset_parameters()
 
-    # -- initialisation (MATH.md §2) ----------------------------------------------------
+    # -- initialisation (docs/math.md#mamba-2) ----------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """PyTorch-default linears and conv (biases of linears zeroed, as mamba_ssm's LM

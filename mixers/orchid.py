@@ -1,4 +1,4 @@
-"""Orchid: data-dependent global convolution (Karami & Ghodsi 2024; MATH.md §7).
+"""Orchid: data-dependent global convolution (Karami & Ghodsi 2024; docs/math.md#orchid).
 
 ``P = in_linear(u)`` (d_model → 3·d_model, bias). The conditioning input is
 ``s = P[..., 2D:]``, taken **before** the short convolution; ``[x_0, x_1, v]`` is the
@@ -42,7 +42,7 @@ Modes (``mode``):
   prefix does not depend on the total length. Block 0 uses the kernel of an empty
   prefix (input independent). Cost: ``⌈n/bs⌉`` spectra and convolutions per sequence.
 
-Fixed with respect to the original code (MATH §7 defects), and why:
+Fixed with respect to the original code (docs/math.md#orchid), and why:
 
 1. Batch > 1: each sample's kernel is applied to that sample only (the original
    broadcast (B,1,D,L) kernels against (B,D,L) signals into (B,B,L,D)).
@@ -72,7 +72,7 @@ network is flattened: ``conditioning.time_conv`` / ``time_norm`` are the origina
 ``conv_kernel_nn.nn_model.{conv1d_ls.0, norm_ls.0.norm_conv_kernel}``, ``freq_conv`` /
 ``freq_norm`` its ``nn_model2`` (Type I) or ``nn_model_frq`` (Type II; channel order
 differs, fix 5), ``k_conv`` / ``q_conv`` (and norms) its ``nn_model_k`` / ``nn_model_q``
-(original nested names from MATH §7; a weight converter would map them). DCT modes, heads
+(the original's nested names; a weight converter would map them). DCT modes, heads
 and order > 2 are not ported (only order 2 builds in the original).
 """
 

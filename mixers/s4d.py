@@ -1,4 +1,4 @@
-"""S4D: the diagonal structured state space layer of Gu et al. (2022) (MATH.md §4).
+"""S4D: the diagonal structured state space layer of Gu et al. (2022) (docs/math.md#s4d).
 
 Per channel h (H = d_model independent single-input single-output SSMs), N/2 complex
 modes ``A_n = −exp(log_A_real) + i·A_imag`` (the other N/2 are their conjugates, hence
@@ -56,7 +56,7 @@ ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "identity": lambda t: t}
 
 
 class S4DConfig(LayerConfig):
-    """S4D mixer; defaults are ``state-spaces/s4`` ``models/s4/s4d.py`` (MATH.md §4)."""
+    """S4D mixer; defaults are ``state-spaces/s4`` ``models/s4/s4d.py`` (docs/math.md#s4d)."""
 
     type: Literal["s4d"] = "s4d"
     d_state: int = Field(64, ge=2, description="N: state size per channel (N/2 complex modes)")
@@ -116,7 +116,7 @@ def init_A(init: Init, d_state: int, channels: int) -> tuple[Tensor, Tensor]:
     """(log_A_real, A_imag), both (H, N/2) fp64, for A = −exp(log_A_real) + i·A_imag.
 
     S4D-Lin: re ½, im πn. S4D-Inv: re ½, im (N/π)(N/(2n+1) − 1) with N the full state
-    size. S4D-Real: re n + 1, im 0. n = 0..N/2−1 (MATH §4; ``kernels/dplr.py``).
+    size. S4D-Real: re n + 1, im 0. n = 0..N/2−1 (docs/math.md#s4d; ``kernels/dplr.py``).
     """
     n = torch.arange(d_state // 2, dtype=torch.float64)
     if init == "lin":
@@ -203,7 +203,7 @@ class S4D(Mixer):
         self.output_linear = nn.Linear(H, 2 * H)
         self.reset_parameters()
 
-    # -- initialisation (MATH.md §4) ----------------------------------------------------
+    # -- initialisation (docs/math.md#s4d) ----------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """As s4d.py: log Δ ~ U(ln dt_min, ln dt_max), C ~ complex N(0, 1), A by ``init``,

@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 
+# the core's heavy dependencies, then the optional extras (interop, data, eval, cluster)
 HEAVY = ("lightning", "pytorch_lightning", "huggingface_hub", "matplotlib")
+HEAVY += ("transformers", "tokenizers", "datasets", "lm_eval", "submitit")
 
 SCRIPT = """
 import json, sys

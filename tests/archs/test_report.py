@@ -106,7 +106,7 @@ def test_labels_and_settings() -> None:
 def test_hybrid_8b_shape_builds_on_meta_with_the_published_parameter_count() -> None:
     spec = mixstack.load_spec("zoo:hybrid-8b-shape")
     layers = spec.model.layers
-    pattern = "M-M-M--M-M*-M-M-M-M--M*-M-M-M-M-M*--M-M-M-M-M*-M--M-M-M-"  # MATH §9
+    pattern = "M-M-M--M-M*-M-M-M-M--M*-M-M-M-M-M*--M-M-M-M-M*-M--M-M-M-"  # math.md#hybrid-layouts
     assert layers.pattern == pattern
     model = build(spec, device="meta")
     assert all(p.device.type == "meta" for p in model.parameters())
@@ -114,11 +114,11 @@ def test_hybrid_8b_shape_builds_on_meta_with_the_published_parameter_count() -> 
     d, heads, kv_heads, head_dim, hidden, vocab = 4096, 32, 8, 128, 16384, 256000
     attention = d * heads * head_dim * 2 + 2 * d * kv_heads * head_dim  # q, o + k, v
     mlp = 2 * d * hidden  # non-gated, no bias
-    # Mamba-2 (MATH §2): d_inner 8192, N 128, G 8, H = 8192 / 64 = 128, conv 4.
+    # Mamba-2 (docs/math.md#mamba-2): d_inner 8192, N 128, G 8, H = 8192 / 64 = 128, conv 4.
     d_inner, n, g, h, conv = 2 * d, 128, 8, 128, 4
     conv_dim = d_inner + 2 * g * n
     in_proj = (2 * d_inner + 2 * g * n + h) * d
-    assert in_proj // d == 18560 and conv_dim == 10240  # the widths MATH §9 quotes
+    assert in_proj // d == 18560 and conv_dim == 10240  # docs/math.md#hybrid-layouts
     mamba2 = in_proj + conv_dim * conv + conv_dim + 3 * h + d_inner + d * d_inner
     counts = {s: pattern.count(s) for s in "M*-"}
     assert counts == {"M": 24, "*": 4, "-": 28}

@@ -8,13 +8,14 @@ from hypothesis import strategies as st
 
 from mixstack.dsl.ratios import RatioError, allocate
 
-# The 8B Mamba-2-Hybrid (MATH.md §9): allocate(56, 0.08, 0.5), character for character the
-# pattern in Megatron-LM examples/mamba/run_text_gen_server_8b.sh.
+# The 8B Mamba-2-Hybrid (docs/math.md#hybrid-layouts): allocate(56, 0.08, 0.5), character
+# for character the pattern in Megatron-LM examples/mamba/run_text_gen_server_8b.sh.
 HYBRID_8B = "M-M-M--M-M*-M-M-M-M--M*-M-M-M-M-M*--M-M-M-M-M*-M--M-M-M-"
 
 
 def megatron_reference(total: int, attn_ratio: float, mlp_ratio: float) -> str:
-    """MATH.md §9 pseudocode, transcribed literally (two ratios, symbols M / * / -)."""
+    """The pseudocode of docs/math.md#hybrid-layouts, transcribed literally (two ratios,
+    symbols M / * / -)."""
     n_attn = round(total * attn_ratio)
     n_mamba = total - n_attn
     step = n_mamba / (n_attn + 1)

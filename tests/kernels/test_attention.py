@@ -165,7 +165,7 @@ def test_bf16_is_close_to_fp32(backend: str, case: str) -> None:
 
 
 def test_torch_backend_is_bottom_right_aligned_not_top_left() -> None:
-    # MATH §10: SDPA's is_causal with Lq < Lk would let the one query see only key 0.
+    # docs/math.md#pitfalls: SDPA's is_causal with Lq < Lk would let the one query see only key 0.
     g = torch.Generator().manual_seed(7)
     q = torch.randn(1, 1, 1, 4, generator=g)
     k = torch.randn(1, 6, 1, 4, generator=g)

@@ -1,4 +1,4 @@
-"""Selective scan (Mamba-1, MATH.md §3): the reference against a closed form written here,
+"""Selective scan (Mamba-1, docs/math.md#mamba-1): the reference against a closed form written here,
 the chunked torch path against the reference (outputs, final states, gradients), packed
 documents against separate runs, decoding steps, extreme decays, and memory."""
 
@@ -41,7 +41,7 @@ def inputs(
 
 
 def closed_form(u, delta, A, B, C, D=None, z=None, initial_state=None):
-    """MATH §3 as sums, no recurrence: for j <= i,
+    """docs/math.md#mamba-1 as sums, no recurrence: for j <= i,
     ``y_i[d] = Σ_j Σ_n C_i[n] B_j[n] exp(A[d,n] Σ_{k=j+1..i} Δ_k[d]) Δ_j[d] u_j[d]
     + Σ_n C_i[n] exp(A[d,n] Σ_{k<=i} Δ_k[d]) h0[d,n] + D[d] u_i[d]``, times silu(z_i[d]);
     the final state is the same sums taken at i = L−1 before contracting with C."""
@@ -417,6 +417,7 @@ def _malloc_live_bytes():
     return lambda: libc.mallinfo2().uordblks + libc.mallinfo2().hblkhd
 
 
+@pytest.mark.slow(budget_s=20)
 def test_chunked_path_keeps_no_state_history_for_backward() -> None:
     """What autograd holds between forward and backward: the reference keeps every step's
     (B, Dn, N) state (more than the whole history), the chunked path only boundary

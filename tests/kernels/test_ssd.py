@@ -1,7 +1,7 @@
 """SSD scan: the chunked fast path against the per-step recurrence and a closed form.
 
 The recurrence (``reference`` backend) is itself checked against the semiseparable
-matrix of MATH.md §2 built here with explicit loops, and packed batches against each
+matrix of docs/math.md#mamba-2 built here with explicit loops, and packed batches against each
 document run alone, so no test relies only on agreement of two paths of the module.
 """
 

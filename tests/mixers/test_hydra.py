@@ -1,4 +1,4 @@
-"""Hydra layer: MATH.md §5 re-implemented here with plain torch from the module's weights
+"""Hydra layer: docs/math.md#hydra re-implemented here with plain torch from the module's weights
 (two separate scans, no batch concatenation), the quasiseparable closed form built with
 loops, packing, the one-step shift, init, names, config and loader errors, FLOPs."""
 
@@ -40,7 +40,7 @@ def rand(seed: int, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
-# -- an independent Hydra, written from MATH.md §5 ------------------------------------------------
+# -- an independent Hydra, written from docs/math.md#hydra -----------------------------------------
 
 
 def naive_parts(m: Hydra, u: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -116,7 +116,7 @@ def naive_hydra(m: Hydra, u: torch.Tensor) -> torch.Tensor:
 
 
 def closed_form(m: Hydra, u: torch.Tensor) -> torch.Tensor:
-    """The quasiseparable matrix of MATH §5, entry by entry -> (B, H, L, L)."""
+    """The quasiseparable matrix of docs/math.md#hydra, entry by entry -> (B, H, L, L)."""
     p = naive_parts(m, u)
     bsz, length, H, _ = p["x"].shape
     g = [h // (H // m.cfg.ngroups) for h in range(H)]  # group of each head

@@ -35,7 +35,7 @@ def rand(seed: int, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
-# -- the implicit filter from MATH §6 -------------------------------------------------------------
+# -- the implicit filter from docs/math.md#hyena ---------------------------------------------------
 
 
 def naive_filter(m: Hyena, L: int, rev: bool = False) -> torch.Tensor:

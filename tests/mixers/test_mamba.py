@@ -1,4 +1,4 @@
-"""Mamba-1 layer: MATH.md §3 re-implemented here step by step, the closed-form matrix,
+"""Mamba-1 layer: docs/math.md#mamba-1 re-implemented here step by step, the closed-form matrix,
 decoding after chunked and packed prefills, init, names, config errors and FLOPs."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def rand(seed: int, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
-# -- an independent step-by-step Mamba-1 (MATH.md §3, written from the equations) ----------------
+# -- an independent step-by-step Mamba-1 (docs/math.md#mamba-1, written from the equations) --------
 
 
 def naive_parts(m: Mamba, u: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Mamba-2 layer: equations of MATH.md §2 re-implemented here step by step, closed-form
+"""Mamba-2 layer: equations of docs/math.md#mamba-2 re-implemented here step by step, closed-form
 matrices, decoding, packing, init, names, config errors, FLOPs and the gated norm."""
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ def rand(seed: int, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
-# -- an independent step-by-step Mamba-2 (MATH.md §2, written from the equations) ----------------
+# -- an independent step-by-step Mamba-2 (docs/math.md#mamba-2, written from the equations) --------
 
 
 def naive_parts(m: Mamba2, u: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Steps 1-4 of MATH §2 with explicit loops: returns z0, x0, z, x, B, C, dt, A."""
+    """Steps 1-4 of docs/math.md#mamba-2 with explicit loops: returns z0, x0, z, x, B, C, dt, A."""
     cfg, d = m.cfg, u.shape[-1]
     d_inner, G, N = cfg.expand * d, cfg.ngroups, cfg.d_state
     d_ssm = cfg.d_ssm or d_inner

@@ -246,7 +246,7 @@ def test_gradients_equal_naive_reimplementation(name):
 @pytest.mark.parametrize("name", ["linear-corrTime", "circular-absfreq", "block-absfreq"])
 def test_closed_form_matrices(name):
     """Term 1: M = diag(x0)·(C_κ + b·I)·diag(x1) with C_κ two-sided Toeplitz, circulant or
-    block-row Toeplitz; term 2: M = T(h_res) + b_res·I (MATH §7)."""
+    block-row Toeplitz; term 2: M = T(h_res) + b_res·I (docs/math.md#orchid)."""
     cfg, arch = CASES[name]
     m = build(cfg, arch=arch)
     n = 9

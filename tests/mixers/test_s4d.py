@@ -1,4 +1,4 @@
-"""S4D layer (MATH.md §4): the kernel against the Vandermonde sum written here, convolution
+"""S4D layer (docs/math.md#s4d): the kernel against the Vandermonde sum written here, convolution
 mode against the recurrence (both directions), the Toeplitz matrix, initialisations,
 decoding after chunked / packed prefills, names, hints and config errors."""
 
@@ -33,7 +33,7 @@ def rand(seed: int, *shape: int) -> torch.Tensor:
 
 
 def discrete(m: S4D) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Ā (H, N/2), B̄ (H, N/2), C (directions, H, N/2)) from the parameters, by MATH §4."""
+    """(Ā (H, N/2), B̄ (H, N/2), C (directions, H, N/2)) from the parameters, by docs/math.md#s4d."""
     k = m.kernel
     dt = torch.exp(k.log_dt)[:, None]
     A = -torch.exp(k.log_A_real) + 1j * k.A_imag
@@ -59,7 +59,7 @@ def head(m: S4D, y: torch.Tensor) -> torch.Tensor:
 
 
 def recurrence(m: S4D, u: torch.Tensor) -> torch.Tensor:
-    """The SSM run step by step (MATH §4): ``s_t = Ā s_{t−1} + B̄ u_t``,
+    """The SSM run step by step (docs/math.md#s4d): ``s_t = Ā s_{t−1} + B̄ u_t``,
     ``y_t = 2·Re(C s_t) + D u_t``; bidirectional adds ``r_t = Ā r_{t+1} + B̄ u_t`` read
     one step ahead, ``2·Re(C¹ r_{t+1})`` (lags −1, −2, … use K¹_0, K¹_1, …)."""
     Abar, Bbar, C = discrete(m)

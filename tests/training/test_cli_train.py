@@ -89,6 +89,7 @@ def test_train_errors_are_one_clean_message(
     assert result.exit_code == 1 and "no config.json" in result.stderr
 
 
+@pytest.mark.slow(budget_s=30)
 def test_two_processes_match_one_on_the_same_global_batch(
     spec_file: Path, tmp_path: Path, tiny_spec, fit_quietly
 ) -> None:

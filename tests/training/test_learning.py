@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import mixstack
 
 BUDGET = 500
@@ -42,6 +44,7 @@ SPEC = {
 }
 
 
+@pytest.mark.slow(budget_s=90)
 def test_attention_mlp_learns_mqar_within_the_step_budget(fit_quietly, tmp_path: Path) -> None:
     result = fit_quietly(mixstack.load_spec(SPEC), tmp_path / "mqar")
     assert result.status == "finished"

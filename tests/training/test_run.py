@@ -65,6 +65,7 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(
     assert [s["start_step"] for s in segments] == [0, 4]
 
 
+@pytest.mark.slow(budget_s=20)
 def test_epoch_based_run_resumes_inside_an_epoch(tiny_spec, fit_quietly, tmp_path: Path) -> None:
     """Text task, max_epochs: the sampler continues from the restored step of the epoch."""
     text = [
@@ -172,6 +173,7 @@ def test_run_directory_mistakes_are_refused(
     assert not (tmp_path / "never").exists()  # refused before anything was written
 
 
+@pytest.mark.slow(budget_s=30)
 def test_byte_level_lm_loss_falls_on_the_bundled_text(fit_quietly, tmp_path: Path) -> None:
     spec = mixstack.load_spec(
         {
@@ -333,6 +335,7 @@ CLASSIFIER = {
 }
 
 
+@pytest.mark.slow(budget_s=30)
 def test_encoder_learns_masked_lm_on_masked_positions_only(fit_quietly, tmp_path: Path) -> None:
     spec = mixstack.load_spec(ENCODER)
     dataset = TaskDataset(make_task(spec.train, spec.model), "val", spec)
@@ -350,6 +353,7 @@ def test_encoder_learns_masked_lm_on_masked_positions_only(fit_quietly, tmp_path
     )
 
 
+@pytest.mark.slow(budget_s=20)
 def test_classifier_learns_the_majority_task(fit_quietly, tmp_path: Path) -> None:
     spec = mixstack.load_spec(CLASSIFIER)
     before = evaluate(mixstack.build(spec, seed=spec.train.seed), spec)
