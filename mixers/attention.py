@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from mixstack.blocks.rope import Rope, document_positions
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue, divisors
+from mixstack.dsl.errors import MixstackError, divisors
 from mixstack.dsl.registry import register
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
 
@@ -207,11 +207,8 @@ class Attention(Mixer):
     cfg: AttentionConfig
 
     def __init__(self, cfg: AttentionConfig, ctx: LayerContext):
-        cfg = cfg.resolve(ctx)
-        problems = cfg.check(ctx)
-        if problems:
-            raise SpecError([SpecIssue(msg, path=path) for path, msg in problems])
         super().__init__(cfg, ctx)
+        cfg = self.cfg  # resolved and checked by Mixer.__init__
         assert cfg.n_kv_heads is not None and cfg.head_dim is not None  # set by resolve
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.causal = bool(cfg.causal)

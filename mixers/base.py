@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from mixstack.dsl.base import Capabilities, LayerConfig
 from mixstack.dsl.context import LayerContext
+from mixstack.dsl.errors import SpecError, SpecIssue
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,15 @@ class Mixer(nn.Module):
     config_cls: ClassVar[type[LayerConfig]]
 
     def __init__(self, cfg: LayerConfig, ctx: LayerContext):
+        """Resolve ``cfg`` against ``ctx`` (``None`` defaults -> values), run its
+        cross-field ``check`` and raise :class:`SpecError` listing every problem, so a
+        layer built outside the loader is refused exactly as a spec would be. Subclasses
+        call this first and read the resolved ``self.cfg``."""
         super().__init__()
+        cfg = cfg.resolve(ctx)
+        problems = cfg.check(ctx)
+        if problems:
+            raise SpecError([SpecIssue(message, path=path) for path, message in problems])
         self.cfg = cfg
         self.ctx = ctx
         self.capabilities: Capabilities = cfg.capabilities(ctx)

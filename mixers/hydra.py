@@ -50,7 +50,6 @@ from mixstack.blocks.gated_norm import GatedRMSNorm
 from mixstack.blocks.init import dt_bias_init, reset_depthwise_conv, reset_linear_zero_bias
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import SpecError, SpecIssue
 from mixstack.dsl.registry import register
 from mixstack.kernels.ssd import document_runs
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
@@ -195,10 +194,8 @@ class Hydra(Mixer):
     cfg: HydraConfig
 
     def __init__(self, cfg: HydraConfig, ctx: LayerContext):
-        problems = cfg.check(ctx)
-        if problems:
-            raise SpecError([SpecIssue(msg, path=path) for path, msg in problems])
         super().__init__(cfg, ctx)
+        cfg = self.cfg  # resolved and checked by Mixer.__init__
         D, N, G = ctx.d_model, cfg.d_state, cfg.ngroups
         self.d_inner = cfg.expand * D
         self.headdim, self.nheads = cfg.headdim, self.d_inner // cfg.headdim

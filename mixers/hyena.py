@@ -45,7 +45,7 @@ from mixstack.blocks.implicit_filter import ImplicitFilter, ImplicitFilterConfig
 from mixstack.blocks.init import reset_depthwise_conv
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue
+from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.registry import register
 from mixstack.kernels import causal_conv1d  # noqa: F401  (registers the short-conv kernels)
 from mixstack.kernels.fftconv import fftconv_flops, fftconv_heads
@@ -133,11 +133,8 @@ class Hyena(Mixer):
     cfg: HyenaConfig
 
     def __init__(self, cfg: HyenaConfig, ctx: LayerContext):
-        cfg = cfg.resolve(ctx)
-        problems = cfg.check(ctx)
-        if problems:
-            raise SpecError([SpecIssue(msg, path=path) for path, msg in problems])
         super().__init__(cfg, ctx)
+        cfg = self.cfg  # resolved and checked by Mixer.__init__
         D, N, K = ctx.d_model, cfg.order, cfg.short_filter_order
         self.causal = bool(cfg.causal)
         width = (N + 1) * D

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from mixstack.blocks.init import normal_
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue
+from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.registry import register
 from mixstack.kernels.fftconv import fftconv_flops, fftconv_heads
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, init_linear
@@ -272,11 +272,8 @@ class LongConv(Mixer):
     cfg: LongConvConfig
 
     def __init__(self, cfg: LongConvConfig, ctx: LayerContext):
-        cfg = cfg.resolve(ctx)
-        problems = cfg.check(ctx)
-        if problems:
-            raise SpecError([SpecIssue(msg, path=path) for path, msg in problems])
         super().__init__(cfg, ctx)
+        cfg = self.cfg  # resolved and checked by Mixer.__init__
         assert cfg.kernel_len is not None  # set by resolve
         D, C = ctx.d_model, cfg.channels
         self.causal = bool(cfg.causal)

@@ -38,7 +38,7 @@ from mixstack.blocks.init import (
 )
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue
+from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.registry import register
 from mixstack.kernels.causal_conv1d import causal_conv1d_update
 from mixstack.kernels.selective_scan import selective_scan_step
@@ -141,11 +141,8 @@ class Mamba(Mixer):
     cfg: MambaConfig
 
     def __init__(self, cfg: MambaConfig, ctx: LayerContext):
-        cfg = cfg.resolve(ctx)
-        problems = cfg.check(ctx)
-        if problems:
-            raise SpecError([SpecIssue(msg, path=path) for path, msg in problems])
         super().__init__(cfg, ctx)
+        cfg = self.cfg  # resolved and checked by Mixer.__init__
         D, N = ctx.d_model, cfg.d_state
         self.d_inner = cfg.expand * D
         self.dt_rank = cfg.rank(D)

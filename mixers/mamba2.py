@@ -37,7 +37,7 @@ from mixstack.blocks.gated_norm import GatedRMSNorm
 from mixstack.blocks.init import dt_bias_init, reset_depthwise_conv, reset_linear_zero_bias
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue, divisors
+from mixstack.dsl.errors import MixstackError, divisors
 from mixstack.dsl.registry import register
 from mixstack.kernels.causal_conv1d import causal_conv1d_update
 from mixstack.kernels.ssd import ssd_step
@@ -211,11 +211,8 @@ class Mamba2(Mixer):
     cfg: Mamba2Config
 
     def __init__(self, cfg: Mamba2Config, ctx: LayerContext):
-        cfg = cfg.resolve(ctx)
-        problems = cfg.check(ctx)
-        if problems:
-            raise SpecError([SpecIssue(msg, path=path) for path, msg in problems])
         super().__init__(cfg, ctx)
+        cfg = self.cfg  # resolved and checked by Mixer.__init__
         assert cfg.d_ssm is not None  # set by resolve
         D, N, G = ctx.d_model, cfg.d_state, cfg.ngroups
         self.d_inner, self.d_ssm = cfg.expand * D, cfg.d_ssm

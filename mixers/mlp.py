@@ -105,8 +105,8 @@ class Mlp(Mixer):
     cfg: MlpConfig
 
     def __init__(self, cfg: MlpConfig, ctx: LayerContext):
-        cfg = cfg.resolve(ctx)
         super().__init__(cfg, ctx)
+        cfg = self.cfg  # resolved and checked by Mixer.__init__
         assert cfg.hidden is not None  # set by resolve
         D, hidden = ctx.d_model, cfg.hidden
         self.gate_proj = nn.Linear(D, hidden, bias=cfg.bias) if cfg.gated else None

@@ -92,7 +92,7 @@ from mixstack.blocks.implicit_filter import ImplicitFilter, ImplicitFilterConfig
 from mixstack.blocks.init import reset_depthwise_conv, uniform_
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue
+from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.registry import register
 from mixstack.kernels import causal_conv1d  # noqa: F401  (registers the short-conv kernel)
 from mixstack.kernels.fftconv import fftconv_flops, fftconv_heads
@@ -414,11 +414,8 @@ class Orchid(Mixer):
     cfg: OrchidConfig
 
     def __init__(self, cfg: OrchidConfig, ctx: LayerContext):
-        cfg = cfg.resolve(ctx)
-        problems = cfg.check(ctx)
-        if problems:
-            raise SpecError([SpecIssue(msg, path=path) for path, msg in problems])
         super().__init__(cfg, ctx)
+        cfg = self.cfg  # resolved and checked by Mixer.__init__
         D, K = ctx.d_model, cfg.short_filter_order
         self.mode: Mode = cfg.mode or "linear"
         two_sided = self.mode == "linear"

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from mixstack.blocks.init import normal_, reset_linear, uniform_
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue
+from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.registry import register
 from mixstack.kernels.fftconv import fftconv_flops, fftconv_heads
 from mixstack.kernels.ssd import document_runs
@@ -191,10 +191,8 @@ class S4D(Mixer):
     cfg: S4DConfig
 
     def __init__(self, cfg: S4DConfig, ctx: LayerContext):
-        problems = cfg.check(ctx)
-        if problems:
-            raise SpecError([SpecIssue(msg, path=path) for path, msg in problems])
         super().__init__(cfg, ctx)
+        cfg = self.cfg  # resolved and checked by Mixer.__init__
         H = ctx.d_model
         directions = 2 if cfg.bidirectional else 1
         self.kernel = S4DKernel(H, cfg.d_state, directions, cfg.discretization)
