@@ -28,6 +28,7 @@ from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import MixstackError, divisors
 from mixstack.dsl.registry import register
+from mixstack.kernels.common import zero_padding
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
 
 CheckResult = list[tuple[tuple[str | int, ...], str]]
@@ -255,8 +256,7 @@ class Attention(Mixer):
         """o (B, L, H, P) -> (B, L, D); padding positions (seq_idx -1) output exactly 0."""
         B, L = o.shape[:2]
         out = self.o_proj(o.reshape(B, L, -1))
-        if seq_idx is not None:
-            out = out.masked_fill((seq_idx < 0)[..., None], 0.0)
+        out = zero_padding(out, seq_idx)
         return out
 
     # -- forward and matrix view -------------------------------------------------------

@@ -51,6 +51,7 @@ from mixstack.blocks.init import dt_bias_init, reset_depthwise_conv, reset_linea
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.registry import register
+from mixstack.kernels.common import zero_padding
 from mixstack.kernels.ssd import document_runs
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
 from mixstack.mixers.mamba2 import check_heads
@@ -275,8 +276,7 @@ class Hydra(Mixer):
         prev, keep = shift_index(both_seq, 2 * bsz, length, u.device)
         f = torch.promote_types(x.dtype, self.D.dtype)
         diag = self.fc_D(x).to(f) + self.D.to(f)  # (B, L, H): D + fc_D(x)
-        if seq_idx is not None:
-            diag = diag.masked_fill((seq_idx < 0)[..., None], 0.0)
+        diag = zero_padding(diag, seq_idx)
         coeffs = HydraCoeffs(
             dt=torch.cat([self._delta(dt_f), self._delta(dt_b).flip(1)]),  # (2B, L, H)
             A=self._A(),
@@ -292,8 +292,7 @@ class Hydra(Mixer):
     def _finish(self, y: Tensor, z: Tensor, seq_idx: Tensor | None) -> Tensor:
         """y (B, L, H, P) -> rms(y)·w ⊙ silu(z) -> out_proj (B, L, D); 0 at padding."""
         out = self.out_proj(self.norm(y.flatten(-2), z))
-        if seq_idx is not None:
-            out = out.masked_fill((seq_idx < 0)[..., None], 0.0)
+        out = zero_padding(out, seq_idx)
         return out
 
     # -- forward and matrix view -----------------------------------------------------------

@@ -48,6 +48,7 @@ from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.registry import register
 from mixstack.kernels import causal_conv1d  # noqa: F401  (registers the short-conv kernels)
+from mixstack.kernels.common import zero_padding
 from mixstack.kernels.fftconv import fftconv_flops, fftconv_heads
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, init_linear
 
@@ -191,8 +192,7 @@ class Hyena(Mixer):
 
     def _finish(self, y: Tensor, seq_idx: Tensor | None) -> Tensor:
         out = self.out_proj(y[..., 0])  # (B, L, D)
-        if seq_idx is not None:
-            out = out.masked_fill((seq_idx < 0)[..., None], 0.0)
+        out = zero_padding(out, seq_idx)
         return out
 
     def mixing_terms(

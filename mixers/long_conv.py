@@ -52,6 +52,7 @@ from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.registry import register
+from mixstack.kernels.common import zero_padding
 from mixstack.kernels.fftconv import fftconv_flops, fftconv_heads
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, init_linear
 
@@ -311,16 +312,14 @@ class LongConv(Mixer):
         if self.cfg.activation == "gelu":
             y = F.gelu(y)
         out = F.glu(self.output_linear(y), dim=-1)
-        if seq_idx is not None:
-            out = out.masked_fill((seq_idx < 0)[..., None], 0.0)
+        out = zero_padding(out, seq_idx)
         return out
 
     def mixing_terms(
         self, x: Tensor, *, input_ids: Tensor | None = None, seq_idx: Tensor | None = None
     ) -> MixTerms:
         self._check_length(x.shape[1])
-        if seq_idx is not None:
-            x = x.masked_fill((seq_idx < 0)[..., None], 0.0)  # padding never enters
+        x = zero_padding(x, seq_idx)  # padding never enters
         v = x.repeat(1, 1, self.cfg.channels)[..., None]  # (B, L, C·D, 1): head c·D + h
         coeffs = self._coefficients(seq_idx)
         return MixTerms([(coeffs, v)], lambda y: self._finish(y, seq_idx))

@@ -41,6 +41,7 @@ from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.registry import register
 from mixstack.kernels.causal_conv1d import causal_conv1d_update
+from mixstack.kernels.common import zero_padding
 from mixstack.kernels.selective_scan import selective_scan_step
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
 
@@ -204,8 +205,7 @@ class Mamba(Mixer):
     def _out(self, y: Tensor, seq_idx: Tensor | None) -> Tensor:
         """Gated y (B, L, d_inner) -> out_proj -> (B, L, D); exactly 0 at padding."""
         out = self.out_proj(y.to(self.out_proj.weight.dtype))
-        if seq_idx is not None:
-            out = out.masked_fill((seq_idx < 0)[..., None], 0.0)
+        out = zero_padding(out, seq_idx)
         return out
 
     def _coefficients(

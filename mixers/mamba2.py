@@ -40,6 +40,7 @@ from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import MixstackError, divisors
 from mixstack.dsl.registry import register
 from mixstack.kernels.causal_conv1d import causal_conv1d_update
+from mixstack.kernels.common import zero_padding
 from mixstack.kernels.ssd import ssd_step
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
 
@@ -311,8 +312,7 @@ class Mamba2(Mixer):
         if self.d_mlp > 0:
             y = torch.cat([F.silu(parts.z0) * parts.x0, y], dim=-1)  # (B, L, d_inner)
         out = self.out_proj(y)
-        if seq_idx is not None:
-            out = out.masked_fill((seq_idx < 0)[..., None], 0.0)
+        out = zero_padding(out, seq_idx)
         return out
 
     def _scan(

@@ -95,6 +95,7 @@ from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.registry import register
 from mixstack.kernels import causal_conv1d  # noqa: F401  (registers the short-conv kernel)
+from mixstack.kernels.common import zero_padding
 from mixstack.kernels.fftconv import fftconv_flops, fftconv_heads
 from mixstack.kernels.ssd import document_runs
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, init_linear
@@ -538,8 +539,7 @@ class Orchid(Mixer):
 
     def _finish(self, y: Tensor, seq_idx: Tensor | None) -> Tensor:
         out = self.out_linear(y[..., 0])  # (B, L, D)
-        if seq_idx is not None:
-            out = out.masked_fill((seq_idx < 0)[..., None], 0.0)
+        out = zero_padding(out, seq_idx)
         return out
 
     def mix(self, coeffs: OrchidCoeffs | ResidualCoeffs, v: Tensor) -> Tensor:

@@ -45,6 +45,7 @@ from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.registry import register
+from mixstack.kernels.common import zero_padding
 from mixstack.kernels.fftconv import fftconv_flops, fftconv_heads
 from mixstack.kernels.ssd import document_runs
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
@@ -223,8 +224,7 @@ class S4D(Mixer):
         """y (B, L, H) -> activation, dropout, output_linear, GLU -> (B, L, H); 0 at padding."""
         y = self.dropout(ACTIVATIONS[self.cfg.activation](y))
         out = F.glu(self.output_linear(y.to(self.output_linear.weight.dtype)), dim=-1)
-        if seq_idx is not None:
-            out = out.masked_fill((seq_idx < 0)[..., None], 0.0)
+        out = zero_padding(out, seq_idx)
         return out
 
     def _coefficients(self, length: int, seq_idx: Tensor | None) -> S4DCoeffs:
