@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from mixstack.dsl.base import Capabilities, LayerConfig
 from mixstack.dsl.context import LayerContext
+from mixstack.dsl.errors import CapabilityError
 from mixstack.dsl.registry import register
 from mixstack.dsl.spec import AnyLayer
 
@@ -107,7 +108,10 @@ def _child_states(state: Any, n: int) -> list[Any]:
     if state is None:
         return [None] * n
     if not isinstance(state, list) or len(state) != n:
-        raise TypeError(f"a composite's decode state is a list of {n} child states, got {state!r}")
+        raise CapabilityError(
+            f"a composite's decode state is a list of {n} child states, got "
+            f"{type(state).__name__}; pass the entry the model's init_state made for it"
+        )
     return state
 
 
@@ -137,7 +141,10 @@ class _Composite(nn.Module):
         """One decode state per child, in order."""
         if not self.capabilities.decode:
             kinds = [c.type for c in self.cfg.layers]
-            raise TypeError(f"{self.cfg.type} composite of {kinds} cannot decode")
+            raise CapabilityError(
+                f"{self.cfg.type} composite of {kinds} cannot decode (capability `decode`): "
+                "some child cannot; run it on whole sequences with forward(x) and no state"
+            )
         return [p.init_state(batch, max_len, device=device, dtype=dtype) for p in self._parts()]
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

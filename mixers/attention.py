@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from mixstack.blocks.rope import Rope, document_positions
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError, divisors
+from mixstack.dsl.errors import CapabilityError, divisors
 from mixstack.dsl.registry import register
 from mixstack.kernels.common import zero_padding
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
@@ -270,7 +270,7 @@ class Attention(Mixer):
     ) -> Tensor:
         """x (B, L, D) -> (B, L, D); with ``state`` a (chunked) prefill into the cache."""
         if state is not None:
-            return self._prefill(x, seq_idx, self._as_state(state))
+            return self._prefill(x, seq_idx, self.own_state(state, AttentionState))
         q, k, v = self._project(x, self._positions(seq_idx, x.shape[1], x.device))
         return self._finish(self._attend(q, k, v, seq_idx, seq_idx), seq_idx)
 
@@ -292,7 +292,7 @@ class Attention(Mixer):
     def init_state(
         self, batch: int, max_len: int, *, device: torch.device | str | None, dtype: torch.dtype
     ) -> AttentionState:
-        self._require_decode()
+        self.require_decode()
         shape = (batch, max_len, self.n_kv_heads, self.head_dim)
         return AttentionState(
             k=torch.zeros(shape, device=device, dtype=dtype),
@@ -316,7 +316,7 @@ class Attention(Mixer):
         start, end = state.offset, state.offset + L
         max_len = state.k.shape[1]
         if end > max_len:
-            raise MixstackError(
+            raise CapabilityError(
                 f"attention KV cache overflow: it holds {max_len} tokens, {start} are filled "
                 f"and this call adds {L}; allocate init_state(..., max_len >= {end})"
             )
@@ -335,20 +335,11 @@ class Attention(Mixer):
         o = self._attend(q, k_all, v_all, ids, state.seq_ids[:, :end])
         return self._finish(o, ids)
 
-    def _require_decode(self) -> None:
-        if not self.causal:
-            raise MixstackError(
-                "bidirectional attention (causal false) cannot decode token by token: "
-                "every output depends on future tokens"
-            )
-
-    def _as_state(self, state: State) -> AttentionState:
-        self._require_decode()
-        if not isinstance(state, AttentionState):
-            raise MixstackError(
-                f"attention needs the state from its own init_state(), got {type(state).__name__}"
-            )
-        return state
+    def no_decode_reason(self) -> str:
+        return (
+            "bidirectional attention (causal false) cannot decode token by token: "
+            "every output depends on future tokens"
+        )
 
     # -- bookkeeping ---------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:

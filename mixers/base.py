@@ -13,14 +13,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from mixstack.dsl.base import Capabilities, LayerConfig
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import SpecError, SpecIssue
+from mixstack.dsl.errors import CapabilityError, SpecError, SpecIssue
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,9 @@ class State:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
+StateT = TypeVar("StateT", bound=State)
+
+
 @dataclass
 class MixTerms:
     """The matrix view of one call: ``out = finish(Σ_t mix(coeffs_t, v_t))``.
@@ -131,9 +134,7 @@ class Mixer(nn.Module):
     ) -> Tensor:
         """``x (B, L, D) -> (B, L, D)``. Default: the matrix view, evaluated."""
         if state is not None:
-            raise TypeError(
-                f"{type(self).__name__} does not support decoding (capability `decode`)"
-            )
+            raise self.decode_refusal()
         terms = self.mixing_terms(x, input_ids=input_ids, seq_idx=seq_idx)
         return terms.finish(sum(self.mix(c, v) for c, v in terms.terms))
 
@@ -141,24 +142,70 @@ class Mixer(nn.Module):
     def mixing_terms(
         self, x: Tensor, *, input_ids: Tensor | None = None, seq_idx: Tensor | None = None
     ) -> MixTerms:
-        raise TypeError(f"{type(self).__name__} ({self.cfg.kind} layer) has no matrix view")
+        raise self._no_matrix_view()
 
     def mix(self, coeffs: Any, v: Tensor) -> Tensor:
-        raise TypeError(f"{type(self).__name__} ({self.cfg.kind} layer) has no matrix view")
+        raise self._no_matrix_view()
 
     @property
     def has_matrix_view(self) -> bool:
         return type(self).mixing_terms is not Mixer.mixing_terms
 
+    def _no_matrix_view(self) -> CapabilityError:
+        return CapabilityError(
+            f"{self.cfg.type} layer ({type(self).__name__}, a {self.cfg.kind} layer) has no "
+            "matrix view (mixing_terms / mix); compare it through forward(x) instead"
+        )
+
     # -- decoding ---------------------------------------------------------------------
     def init_state(
         self, batch: int, max_len: int, *, device: torch.device | str | None, dtype: torch.dtype
     ) -> State:
-        raise TypeError(f"{type(self).__name__} does not support decoding (capability `decode`)")
+        raise self.decode_refusal()
 
     def step(self, x_t: Tensor, state: State, *, token_t: Tensor | None = None) -> Tensor:
         """One token: ``x_t (B, D) -> (B, D)``, updating ``state`` in place."""
-        raise TypeError(f"{type(self).__name__} does not support decoding (capability `decode`)")
+        raise self.decode_refusal()
+
+    def no_decode_reason(self) -> str:
+        """Why this configuration cannot decode, for the refusal message ("" = no detail)."""
+        return ""
+
+    def decode_refusal(self) -> CapabilityError:
+        """The error for decoding (``init_state``, ``step``, ``forward(state=...)``) a layer
+        without the ``decode`` capability: names the layer type and what to do instead."""
+        why = self.no_decode_reason()
+        return CapabilityError(
+            f"{self.cfg.type} layer ({type(self).__name__}) does not support decoding "
+            f"(capability `decode`){': ' + why if why else ''}; run it on whole sequences "
+            "with forward(x) and no state, or use a layer type that can decode"
+        )
+
+    def require_decode(self) -> None:
+        """Raise :meth:`decode_refusal` unless this configuration can decode."""
+        if not self.capabilities.decode:
+            raise self.decode_refusal()
+
+    def own_state(self, state: State, state_cls: type[StateT]) -> StateT:
+        """``state`` checked to be what this layer's ``init_state`` returns (and that the
+        layer can decode at all)."""
+        self.require_decode()
+        if not isinstance(state, state_cls):
+            raise CapabilityError(
+                f"{self.cfg.type} layer ({type(self).__name__}) needs the state from its own "
+                f"init_state(), got {type(state).__name__}; pass the matching entry of the "
+                "model's state"
+            )
+        return state
+
+    def check_length(self, length: int) -> None:
+        """Refuse a sequence longer than the ``max_seq_len`` the layer's parameters span
+        (filters and kernels of ``length_dependent`` layers)."""
+        if length > self.ctx.max_seq_len:
+            raise CapabilityError(
+                f"{self.cfg.type} layer got a sequence of {length} tokens but its filters are "
+                f"built for max_seq_len = {self.ctx.max_seq_len}; raise model.max_seq_len"
+            )
 
     # -- bookkeeping --------------------------------------------------------------------
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

@@ -58,11 +58,6 @@ from mixstack.mixers.mamba2 import check_heads
 
 CheckResult = list[tuple[tuple[str | int, ...], str]]
 
-_NO_DECODE = (
-    "hydra is bidirectional (its output at t reads the whole sequence), so it has no "
-    "decoding: no init_state / step / prefill state (capability `decode`)"
-)
-
 
 class HydraConfig(LayerConfig):
     """Hydra mixer; defaults are goombalab/hydra's ``Hydra`` (MATH.md §5)."""
@@ -306,7 +301,7 @@ class Hydra(Mixer):
     ) -> Tensor:
         """u (B, L, D) -> (B, L, D). ``state`` is refused: Hydra cannot decode."""
         if state is not None:
-            raise TypeError(_NO_DECODE)
+            raise self.decode_refusal()
         z, xs, coeffs = self._coefficients(x, seq_idx)
         return self._finish(self.mix(coeffs, xs), z, seq_idx)
 
@@ -337,14 +332,12 @@ class Hydra(Mixer):
         diag = v * coeffs.diag[..., None]  # (B, L, H, P'), in the promoted dtype
         return y_fw + y_bw + diag.to(v.dtype)
 
-    # -- no decoding -----------------------------------------------------------------------
-    def init_state(
-        self, batch: int, max_len: int, *, device: torch.device | str | None, dtype: torch.dtype
-    ) -> State:
-        raise TypeError(_NO_DECODE)
-
-    def step(self, x_t: Tensor, state: State, *, token_t: Tensor | None = None) -> Tensor:
-        raise TypeError(_NO_DECODE)
+    # -- no decoding: Mixer.init_state / step refuse with this reason -------------------------
+    def no_decode_reason(self) -> str:
+        return (
+            "hydra is bidirectional (its output at t reads the whole sequence), so it has "
+            "no decoding: no init_state / step / prefill state"
+        )
 
     # -- bookkeeping -----------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:

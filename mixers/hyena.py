@@ -45,7 +45,6 @@ from mixstack.blocks.implicit_filter import ImplicitFilter, ImplicitFilterConfig
 from mixstack.blocks.init import reset_depthwise_conv
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.registry import register
 from mixstack.kernels import causal_conv1d  # noqa: F401  (registers the short-conv kernels)
 from mixstack.kernels.common import zero_padding
@@ -156,13 +155,6 @@ class Hyena(Mixer):
         reset_depthwise_conv(self.short_filter, generator)
         self.filter_fn.reset_parameters(generator)
 
-    def _check_length(self, length: int) -> None:
-        if length > self.ctx.max_seq_len:
-            raise MixstackError(
-                f"hyena got a sequence of {length} tokens but its filters are built for "
-                f"max_seq_len = {self.ctx.max_seq_len}; raise model.max_seq_len"
-            )
-
     def _short_conv(self, proj: Tensor, seq_idx: Tensor | None) -> Tensor:
         kernel = "causal_conv1d" if self.causal else "centered_conv1d"
         weight = self.short_filter.weight[:, 0, :]  # (C, K)
@@ -180,7 +172,7 @@ class Hyena(Mixer):
 
     def _coefficients(self, x: Tensor, seq_idx: Tensor | None) -> tuple[HyenaCoeffs, Tensor]:
         """x (B, L, D) -> coefficients and the value stream v (B, L, D)."""
-        self._check_length(x.shape[1])
+        self.check_length(x.shape[1])
         D, N = self.ctx.d_model, self.cfg.order
         parts = self._short_conv(self.in_proj(x), seq_idx).split(D, dim=-1)
         *xs, v = parts  # x_0 … x_{N-1}, v; each (B, L, D)

@@ -50,7 +50,6 @@ from torch import Tensor, nn
 from mixstack.blocks.init import normal_
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.registry import register
 from mixstack.kernels.common import zero_padding
 from mixstack.kernels.fftconv import fftconv_flops, fftconv_heads
@@ -292,13 +291,6 @@ class LongConv(Mixer):
         normal_(self.D, 1.0, generator)
         init_linear(self.output_linear, self.ctx.init_std, generator)
 
-    def _check_length(self, length: int) -> None:
-        if length > self.ctx.max_seq_len:
-            raise MixstackError(
-                f"long_conv got a sequence of {length} tokens but the model's max_seq_len is "
-                f"{self.ctx.max_seq_len}; raise model.max_seq_len (the kernel spans it)"
-            )
-
     def _coefficients(self, seq_idx: Tensor | None) -> LongConvCoeffs:
         C, D = self.cfg.channels, self.ctx.d_model
         k = F.dropout(self.kernel(), self.cfg.kernel_dropout, self.training)  # (rows, D, K)
@@ -318,7 +310,7 @@ class LongConv(Mixer):
     def mixing_terms(
         self, x: Tensor, *, input_ids: Tensor | None = None, seq_idx: Tensor | None = None
     ) -> MixTerms:
-        self._check_length(x.shape[1])
+        self.check_length(x.shape[1])
         x = zero_padding(x, seq_idx)  # padding never enters
         v = x.repeat(1, 1, self.cfg.channels)[..., None]  # (B, L, C·D, 1): head c·D + h
         coeffs = self._coefficients(seq_idx)

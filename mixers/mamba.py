@@ -38,7 +38,6 @@ from mixstack.blocks.init import (
 )
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.registry import register
 from mixstack.kernels.causal_conv1d import causal_conv1d_update
 from mixstack.kernels.common import zero_padding
@@ -267,7 +266,7 @@ class Mamba(Mixer):
     ) -> Tensor:
         """u (B, L, D) -> (B, L, D). With ``state``: a prefill that continues from and
         fills it (conv columns and the final SSM state), so prefills can be chunked."""
-        st = None if state is None else self._as_state(state)
+        st = None if state is None else self.own_state(state, MambaState)
         xs, z, coeffs = self._coefficients(x, seq_idx, st)
         if st is None:
             y = self._scan(xs, coeffs, z, None, False)
@@ -320,7 +319,7 @@ class Mamba(Mixer):
 
     def step(self, x_t: Tensor, state: State, *, token_t: Tensor | None = None) -> Tensor:
         """One token u_t (B, D) -> (B, D); updates both parts of ``state`` in place."""
-        st = self._as_state(state)
+        st = self.own_state(state, MambaState)
         xs, z = self.in_proj(x_t).chunk(2, dim=-1)  # (B, d_inner) each
         xs = causal_conv1d_update(
             xs, st.conv_state, self._conv_weight(), self.conv1d.bias, activation="silu"
@@ -328,13 +327,6 @@ class Mamba(Mixer):
         delta, B, C = self._split_xproj(xs)
         y = selective_scan_step(st.ssm_state, xs, delta, self._A(), B, C, D=self.D, z=z)
         return self._out(y, None)
-
-    def _as_state(self, state: State) -> MambaState:
-        if not isinstance(state, MambaState):
-            raise MixstackError(
-                f"mamba needs the state from its own init_state(), got {type(state).__name__}"
-            )
-        return state
 
     # -- bookkeeping ---------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:

@@ -37,7 +37,7 @@ from mixstack.blocks.gated_norm import GatedRMSNorm
 from mixstack.blocks.init import dt_bias_init, reset_depthwise_conv, reset_linear_zero_bias
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError, divisors
+from mixstack.dsl.errors import divisors
 from mixstack.dsl.registry import register
 from mixstack.kernels.causal_conv1d import causal_conv1d_update
 from mixstack.kernels.common import zero_padding
@@ -376,7 +376,7 @@ class Mamba2(Mixer):
     ) -> Tensor:
         """u (B, L, D) -> (B, L, D). With ``state``: a prefill that continues from and
         fills it (conv columns and the final SSM state), so prefills can be chunked."""
-        st = None if state is None else self._as_state(state)
+        st = None if state is None else self.own_state(state, Mamba2State)
         parts, xs, coeffs = self._coefficients(x, seq_idx, st)
         if st is None:
             y = self._scan(xs, coeffs, None, False)
@@ -415,7 +415,7 @@ class Mamba2(Mixer):
 
     def step(self, x_t: Tensor, state: State, *, token_t: Tensor | None = None) -> Tensor:
         """One token u_t (B, D) -> (B, D); updates both parts of ``state`` in place."""
-        st = self._as_state(state)
+        st = self.own_state(state, Mamba2State)
         parts = self._project(x_t[:, None])  # widths as forward, L = 1
         xBC = causal_conv1d_update(
             parts.xBC[:, 0],
@@ -428,13 +428,6 @@ class Mamba2(Mixer):
         D = self.D if not self.cfg.D_has_hdim else self.D.view(self.nheads, self.headdim)
         y = ssd_step(st.ssm_state, x, self._dt(parts.dt[:, 0]), self._A(), B, C, D)
         return self._finish(y[:, None], parts, None)[:, 0]
-
-    def _as_state(self, state: State) -> Mamba2State:
-        if not isinstance(state, Mamba2State):
-            raise MixstackError(
-                f"mamba2 needs the state from its own init_state(), got {type(state).__name__}"
-            )
-        return state
 
     # -- bookkeeping ---------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:

@@ -92,7 +92,6 @@ from mixstack.blocks.implicit_filter import ImplicitFilter, ImplicitFilterConfig
 from mixstack.blocks.init import reset_depthwise_conv, uniform_
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.registry import register
 from mixstack.kernels import causal_conv1d  # noqa: F401  (registers the short-conv kernel)
 from mixstack.kernels.common import zero_padding
@@ -514,11 +513,7 @@ class Orchid(Mixer):
         self, x: Tensor, *, input_ids: Tensor | None = None, seq_idx: Tensor | None = None
     ) -> MixTerms:
         B, L, _ = x.shape
-        if self.ctx.max_seq_len < L:
-            raise MixstackError(
-                f"orchid got a sequence of {L} tokens but its filters are built for "
-                f"max_seq_len = {self.ctx.max_seq_len}; raise model.max_seq_len"
-            )
+        self.check_length(L)
         layout = DocLayout.of(seq_idx, B, L)
         static = self._static(self.fixed_conv, L)
         groups, values = [], []

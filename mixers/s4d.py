@@ -43,7 +43,6 @@ from torch import Tensor, nn
 from mixstack.blocks.init import normal_, reset_linear, uniform_
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.registry import register
 from mixstack.kernels.common import zero_padding
 from mixstack.kernels.fftconv import fftconv_flops, fftconv_heads
@@ -241,7 +240,7 @@ class S4D(Mixer):
     ) -> Tensor:
         """u (B, L, H) -> (B, L, H) by convolution. With ``state``: a prefill that
         continues from it and stores the final recurrent state."""
-        st = None if state is None else self._as_state(state)
+        st = None if state is None else self.own_state(state, S4DState)
         coeffs = self._coefficients(x.shape[1], seq_idx)
         u = x.to(coeffs.K.dtype)
         y = self.mix(coeffs, u[..., None])[..., 0]  # (B, L, H)
@@ -309,7 +308,7 @@ class S4D(Mixer):
         self, batch: int, max_len: int, *, device: torch.device | str | None, dtype: torch.dtype
     ) -> S4DState:
         """Zero state; its size does not depend on ``max_len``."""
-        self._require_decode()
+        self.require_decode()
         cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
         return S4DState(
             ssm_state=torch.zeros(
@@ -319,7 +318,7 @@ class S4D(Mixer):
 
     def step(self, x_t: Tensor, state: State, *, token_t: Tensor | None = None) -> Tensor:
         """One token u_t (B, H) -> (B, H); updates ``state`` in place."""
-        st = self._as_state(state)
+        st = self.own_state(state, S4DState)
         log_abar, cbar = self.kernel.modes()
         f = log_abar.real.dtype
         u = x_t.to(f)
@@ -331,20 +330,8 @@ class S4D(Mixer):
         y = 2 * (cbar[0] * x).sum(dim=-1).real + self.D.to(f) * u
         return self._finish(y[:, None], None)[:, 0]
 
-    def _require_decode(self) -> None:
-        if self.cfg.bidirectional:
-            raise TypeError(
-                "s4d with bidirectional: true does not support decoding (capability `decode`): "
-                "its backward kernel reads future tokens"
-            )
-
-    def _as_state(self, state: State) -> S4DState:
-        self._require_decode()
-        if not isinstance(state, S4DState):
-            raise MixstackError(
-                f"s4d needs the state from its own init_state(), got {type(state).__name__}"
-            )
-        return state
+    def no_decode_reason(self) -> str:
+        return "with bidirectional: true its backward kernel reads future tokens"
 
     # -- bookkeeping ---------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:

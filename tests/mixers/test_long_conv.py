@@ -232,7 +232,9 @@ def test_encoder_resolves_bidirectional_and_full_length_kernel():
 
 def test_sequences_longer_than_max_seq_len_are_refused():
     m = build(LongConvConfig(kernel_len=8), max_seq_len=24)
-    with pytest.raises(MixstackError, match=r"25 tokens but the model's max_seq_len is 24"):
+    with pytest.raises(
+        MixstackError, match=r"25 tokens but its filters are built for max_seq_len = 24"
+    ):
         m(rand(0, 1, 25, 6))
 
 
