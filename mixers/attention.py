@@ -260,17 +260,10 @@ class Attention(Mixer):
         return out
 
     # -- forward and matrix view -------------------------------------------------------
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        input_ids: Tensor | None = None,
-        seq_idx: Tensor | None = None,
-        state: State | None = None,
+    def forward_sequence(
+        self, x: Tensor, *, input_ids: Tensor | None, seq_idx: Tensor | None
     ) -> Tensor:
-        """x (B, L, D) -> (B, L, D); with ``state`` a (chunked) prefill into the cache."""
-        if state is not None:
-            return self._prefill(x, seq_idx, self.own_state(state, AttentionState))
+        """x (B, L, D) -> (B, L, D)."""
         q, k, v = self._project(x, self._positions(seq_idx, x.shape[1], x.device))
         return self._finish(self._attend(q, k, v, seq_idx, seq_idx), seq_idx)
 
@@ -306,12 +299,17 @@ class Attention(Mixer):
         """One token x_t (B, D) -> (B, D): a prefill of length 1."""
         return self.forward(x_t[:, None], state=state)[:, 0]
 
-    def _prefill(self, x: Tensor, seq_idx: Tensor | None, state: AttentionState) -> Tensor:
+    def prefill(
+        self, x: Tensor, state: State, *, input_ids: Tensor | None, seq_idx: Tensor | None
+    ) -> Tensor:
         """Write q/k/v of the chunk at [offset, offset + L) and attend over the cache.
 
         Queries sit at key slots offset..offset+L-1 (the kernel's default bottom-right
         alignment). Without ``seq_idx`` the chunk continues each row's current document.
         """
+        return self._prefill(x, seq_idx, self.own_state(state, AttentionState))
+
+    def _prefill(self, x: Tensor, seq_idx: Tensor | None, state: AttentionState) -> Tensor:
         B, L, _ = x.shape
         start, end = state.offset, state.offset + L
         max_len = state.k.shape[1]

@@ -11,6 +11,8 @@ applying ``mix`` to an identity basis in fp64. Channel mixers (MLP) implement on
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -132,11 +134,27 @@ class Mixer(nn.Module):
         seq_idx: Tensor | None = None,
         state: State | None = None,
     ) -> Tensor:
-        """``x (B, L, D) -> (B, L, D)``. Default: the matrix view, evaluated."""
+        """``x (B, L, D) -> (B, L, D)``: :meth:`forward_sequence` without ``state``,
+        :meth:`prefill` with it. Subclasses override those two, not this."""
         if state is not None:
-            raise self.decode_refusal()
+            return self.prefill(x, state, input_ids=input_ids, seq_idx=seq_idx)
+        return self.forward_sequence(x, input_ids=input_ids, seq_idx=seq_idx)
+
+    def forward_sequence(
+        self, x: Tensor, *, input_ids: Tensor | None, seq_idx: Tensor | None
+    ) -> Tensor:
+        """Whole sequences, no decode state. Default: the matrix view, evaluated; a mixer
+        with a faster path to the same output overrides this."""
         terms = self.mixing_terms(x, input_ids=input_ids, seq_idx=seq_idx)
-        return terms.finish(sum(self.mix(c, v) for c, v in terms.terms))
+        mixed = [self.mix(coeffs, v) for coeffs, v in terms.terms]
+        return terms.finish(functools.reduce(operator.add, mixed))
+
+    def prefill(
+        self, x: Tensor, state: State, *, input_ids: Tensor | None, seq_idx: Tensor | None
+    ) -> Tensor:
+        """``forward`` that continues from ``state`` and fills it (chunked prefills).
+        Default: refused (:meth:`decode_refusal`); decoding mixers override it."""
+        raise self.decode_refusal()
 
     # -- matrix view ----------------------------------------------------------------
     def mixing_terms(
@@ -240,6 +258,18 @@ def init_linear(linear: nn.Linear, std: float, generator: torch.Generator | None
         nn.init.normal_(linear.weight, mean=0.0, std=std, generator=generator)
         if linear.bias is not None:
             linear.bias.zero_()
+
+
+def continue_scan(carried: Tensor, scan: Callable[[Tensor, bool], Any]) -> Tensor:
+    """Output of ``scan(initial_state, return_final_state)`` run from ``carried`` (a decode
+    state tensor), whose final state is written back into ``carried`` in place.
+
+    The scan gets a copy: autograd may save what the kernel reads, and ``carried`` is
+    overwritten.
+    """
+    out, final = scan(carried.clone(), True)
+    carried.copy_(final)
+    return out
 
 
 @torch.no_grad()

@@ -53,7 +53,7 @@ from mixstack.dsl.context import LayerContext
 from mixstack.dsl.registry import register
 from mixstack.kernels.common import zero_padding
 from mixstack.kernels.ssd import document_runs
-from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
+from mixstack.mixers.base import Mixer, MixTerms, ParamHint
 from mixstack.mixers.mamba2 import check_heads
 
 CheckResult = list[tuple[tuple[str | int, ...], str]]
@@ -291,20 +291,6 @@ class Hydra(Mixer):
         return out
 
     # -- forward and matrix view -----------------------------------------------------------
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        input_ids: Tensor | None = None,
-        seq_idx: Tensor | None = None,
-        state: State | None = None,
-    ) -> Tensor:
-        """u (B, L, D) -> (B, L, D). ``state`` is refused: Hydra cannot decode."""
-        if state is not None:
-            raise self.decode_refusal()
-        z, xs, coeffs = self._coefficients(x, seq_idx)
-        return self._finish(self.mix(coeffs, xs), z, seq_idx)
-
     def mixing_terms(
         self, x: Tensor, *, input_ids: Tensor | None = None, seq_idx: Tensor | None = None
     ) -> MixTerms:

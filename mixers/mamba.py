@@ -42,7 +42,7 @@ from mixstack.dsl.registry import register
 from mixstack.kernels.causal_conv1d import causal_conv1d_update
 from mixstack.kernels.common import zero_padding
 from mixstack.kernels.selective_scan import selective_scan_step
-from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
+from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State, continue_scan
 
 CheckResult = list[tuple[tuple[str | int, ...], str]]
 
@@ -256,23 +256,21 @@ class Mamba(Mixer):
         )
 
     # -- forward and matrix view -------------------------------------------------------
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        input_ids: Tensor | None = None,
-        seq_idx: Tensor | None = None,
-        state: State | None = None,
+    def forward_sequence(
+        self, x: Tensor, *, input_ids: Tensor | None, seq_idx: Tensor | None
     ) -> Tensor:
-        """u (B, L, D) -> (B, L, D). With ``state``: a prefill that continues from and
-        fills it (conv columns and the final SSM state), so prefills can be chunked."""
-        st = None if state is None else self.own_state(state, MambaState)
+        """u (B, L, D) -> (B, L, D); the gate z is fused into the scan."""
+        xs, z, coeffs = self._coefficients(x, seq_idx, None)
+        return self._out(self._scan(xs, coeffs, z, None, False), seq_idx)
+
+    def prefill(
+        self, x: Tensor, state: State, *, input_ids: Tensor | None, seq_idx: Tensor | None
+    ) -> Tensor:
+        """Continues from ``state`` and fills it (conv columns and the final SSM state),
+        so prefills can be chunked."""
+        st = self.own_state(state, MambaState)
         xs, z, coeffs = self._coefficients(x, seq_idx, st)
-        if st is None:
-            y = self._scan(xs, coeffs, z, None, False)
-        else:
-            y, ssm_state = self._scan(xs, coeffs, z, st.ssm_state.clone(), True)  # as the conv
-            st.ssm_state.copy_(ssm_state)
+        y = continue_scan(st.ssm_state, lambda init, final: self._scan(xs, coeffs, z, init, final))
         return self._out(y, seq_idx)
 
     def mixing_terms(

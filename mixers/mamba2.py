@@ -42,7 +42,7 @@ from mixstack.dsl.registry import register
 from mixstack.kernels.causal_conv1d import causal_conv1d_update
 from mixstack.kernels.common import zero_padding
 from mixstack.kernels.ssd import ssd_step
-from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
+from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State, continue_scan
 
 CheckResult = list[tuple[tuple[str | int, ...], str]]
 
@@ -366,23 +366,14 @@ class Mamba2(Mixer):
         return x * self.D.view(self.nheads, self.headdim).to(x.dtype)
 
     # -- forward and matrix view -------------------------------------------------------
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        input_ids: Tensor | None = None,
-        seq_idx: Tensor | None = None,
-        state: State | None = None,
+    def prefill(
+        self, x: Tensor, state: State, *, input_ids: Tensor | None, seq_idx: Tensor | None
     ) -> Tensor:
-        """u (B, L, D) -> (B, L, D). With ``state``: a prefill that continues from and
-        fills it (conv columns and the final SSM state), so prefills can be chunked."""
-        st = None if state is None else self.own_state(state, Mamba2State)
+        """Continues from ``state`` and fills it (conv columns and the final SSM state),
+        so prefills can be chunked. Without state the matrix view is the forward pass."""
+        st = self.own_state(state, Mamba2State)
         parts, xs, coeffs = self._coefficients(x, seq_idx, st)
-        if st is None:
-            y = self._scan(xs, coeffs, None, False)
-        else:
-            y, ssm_state = self._scan(xs, coeffs, st.ssm_state.clone(), True)  # as the conv
-            st.ssm_state.copy_(ssm_state)
+        y = continue_scan(st.ssm_state, lambda init, final: self._scan(xs, coeffs, init, final))
         return self._finish(y + self._channel_skip(xs), parts, seq_idx)
 
     def mixing_terms(

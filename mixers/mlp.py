@@ -120,16 +120,17 @@ class Mlp(Mixer):
             return self.down_proj(self.act(self.up_proj(x)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        input_ids: Tensor | None = None,
-        seq_idx: Tensor | None = None,
-        state: State | None = None,
+    def forward_sequence(
+        self, x: Tensor, *, input_ids: Tensor | None, seq_idx: Tensor | None
     ) -> Tensor:
-        """x (B, L, D) -> (B, L, D); positions never interact, so packing, padding and
-        prefill need nothing (the arguments are accepted for the common protocol)."""
+        """x (B, L, D) -> (B, L, D); positions never interact, so packing and padding
+        need nothing (the arguments are accepted for the common protocol)."""
+        return self._mlp(x)
+
+    def prefill(
+        self, x: Tensor, state: State, *, input_ids: Tensor | None, seq_idx: Tensor | None
+    ) -> Tensor:
+        """The same as without state: the (empty) state holds nothing to continue."""
         return self._mlp(x)
 
     def init_state(

@@ -230,22 +230,25 @@ class S4D(Mixer):
         return S4DCoeffs(self.kernel(length), self.D, seq_idx)
 
     # -- forward and matrix view -------------------------------------------------------
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        input_ids: Tensor | None = None,
-        seq_idx: Tensor | None = None,
-        state: State | None = None,
+    def forward_sequence(
+        self, x: Tensor, *, input_ids: Tensor | None, seq_idx: Tensor | None
     ) -> Tensor:
-        """u (B, L, H) -> (B, L, H) by convolution. With ``state``: a prefill that
-        continues from it and stores the final recurrent state."""
-        st = None if state is None else self.own_state(state, S4DState)
+        """u (B, L, H) -> (B, L, H) by convolution."""
+        return self._convolve(x, seq_idx, None)
+
+    def prefill(
+        self, x: Tensor, state: State, *, input_ids: Tensor | None, seq_idx: Tensor | None
+    ) -> Tensor:
+        """Continues from ``state`` and stores the final recurrent state."""
+        return self._convolve(x, seq_idx, self.own_state(state, S4DState))
+
+    def _convolve(self, x: Tensor, seq_idx: Tensor | None, state: S4DState | None) -> Tensor:
+        """The convolution of u (B, L, H), plus the carried state's contribution."""
         coeffs = self._coefficients(x.shape[1], seq_idx)
         u = x.to(coeffs.K.dtype)
         y = self.mix(coeffs, u[..., None])[..., 0]  # (B, L, H)
-        if st is not None:
-            y = y + self._prefill(u, seq_idx, st)
+        if state is not None:
+            y = y + self._prefill(u, seq_idx, state)
         return self._finish(y, seq_idx)
 
     def mixing_terms(
