@@ -43,54 +43,52 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor, nn
 
 from mixstack.blocks.gated_norm import GatedRMSNorm
 from mixstack.blocks.init import dt_bias_init, reset_depthwise_conv, reset_linear_zero_bias
+from mixstack.blocks.ssd_heads import (
+    CheckResult,
+    DtInitFloor,
+    DtLimit,
+    DtMax,
+    DtMin,
+    HeadDim,
+    NGroups,
+    SSDHeadsConfig,
+    negative_exp,
+    softplus_delta,
+    ssd_scan_macs,
+    ssm_param_hints,
+)
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.registry import register
 from mixstack.kernels.common import zero_padding
 from mixstack.kernels.ssd import document_runs
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint
-from mixstack.mixers.mamba2 import check_heads
-
-CheckResult = list[tuple[tuple[str | int, ...], str]]
 
 
-class HydraConfig(LayerConfig):
+class HydraConfig(SSDHeadsConfig, LayerConfig):
     """Hydra mixer; defaults are goombalab/hydra's ``Hydra`` (MATH.md §5)."""
 
     type: Literal["hydra"] = "hydra"
     d_state: int = Field(64, ge=1, description="SSM state size N per head and direction")
     d_conv: int = Field(7, ge=1, description="width of the centred depthwise conv (odd)")
     expand: int = Field(2, ge=1, description="d_inner = expand · d_model")
-    headdim: int = Field(64, ge=1, description="P: channels per SSM head; H = d_inner / P")
-    ngroups: int = Field(1, ge=1, description="G: groups sharing B and C (divides H)")
+    headdim: HeadDim
+    ngroups: NGroups
     A_init: float = Field(
         1.0, gt=0, description="A = −A_init for every head at init (A_log = log A_init = 0)"
     )
-    dt_min: float = Field(1e-3, gt=0, description="Δ at init is log-uniform in [dt_min, dt_max]")
-    dt_max: float = Field(0.1, gt=0, description="upper end of the Δ init range")
-    dt_init_floor: float = Field(1e-4, ge=0, description="Δ at init is at least this")
-    dt_limit: tuple[float, float | None] = Field(
-        (0.0, None),
-        description="Δ is clamped to [lo, hi] after the softplus; hi null = no upper bound "
-        "(the reference's (0, inf); null keeps config.json strict JSON)",
-    )
+    dt_min: DtMin
+    dt_max: DtMax
+    dt_init_floor: DtInitFloor
+    dt_limit: DtLimit
     bias: bool = Field(False, description="biases on in_proj and out_proj")
     conv_bias: bool = Field(True, description="bias on the depthwise conv")
     chunk_size: int = Field(256, ge=1, description="SSD chunk length (speed/memory, not math)")
-
-    @field_validator("dt_limit")
-    @classmethod
-    def _check_dt_limit(cls, v: tuple[float, float | None]) -> tuple[float, float | None]:
-        if v[1] is not None and math.isinf(v[1]):
-            v = (v[0], None)
-        if not (v[0] >= 0 and (v[1] is None or v[0] < v[1])):
-            raise ValueError(f"dt_limit must satisfy 0 <= lo < hi, got {list(v)}")
-        return v
 
     def capabilities(self, ctx: LayerContext) -> Capabilities:
         return Capabilities(causal=False, decode=False)
@@ -98,9 +96,7 @@ class HydraConfig(LayerConfig):
     def check(self, ctx: LayerContext) -> CheckResult:
         d_inner = self.expand * ctx.d_model
         out: CheckResult = []
-        out += check_heads(
-            d_inner, "d_inner", f"expand·d_model = {self.expand}·{ctx.d_model}", self
-        )
+        out += self.check_heads(d_inner, "d_inner", f"expand·d_model = {self.expand}·{ctx.d_model}")
         if self.d_conv % 2 == 0:
             out.append(
                 (
@@ -238,17 +234,8 @@ class Hydra(Mixer):
         )
 
     def _delta(self, dt: Tensor) -> Tensor:
-        """Raw dt (..., H) -> Δ = softplus(dt + dt_bias), clamped to dt_limit, fp32 (fp64)."""
-        f = torch.promote_types(dt.dtype, torch.float32)
-        delta = F.softplus(dt.to(f) + self.dt_bias.to(f))
-        lo, hi = self.cfg.dt_limit
-        if lo > 0.0 or hi is not None:
-            delta = delta.clamp(min=lo, max=hi)
-        return delta
-
-    def _A(self) -> Tensor:
-        """A = −exp(A_log) (H,), in fp32 at least."""
-        return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+        """Raw dt (..., H) -> Δ (..., H), fp32 (fp64)."""
+        return softplus_delta(dt, self.dt_bias, self.cfg.dt_limit)
 
     def _coefficients(
         self, u: Tensor, seq_idx: Tensor | None
@@ -274,7 +261,7 @@ class Hydra(Mixer):
         diag = zero_padding(diag, seq_idx)
         coeffs = HydraCoeffs(
             dt=torch.cat([self._delta(dt_f), self._delta(dt_b).flip(1)]),  # (2B, L, H)
-            A=self._A(),
+            A=negative_exp(self.A_log),
             B=torch.cat([B_f, B_b.flip(1)]).unflatten(-1, (G, N)),  # (2B, L, G, N)
             C=torch.cat([C_f, C_b.flip(1)]).unflatten(-1, (G, N)),  # (2B, L, G, N)
             seq_idx=both_seq,
@@ -327,24 +314,14 @@ class Hydra(Mixer):
 
     # -- bookkeeping -----------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:
-        scalar = ParamHint(no_weight_decay=True, keep_fp32=True)
-        return {
-            "A_log": scalar,
-            "D": scalar,
-            "dt_bias": scalar,
-            "out_proj.weight": ParamHint(residual_out=True),
-        }
+        return ssm_param_hints("dt_bias")
 
     def flops_per_token(self, seq_len: int) -> float:
         """2·MACs per token of the matmuls and the conv as the chunked path computes them:
         in_proj, fc_D, out_proj, the conv, and per direction and chunk of
         Q = min(chunk_size, seq_len) (padded up): C·Bᵀ (G·Q·N), scores·x (H·Q·P), chunk
         states and state read-out (2·H·P·N)."""
-        cfg, D = self.cfg, self.ctx.d_model
-        G, N, H, P = cfg.ngroups, cfg.d_state, self.nheads, self.headdim
-        q = min(cfg.chunk_size, seq_len)
-        padded = math.ceil(seq_len / q) * q / seq_len  # padded steps are computed too
+        D, H = self.ctx.d_model, self.nheads
         proj = D * self.in_proj.out_features + self.d_inner * (D + H)
-        conv = self.conv_dim * cfg.d_conv
-        ssd = 2 * padded * (G * q * N + H * q * P + 2 * H * P * N)
-        return 2.0 * (proj + conv + ssd)
+        conv = self.conv_dim * self.cfg.d_conv
+        return 2.0 * (proj + conv + 2 * ssd_scan_macs(self.cfg, H, seq_len))

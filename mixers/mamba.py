@@ -36,6 +36,7 @@ from mixstack.blocks.init import (
     reset_linear_zero_bias,
     uniform_,
 )
+from mixstack.blocks.ssd_heads import negative_exp, ssm_param_hints
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.registry import register
@@ -195,8 +196,8 @@ class Mamba(Mixer):
         return F.softplus(dt.to(f) + self.dt_proj.bias.to(f)), B, C
 
     def _A(self) -> Tensor:
-        """A = −exp(A_log) (d_inner, N), in fp32 at least (fp16 A_log could give −inf)."""
-        return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+        """A = −exp(A_log) (d_inner, N), fp32 at least."""
+        return negative_exp(self.A_log)
 
     def _conv_weight(self) -> Tensor:
         return self.conv1d.weight[:, 0, :]  # (d_inner, d_conv)
@@ -328,13 +329,7 @@ class Mamba(Mixer):
 
     # -- bookkeeping ---------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:
-        scalar = ParamHint(no_weight_decay=True, keep_fp32=True)
-        return {
-            "A_log": scalar,
-            "D": scalar,
-            "dt_proj.bias": scalar,  # Mamba-2's dt_bias: Δ sits inside a softplus of it
-            "out_proj.weight": ParamHint(residual_out=True),
-        }
+        return ssm_param_hints("dt_proj.bias")  # Mamba-2's dt_bias: Δ sits in its softplus
 
     def flops_per_token(self, seq_len: int) -> float:
         """2·MACs per token: the projections (in, x, dt, out), the depthwise conv, and the

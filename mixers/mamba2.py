@@ -24,7 +24,6 @@ d_ssm + 2GN. Kernels: ``causal_conv1d`` and ``ssd_scan`` (backends ``torch``,
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,38 +34,45 @@ from torch import Tensor, nn
 
 from mixstack.blocks.gated_norm import GatedRMSNorm
 from mixstack.blocks.init import dt_bias_init, reset_depthwise_conv, reset_linear_zero_bias
+from mixstack.blocks.ssd_heads import (
+    CheckResult,
+    DtInitFloor,
+    DtLimit,
+    DtMax,
+    DtMin,
+    HeadDim,
+    NGroups,
+    SSDHeadsConfig,
+    negative_exp,
+    softplus_delta,
+    ssd_scan_macs,
+    ssm_param_hints,
+)
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import divisors
 from mixstack.dsl.registry import register
 from mixstack.kernels.causal_conv1d import causal_conv1d_update
 from mixstack.kernels.common import zero_padding
 from mixstack.kernels.ssd import ssd_step
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State, continue_scan
 
-CheckResult = list[tuple[tuple[str | int, ...], str]]
 
-
-class Mamba2Config(LayerConfig):
+class Mamba2Config(SSDHeadsConfig, LayerConfig):
     """Mamba-2 (SSD) mixer; defaults are mamba_ssm's ``Mamba2`` (MATH.md §2)."""
 
     type: Literal["mamba2"] = "mamba2"
     d_state: int = Field(128, ge=1, description="SSM state size N per head")
     d_conv: int = Field(4, ge=1, description="width of the causal depthwise conv over x, B, C")
     expand: int = Field(2, ge=1, description="d_inner = expand · d_model")
-    headdim: int = Field(64, ge=1, description="P: channels per SSM head; H = d_ssm / P")
-    ngroups: int = Field(1, ge=1, description="G: groups sharing B and C (divides H)")
+    headdim: HeadDim
+    ngroups: NGroups
     A_init_range: tuple[float, float] = Field(
         (1.0, 16.0), description="A = −U(lo, hi) at init (A_log = log U(lo, hi))"
     )
-    dt_min: float = Field(1e-3, gt=0, description="Δ at init is log-uniform in [dt_min, dt_max]")
-    dt_max: float = Field(0.1, gt=0, description="upper end of the Δ init range")
-    dt_init_floor: float = Field(1e-4, ge=0, description="Δ at init is at least this")
-    dt_limit: tuple[float, float | None] = Field(
-        (0.0, None),
-        description="Δ is clamped to [lo, hi] after the softplus; hi null = no upper bound "
-        "(mamba_ssm's (0, inf); null keeps config.json strict JSON)",
-    )
+    dt_min: DtMin
+    dt_max: DtMax
+    dt_init_floor: DtInitFloor
+    dt_limit: DtLimit
     bias: bool = Field(False, description="biases on in_proj and out_proj")
     conv_bias: bool = Field(True, description="bias on the depthwise conv")
     chunk_size: int = Field(256, ge=1, description="SSD chunk length (speed/memory, not math)")
@@ -89,15 +95,6 @@ class Mamba2Config(LayerConfig):
             raise ValueError(f"A_init_range must satisfy 0 < lo <= hi, got {list(v)}")
         return v
 
-    @field_validator("dt_limit")
-    @classmethod
-    def _check_dt_limit(cls, v: tuple[float, float | None]) -> tuple[float, float | None]:
-        if v[1] is not None and math.isinf(v[1]):
-            v = (v[0], None)
-        if not (v[0] >= 0 and (v[1] is None or v[0] < v[1])):
-            raise ValueError(f"dt_limit must satisfy 0 <= lo < hi, got {list(v)}")
-        return v
-
     def capabilities(self, ctx: LayerContext) -> Capabilities:
         return Capabilities(causal=True, decode=True)
 
@@ -118,7 +115,7 @@ class Mamba2Config(LayerConfig):
                     f"({self.expand}·{ctx.d_model} = {d_inner})",
                 )
             )
-        out += check_heads(d_ssm, "d_ssm", f"expand·d_model = {d_inner}", self)
+        out += self.check_heads(d_ssm, "d_ssm", f"expand·d_model = {d_inner}")
         return out
 
     @classmethod
@@ -141,35 +138,6 @@ class Mamba2Config(LayerConfig):
                 cls(**small, expand=1, dt_limit=(0.01, 0.05), chunk_size=6), name="dt-limit"
             ),
         ]
-
-
-def check_heads(width: int, name: str, note: str, cfg: Mamba2Config | LayerConfig) -> CheckResult:
-    """Checks shared by the SSD mixers (Mamba-2, Hydra): ``headdim`` divides the SSM width
-    (``name`` = ``width``; ``note`` says where it comes from), ``ngroups`` divides the
-    heads, and the Δ init range is ordered."""
-    out: CheckResult = []
-    headdim, ngroups = cfg.headdim, cfg.ngroups  # type: ignore[attr-defined]
-    if width % headdim:
-        out.append(
-            (
-                ("headdim",),
-                f"headdim ({headdim}) must divide {name} ({width}; {note}); allowed "
-                f"headdim: {', '.join(str(d) for d in divisors(width))}",
-            )
-        )
-    elif (width // headdim) % ngroups:
-        heads = width // headdim
-        out.append(
-            (
-                ("ngroups",),
-                f"ngroups ({ngroups}) must divide the number of heads {name}/headdim = "
-                f"{heads}; allowed ngroups: {', '.join(str(d) for d in divisors(heads))}",
-            )
-        )
-    dt_min, dt_max = cfg.dt_min, cfg.dt_max  # type: ignore[attr-defined]
-    if dt_min > dt_max:
-        out.append((("dt_max",), f"dt_max ({dt_max}) is below dt_min ({dt_min})"))
-    return out
 
 
 @dataclass
@@ -286,17 +254,12 @@ class Mamba2(Mixer):
         )
 
     def _dt(self, dt: Tensor) -> Tensor:
-        """Raw dt (..., H) -> Δ = softplus(dt + dt_bias), clamped to dt_limit, fp32 (fp64)."""
-        f = torch.promote_types(dt.dtype, torch.float32)
-        delta = F.softplus(dt.to(f) + self.dt_bias.to(f))
-        lo, hi = self.cfg.dt_limit
-        if lo > 0.0 or hi is not None:
-            delta = delta.clamp(min=lo, max=hi)
-        return delta
+        """Raw dt (..., H) -> Δ (..., H), fp32 (fp64)."""
+        return softplus_delta(dt, self.dt_bias, self.cfg.dt_limit)
 
     def _A(self) -> Tensor:
-        """A = −exp(A_log) (H,), in fp32 at least (fp16 A_log could give −inf)."""
-        return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+        """A = −exp(A_log) (H,), fp32 at least."""
+        return negative_exp(self.A_log)
 
     def _conv_weight(self) -> Tensor:
         return self.conv1d.weight[:, 0, :]  # (conv_dim, d_conv)
@@ -422,23 +385,13 @@ class Mamba2(Mixer):
 
     # -- bookkeeping ---------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:
-        scalar = ParamHint(no_weight_decay=True, keep_fp32=True)
-        return {
-            "A_log": scalar,
-            "D": scalar,
-            "dt_bias": scalar,
-            "out_proj.weight": ParamHint(residual_out=True),
-        }
+        return ssm_param_hints("dt_bias")
 
     def flops_per_token(self, seq_len: int) -> float:
         """2·MACs of the matmuls and the conv, per token, as the chunked path computes them:
         projections, conv, and per chunk of Q = min(chunk_size, seq_len) (padded up):
         C·Bᵀ (G·Q·N), scores·x (H·Q·P), chunk states and state read-out (2·H·P·N)."""
-        cfg, D = self.cfg, self.ctx.d_model
-        G, N, H, P = cfg.ngroups, cfg.d_state, self.nheads, self.headdim
-        q = min(cfg.chunk_size, seq_len)
-        padded = math.ceil(seq_len / q) * q / seq_len  # padded steps are computed too
+        D = self.ctx.d_model
         proj = D * self.in_proj.out_features + self.d_inner * D
-        conv = self.conv_dim * cfg.d_conv
-        ssd = padded * (G * q * N + H * q * P + 2 * H * P * N)
-        return 2.0 * (proj + conv + ssd)
+        conv = self.conv_dim * self.cfg.d_conv
+        return 2.0 * (proj + conv + ssd_scan_macs(self.cfg, self.nheads, seq_len))
