@@ -46,22 +46,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from mixstack.blocks import ssd_heads as ssd
 from mixstack.blocks.gated_norm import GatedRMSNorm
 from mixstack.blocks.init import dt_bias_init, reset_depthwise_conv, reset_linear_zero_bias
-from mixstack.blocks.ssd_heads import (
-    CheckResult,
-    DtInitFloor,
-    DtLimit,
-    DtMax,
-    DtMin,
-    HeadDim,
-    NGroups,
-    SSDHeadsConfig,
-    negative_exp,
-    softplus_delta,
-    ssd_scan_macs,
-    ssm_param_hints,
-)
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.registry import register
@@ -70,22 +57,22 @@ from mixstack.kernels.ssd import document_runs
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint
 
 
-class HydraConfig(SSDHeadsConfig, LayerConfig):
+class HydraConfig(ssd.SSDHeadsConfig, LayerConfig):
     """Hydra mixer; defaults are goombalab/hydra's ``Hydra`` (MATH.md §5)."""
 
     type: Literal["hydra"] = "hydra"
     d_state: int = Field(64, ge=1, description="SSM state size N per head and direction")
     d_conv: int = Field(7, ge=1, description="width of the centred depthwise conv (odd)")
     expand: int = Field(2, ge=1, description="d_inner = expand · d_model")
-    headdim: HeadDim
-    ngroups: NGroups
+    headdim: ssd.HeadDim
+    ngroups: ssd.NGroups
     A_init: float = Field(
         1.0, gt=0, description="A = −A_init for every head at init (A_log = log A_init = 0)"
     )
-    dt_min: DtMin
-    dt_max: DtMax
-    dt_init_floor: DtInitFloor
-    dt_limit: DtLimit
+    dt_min: ssd.DtMin
+    dt_max: ssd.DtMax
+    dt_init_floor: ssd.DtInitFloor
+    dt_limit: ssd.DtLimit
     bias: bool = Field(False, description="biases on in_proj and out_proj")
     conv_bias: bool = Field(True, description="bias on the depthwise conv")
     chunk_size: int = Field(256, ge=1, description="SSD chunk length (speed/memory, not math)")
@@ -93,9 +80,9 @@ class HydraConfig(SSDHeadsConfig, LayerConfig):
     def capabilities(self, ctx: LayerContext) -> Capabilities:
         return Capabilities(causal=False, decode=False)
 
-    def check(self, ctx: LayerContext) -> CheckResult:
+    def check(self, ctx: LayerContext) -> ssd.CheckResult:
         d_inner = self.expand * ctx.d_model
-        out: CheckResult = []
+        out: ssd.CheckResult = []
         out += self.check_heads(d_inner, "d_inner", f"expand·d_model = {self.expand}·{ctx.d_model}")
         if self.d_conv % 2 == 0:
             out.append(
@@ -235,7 +222,7 @@ class Hydra(Mixer):
 
     def _delta(self, dt: Tensor) -> Tensor:
         """Raw dt (..., H) -> Δ (..., H), fp32 (fp64)."""
-        return softplus_delta(dt, self.dt_bias, self.cfg.dt_limit)
+        return ssd.softplus_delta(dt, self.dt_bias, self.cfg.dt_limit)
 
     def _coefficients(
         self, u: Tensor, seq_idx: Tensor | None
@@ -261,7 +248,7 @@ class Hydra(Mixer):
         diag = zero_padding(diag, seq_idx)
         coeffs = HydraCoeffs(
             dt=torch.cat([self._delta(dt_f), self._delta(dt_b).flip(1)]),  # (2B, L, H)
-            A=negative_exp(self.A_log),
+            A=ssd.negative_exp(self.A_log),
             B=torch.cat([B_f, B_b.flip(1)]).unflatten(-1, (G, N)),  # (2B, L, G, N)
             C=torch.cat([C_f, C_b.flip(1)]).unflatten(-1, (G, N)),  # (2B, L, G, N)
             seq_idx=both_seq,
@@ -314,7 +301,7 @@ class Hydra(Mixer):
 
     # -- bookkeeping -----------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:
-        return ssm_param_hints("dt_bias")
+        return ssd.ssm_param_hints("dt_bias")
 
     def flops_per_token(self, seq_len: int) -> float:
         """2·MACs per token of the matmuls and the conv as the chunked path computes them:
@@ -324,4 +311,4 @@ class Hydra(Mixer):
         D, H = self.ctx.d_model, self.nheads
         proj = D * self.in_proj.out_features + self.d_inner * (D + H)
         conv = self.conv_dim * self.cfg.d_conv
-        return 2.0 * (proj + conv + 2 * ssd_scan_macs(self.cfg, H, seq_len))
+        return 2.0 * (proj + conv + 2 * ssd.ssd_scan_macs(self.cfg, H, seq_len))

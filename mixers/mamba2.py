@@ -32,22 +32,9 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
+from mixstack.blocks import ssd_heads as ssd
 from mixstack.blocks.gated_norm import GatedRMSNorm
 from mixstack.blocks.init import dt_bias_init, reset_depthwise_conv, reset_linear_zero_bias
-from mixstack.blocks.ssd_heads import (
-    CheckResult,
-    DtInitFloor,
-    DtLimit,
-    DtMax,
-    DtMin,
-    HeadDim,
-    NGroups,
-    SSDHeadsConfig,
-    negative_exp,
-    softplus_delta,
-    ssd_scan_macs,
-    ssm_param_hints,
-)
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.registry import register
@@ -57,22 +44,22 @@ from mixstack.kernels.ssd import ssd_step
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State, continue_scan
 
 
-class Mamba2Config(SSDHeadsConfig, LayerConfig):
+class Mamba2Config(ssd.SSDHeadsConfig, LayerConfig):
     """Mamba-2 (SSD) mixer; defaults are mamba_ssm's ``Mamba2`` (MATH.md §2)."""
 
     type: Literal["mamba2"] = "mamba2"
     d_state: int = Field(128, ge=1, description="SSM state size N per head")
     d_conv: int = Field(4, ge=1, description="width of the causal depthwise conv over x, B, C")
     expand: int = Field(2, ge=1, description="d_inner = expand · d_model")
-    headdim: HeadDim
-    ngroups: NGroups
+    headdim: ssd.HeadDim
+    ngroups: ssd.NGroups
     A_init_range: tuple[float, float] = Field(
         (1.0, 16.0), description="A = −U(lo, hi) at init (A_log = log U(lo, hi))"
     )
-    dt_min: DtMin
-    dt_max: DtMax
-    dt_init_floor: DtInitFloor
-    dt_limit: DtLimit
+    dt_min: ssd.DtMin
+    dt_max: ssd.DtMax
+    dt_init_floor: ssd.DtInitFloor
+    dt_limit: ssd.DtLimit
     bias: bool = Field(False, description="biases on in_proj and out_proj")
     conv_bias: bool = Field(True, description="bias on the depthwise conv")
     chunk_size: int = Field(256, ge=1, description="SSD chunk length (speed/memory, not math)")
@@ -103,10 +90,10 @@ class Mamba2Config(SSDHeadsConfig, LayerConfig):
             return self
         return self.model_copy(update={"d_ssm": self.expand * ctx.d_model})
 
-    def check(self, ctx: LayerContext) -> CheckResult:
+    def check(self, ctx: LayerContext) -> ssd.CheckResult:
         d_inner = self.expand * ctx.d_model
         d_ssm = d_inner if self.d_ssm is None else self.d_ssm
-        out: CheckResult = []
+        out: ssd.CheckResult = []
         if d_ssm > d_inner:
             out.append(
                 (
@@ -255,11 +242,11 @@ class Mamba2(Mixer):
 
     def _dt(self, dt: Tensor) -> Tensor:
         """Raw dt (..., H) -> Δ (..., H), fp32 (fp64)."""
-        return softplus_delta(dt, self.dt_bias, self.cfg.dt_limit)
+        return ssd.softplus_delta(dt, self.dt_bias, self.cfg.dt_limit)
 
     def _A(self) -> Tensor:
         """A = −exp(A_log) (H,), fp32 at least."""
-        return negative_exp(self.A_log)
+        return ssd.negative_exp(self.A_log)
 
     def _conv_weight(self) -> Tensor:
         return self.conv1d.weight[:, 0, :]  # (conv_dim, d_conv)
@@ -385,7 +372,7 @@ class Mamba2(Mixer):
 
     # -- bookkeeping ---------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:
-        return ssm_param_hints("dt_bias")
+        return ssd.ssm_param_hints("dt_bias")
 
     def flops_per_token(self, seq_len: int) -> float:
         """2·MACs of the matmuls and the conv, per token, as the chunked path computes them:
@@ -394,4 +381,4 @@ class Mamba2(Mixer):
         D = self.ctx.d_model
         proj = D * self.in_proj.out_features + self.d_inner * D
         conv = self.conv_dim * self.cfg.d_conv
-        return 2.0 * (proj + conv + ssd_scan_macs(self.cfg, self.nheads, seq_len))
+        return 2.0 * (proj + conv + ssd.ssd_scan_macs(self.cfg, self.nheads, seq_len))
