@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from pydantic import AfterValidator, Field
 from torch import Tensor
 
+from mixstack.blocks.init import check_dt_range
 from mixstack.dsl.errors import divisors
 from mixstack.mixers.base import ParamHint
 
@@ -87,9 +88,7 @@ class SSDHeadsConfig:
                     f"= {heads}; allowed ngroups: {', '.join(str(d) for d in divisors(heads))}",
                 )
             )
-        if self.dt_min > self.dt_max:
-            out.append((("dt_max",), f"dt_max ({self.dt_max}) is below dt_min ({self.dt_min})"))
-        return out
+        return out + check_dt_range(self.dt_min, self.dt_max)
 
 
 def softplus_delta(dt: Tensor, dt_bias: Tensor, dt_limit: tuple[float, float | None]) -> Tensor:

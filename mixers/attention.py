@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from mixstack.blocks.causality import ArchCausalConfig
 from mixstack.blocks.rope import Rope, document_positions
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
@@ -48,7 +49,7 @@ class RopeConfig(BaseModel):
     )
 
 
-class AttentionConfig(LayerConfig):
+class AttentionConfig(ArchCausalConfig, LayerConfig):
     """Softmax attention (Vaswani et al. 2017), grouped-query (Ainslie et al. 2023)."""
 
     type: Literal["attention"] = "attention"
@@ -71,9 +72,6 @@ class AttentionConfig(LayerConfig):
     softmax_scale: float | None = Field(
         None, gt=0, description="multiplies q·k before the softmax; None -> 1/sqrt(head_dim)"
     )
-
-    def is_causal(self, ctx: LayerContext) -> bool:
-        return ctx.causal_arch if self.causal is None else self.causal
 
     def capabilities(self, ctx: LayerContext) -> Capabilities:
         causal = self.is_causal(ctx)
@@ -256,8 +254,7 @@ class Attention(Mixer):
         """o (B, L, H, P) -> (B, L, D); padding positions (seq_idx -1) output exactly 0."""
         B, L = o.shape[:2]
         out = self.o_proj(o.reshape(B, L, -1))
-        out = zero_padding(out, seq_idx)
-        return out
+        return zero_padding(out, seq_idx)
 
     # -- forward and matrix view -------------------------------------------------------
     def forward_sequence(

@@ -41,6 +41,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from mixstack.blocks.causality import ArchCausalConfig
 from mixstack.blocks.implicit_filter import ImplicitFilter, ImplicitFilterConfig
 from mixstack.blocks.init import reset_depthwise_conv
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
@@ -54,7 +55,7 @@ from mixstack.mixers.base import Mixer, MixTerms, ParamHint, init_linear
 CheckResult = list[tuple[tuple[str | int, ...], str]]
 
 
-class HyenaConfig(LayerConfig):
+class HyenaConfig(ArchCausalConfig, LayerConfig):
     """Hyena operator; defaults are safari's hyena layer config (MATH.md §6)."""
 
     type: Literal["hyena"] = "hyena"
@@ -72,9 +73,6 @@ class HyenaConfig(LayerConfig):
     filter: ImplicitFilterConfig = Field(
         default_factory=ImplicitFilterConfig, description="implicit filter network (filter_fn)"
     )
-
-    def is_causal(self, ctx: LayerContext) -> bool:
-        return ctx.causal_arch if self.causal is None else self.causal
 
     def capabilities(self, ctx: LayerContext) -> Capabilities:
         return Capabilities(causal=self.is_causal(ctx), decode=False, length_dependent=True)
@@ -184,8 +182,7 @@ class Hyena(Mixer):
 
     def _finish(self, y: Tensor, seq_idx: Tensor | None) -> Tensor:
         out = self.out_proj(y[..., 0])  # (B, L, D)
-        out = zero_padding(out, seq_idx)
-        return out
+        return zero_padding(out, seq_idx)
 
     def mixing_terms(
         self, x: Tensor, *, input_ids: Tensor | None = None, seq_idx: Tensor | None = None

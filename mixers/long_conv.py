@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
+from mixstack.blocks.causality import ArchCausalConfig
 from mixstack.blocks.init import normal_
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
@@ -96,7 +97,7 @@ class SGConvKernelConfig(BaseModel):
 KernelConfig = Annotated[SquashKernelConfig | SGConvKernelConfig, Field(discriminator="type")]
 
 
-class LongConvConfig(LayerConfig):
+class LongConvConfig(ArchCausalConfig, LayerConfig):
     """Long convolution layer (safari ``LongConv``) with a regularised kernel."""
 
     type: Literal["long_conv"] = "long_conv"
@@ -120,9 +121,6 @@ class LongConvConfig(LayerConfig):
     activation: Literal["gelu", "id"] = Field(
         "gelu", description="between the convolution and output_linear"
     )
-
-    def is_causal(self, ctx: LayerContext) -> bool:
-        return ctx.causal_arch if self.causal is None else self.causal
 
     def capabilities(self, ctx: LayerContext) -> Capabilities:
         return Capabilities(causal=self.is_causal(ctx), decode=False, length_dependent=True)
@@ -304,8 +302,7 @@ class LongConv(Mixer):
         if self.cfg.activation == "gelu":
             y = F.gelu(y)
         out = F.glu(self.output_linear(y), dim=-1)
-        out = zero_padding(out, seq_idx)
-        return out
+        return zero_padding(out, seq_idx)
 
     def mixing_terms(
         self, x: Tensor, *, input_ids: Tensor | None = None, seq_idx: Tensor | None = None

@@ -31,6 +31,7 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from mixstack.blocks.init import (
+    check_dt_range,
     dt_bias_init,
     reset_depthwise_conv,
     reset_linear_zero_bias,
@@ -88,9 +89,7 @@ class MambaConfig(LayerConfig):
         return self.model_copy(update={"dt_rank": self.rank(ctx.d_model)})
 
     def check(self, ctx: LayerContext) -> CheckResult:
-        if self.dt_min > self.dt_max:
-            return [(("dt_max",), f"dt_max ({self.dt_max}) is below dt_min ({self.dt_min})")]
-        return []
+        return check_dt_range(self.dt_min, self.dt_max)
 
     @classmethod
     def examples(cls) -> list[LayerExample]:
@@ -205,8 +204,7 @@ class Mamba(Mixer):
     def _out(self, y: Tensor, seq_idx: Tensor | None) -> Tensor:
         """Gated y (B, L, d_inner) -> out_proj -> (B, L, D); exactly 0 at padding."""
         out = self.out_proj(y.to(self.out_proj.weight.dtype))
-        out = zero_padding(out, seq_idx)
-        return out
+        return zero_padding(out, seq_idx)
 
     def _coefficients(
         self, u: Tensor, seq_idx: Tensor | None, state: MambaState | None

@@ -262,8 +262,7 @@ class Mamba2(Mixer):
         if self.d_mlp > 0:
             y = torch.cat([F.silu(parts.z0) * parts.x0, y], dim=-1)  # (B, L, d_inner)
         out = self.out_proj(y)
-        out = zero_padding(out, seq_idx)
-        return out
+        return zero_padding(out, seq_idx)
 
     def _scan(
         self, v: Tensor, coeffs: Mamba2Coeffs, initial_state: Tensor | None, final: bool

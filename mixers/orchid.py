@@ -534,8 +534,7 @@ class Orchid(Mixer):
 
     def _finish(self, y: Tensor, seq_idx: Tensor | None) -> Tensor:
         out = self.out_linear(y[..., 0])  # (B, L, D)
-        out = zero_padding(out, seq_idx)
-        return out
+        return zero_padding(out, seq_idx)
 
     def mix(self, coeffs: OrchidCoeffs | ResidualCoeffs, v: Tensor) -> Tensor:
         """Per document group, the term's convolution on v (B, L, D, P); linear in v."""

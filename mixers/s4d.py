@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from mixstack.blocks.init import normal_, reset_linear, uniform_
+from mixstack.blocks.init import check_dt_range, normal_, reset_linear, uniform_
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.registry import register
@@ -92,9 +92,7 @@ class S4DConfig(LayerConfig):
         return Capabilities(causal=not self.bidirectional, decode=not self.bidirectional)
 
     def check(self, ctx: LayerContext) -> CheckResult:
-        if self.dt_min > self.dt_max:
-            return [(("dt_max",), f"dt_max ({self.dt_max}) is below dt_min ({self.dt_min})")]
-        return []
+        return check_dt_range(self.dt_min, self.dt_max)
 
     @classmethod
     def examples(cls) -> list[LayerExample]:
@@ -223,8 +221,7 @@ class S4D(Mixer):
         """y (B, L, H) -> activation, dropout, output_linear, GLU -> (B, L, H); 0 at padding."""
         y = self.dropout(ACTIVATIONS[self.cfg.activation](y))
         out = F.glu(self.output_linear(y.to(self.output_linear.weight.dtype)), dim=-1)
-        out = zero_padding(out, seq_idx)
-        return out
+        return zero_padding(out, seq_idx)
 
     def _coefficients(self, length: int, seq_idx: Tensor | None) -> S4DCoeffs:
         return S4DCoeffs(self.kernel(length), self.D, seq_idx)
