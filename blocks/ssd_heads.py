@@ -11,14 +11,20 @@ FLOPs of one chunked SSD scan. Lives in blocks/ so that no mixer imports another
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated
 
 import torch
 import torch.nn.functional as F
 from pydantic import AfterValidator, Field
-from torch import Tensor
+from torch import Tensor, nn
 
-from mixstack.blocks.init import check_dt_range
+from mixstack.blocks.init import (
+    check_dt_range,
+    dt_bias_init,
+    reset_depthwise_conv,
+    reset_linear_zero_bias,
+)
 from mixstack.dsl.errors import divisors
 from mixstack.mixers.base import ParamHint
 
@@ -65,6 +71,7 @@ class SSDHeadsConfig:
         ngroups: int
         dt_min: float
         dt_max: float
+        dt_init_floor: float
         chunk_size: int
 
     def check_heads(self, width: int, name: str, note: str) -> CheckResult:
@@ -127,3 +134,22 @@ def ssd_scan_macs(cfg: SSDHeadsConfig, nheads: int, seq_len: int) -> float:
     q = min(cfg.chunk_size, seq_len)
     padded = math.ceil(seq_len / q) * q / seq_len  # padded steps are computed too
     return padded * (G * q * N + H * q * P + 2 * H * P * N)
+
+
+@torch.no_grad()
+def reset_ssd_layer(
+    linears: Sequence[nn.Linear],
+    conv: nn.Conv1d,
+    dt_bias: Tensor,
+    cfg: SSDHeadsConfig,
+    generator: torch.Generator | None,
+) -> None:
+    """The init Mamba-2 and Hydra share, drawn in this order from ``generator``:
+    PyTorch-default ``linears`` with zero biases (as mamba_ssm's LM init leaves them), the
+    default depthwise ``conv``, and ``dt_bias`` = softplus⁻¹ of a log-uniform Δ in
+    [dt_min, dt_max] floored at dt_init_floor."""
+    for linear in linears:
+        reset_linear_zero_bias(linear, generator)
+    reset_depthwise_conv(conv, generator)
+    delta_init = dt_bias_init(dt_bias.numel(), cfg.dt_min, cfg.dt_max, cfg.dt_init_floor, generator)
+    dt_bias.copy_(delta_init)

@@ -48,7 +48,6 @@ from torch import Tensor, nn
 
 from mixstack.blocks import ssd_heads as ssd
 from mixstack.blocks.gated_norm import GatedRMSNorm
-from mixstack.blocks.init import dt_bias_init, reset_depthwise_conv, reset_linear_zero_bias
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.registry import register
@@ -202,14 +201,9 @@ class Hydra(Mixer):
         """PyTorch-default linears and conv (biases of linears zeroed, as mamba_ssm's LM
         init does), log-uniform Δ through an inverse softplus, A = −A_init (A_log = 0 by
         default), D = 1, norm weight = 1. Every random draw uses ``generator``."""
-        for lin in (self.in_proj, self.out_proj, self.fc_D):
-            reset_linear_zero_bias(lin, generator)
-        reset_depthwise_conv(self.conv1d, generator)
-        cfg = self.cfg
-        self.dt_bias.copy_(
-            dt_bias_init(self.nheads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor, generator)
-        )
-        self.A_log.fill_(math.log(cfg.A_init))
+        linears = (self.in_proj, self.out_proj, self.fc_D)
+        ssd.reset_ssd_layer(linears, self.conv1d, self.dt_bias, self.cfg, generator)
+        self.A_log.fill_(math.log(self.cfg.A_init))
         self.D.fill_(1.0)
         self.norm.reset_parameters()
 

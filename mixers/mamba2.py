@@ -34,7 +34,6 @@ from torch import Tensor, nn
 
 from mixstack.blocks import ssd_heads as ssd
 from mixstack.blocks.gated_norm import GatedRMSNorm
-from mixstack.blocks.init import dt_bias_init, reset_depthwise_conv, reset_linear_zero_bias
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.registry import register
@@ -207,15 +206,12 @@ class Mamba2(Mixer):
         """PyTorch-default linears and conv (biases of linears zeroed, as mamba_ssm's LM
         init does), log-uniform Δ through an inverse softplus, A = −U(A_init_range),
         D = 1, norm weight = 1. Every random draw uses ``generator``."""
-        for lin in (self.in_proj, self.out_proj):
-            reset_linear_zero_bias(lin, generator)
-        reset_depthwise_conv(self.conv1d, generator)
-        cfg = self.cfg
-        self.dt_bias.copy_(
-            dt_bias_init(self.nheads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor, generator)
+        ssd.reset_ssd_layer(
+            (self.in_proj, self.out_proj), self.conv1d, self.dt_bias, self.cfg, generator
         )
         device = generator.device if generator is not None else None
-        A = torch.empty(self.nheads, device=device).uniform_(*cfg.A_init_range, generator=generator)
+        A_range = self.cfg.A_init_range
+        A = torch.empty(self.nheads, device=device).uniform_(*A_range, generator=generator)
         self.A_log.copy_(torch.log(A))
         self.D.fill_(1.0)
         if self.norm is not None:
