@@ -5,7 +5,7 @@ A sequence mixer maps ``x (B, L, D) -> (B, L, D)``. Its core is split into
 value stream ``v``); ``mixing_terms`` returns both plus the outer ``finish``, and the
 generic :func:`materialize` turns them into explicit ``(B, H, L, L)`` matrices by
 applying ``mix`` to an identity basis in fp64. Channel mixers (MLP) implement only
-``forward`` and the bookkeeping methods.
+``forward_sequence`` (and ``prefill``) and the bookkeeping methods.
 """
 
 from __future__ import annotations
@@ -99,9 +99,14 @@ class MixTerms:
 class Mixer(nn.Module):
     """Base class of every registered layer module.
 
-    Subclasses are registered with ``@register(TheirConfig)`` and implement ``forward``;
-    sequence mixers with a matrix view implement ``mixing_terms`` and ``mix``; decode
-    mixers implement ``init_state`` and ``step``.
+    Subclasses are registered with ``@register(TheirConfig)``. ``__init__`` resolves and
+    checks the config (``self.cfg`` is the resolved one). Sequence mixers with a matrix
+    view implement ``mixing_terms`` and ``mix`` (``forward`` is then derived) and may
+    override ``forward_sequence`` with a faster path; others implement
+    ``forward_sequence``. Decode mixers implement ``init_state``, ``step`` and
+    ``prefill`` (``forward`` with a state), using ``own_state`` to check the state they
+    get. Every refusal is a :class:`CapabilityError` (``decode_refusal``,
+    ``check_length``, no matrix view).
     """
 
     config_cls: ClassVar[type[LayerConfig]]
