@@ -33,7 +33,7 @@ from mixstack.blocks.embedding import TokenEmbedding
 from mixstack.blocks.norms import build_norm
 from mixstack.blocks.residual import ResidualBlock
 from mixstack.dsl.base import Capabilities
-from mixstack.dsl.errors import MixstackError
+from mixstack.dsl.errors import CapabilityError, MixstackError
 from mixstack.dsl.spec import ModelSpec, RunSpec
 from mixstack.kernels.backends import BackendPolicy
 from mixstack.mixers.base import Mixer, ParamHint, State, init_linear
@@ -263,12 +263,14 @@ class MixStackModel(nn.Module):
     # -- decoding ----------------------------------------------------------------------------
     def _require_decode(self) -> None:
         if self.spec.arch != "causal_lm":
-            raise _err(f"decoding needs arch 'causal_lm'; this model is {self.spec.arch!r}")
+            raise CapabilityError(
+                f"decoding needs arch 'causal_lm'; this model is {self.spec.arch!r}"
+            )
         symbols = self.spec.layers.symbols_in_order
         configs = self.spec.layer_configs()
         for i, caps in enumerate(self.layer_capabilities):
             if not caps.decode:
-                raise _err(
+                raise CapabilityError(
                     f"layer {i} (symbol {symbols[i]!r}, type {configs[i].type!r}) cannot "
                     "decode (capability `decode`); every layer must support it for "
                     "init_state/step"
@@ -304,7 +306,9 @@ class MixStackModel(nn.Module):
 
     def _check_prefill_state(self, state: Any, ids: Tensor) -> None:
         if not isinstance(state, ModelState):
-            raise _err(f"state must come from model.init_state(...), got {type(state).__name__}")
+            raise CapabilityError(
+                f"state must come from model.init_state(...), got {type(state).__name__}"
+            )
         self._require_decode()
         if state.offset != 0:
             raise _err(
@@ -320,7 +324,9 @@ class MixStackModel(nn.Module):
     def step(self, token_t: Tensor, state: ModelState) -> Tensor:
         """One decoding step: ``token_t (B,)`` -> next-token logits ``(B, V)``."""
         if not isinstance(state, ModelState):
-            raise _err(f"state must come from model.init_state(...), got {type(state).__name__}")
+            raise CapabilityError(
+                f"state must come from model.init_state(...), got {type(state).__name__}"
+            )
         self._require_decode()
         self._check_ids(token_t, 1, "token_t")
         if token_t.shape[0] != state.batch:

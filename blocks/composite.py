@@ -26,6 +26,7 @@ covers the published block layouts and keeps layer indices and state-dict keys f
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 
 from mixstack.dsl.base import Capabilities, LayerConfig
 from mixstack.dsl.context import LayerContext
+from mixstack.dsl.errors import CapabilityError
 from mixstack.dsl.registry import register
 from mixstack.dsl.spec import AnyLayer
 
@@ -107,11 +109,14 @@ def _child_states(state: Any, n: int) -> list[Any]:
     if state is None:
         return [None] * n
     if not isinstance(state, list) or len(state) != n:
-        raise TypeError(f"a composite's decode state is a list of {n} child states, got {state!r}")
+        raise CapabilityError(
+            f"a composite's decode state is a list of {n} child states, got "
+            f"{type(state).__name__}; pass the entry the model's init_state made for it"
+        )
     return state
 
 
-class _Composite(nn.Module):
+class _Composite(nn.Module, ABC):
     """Children, capabilities and bookkeeping shared by both composite modules."""
 
     child_role: ClassVar[ChildRole]
@@ -131,13 +136,34 @@ class _Composite(nn.Module):
     def _parts(self) -> nn.ModuleList:
         return getattr(self, self.parts_attr)
 
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        input_ids: Tensor | None = None,
+        seq_idx: Tensor | None = None,
+        state: list[Any] | None = None,
+    ) -> Tensor:
+        """``x (B, L, D) -> (B, L, D)`` through the children (a prefill when ``state``)."""
+        states = _child_states(state, len(self._parts()))
+        return self._forward(x, input_ids, seq_idx, states)
+
+    @abstractmethod
+    def _forward(
+        self, x: Tensor, input_ids: Tensor | None, seq_idx: Tensor | None, states: list[Any]
+    ) -> Tensor:
+        """The composite's own wiring of its children, one state (or None) per child."""
+
     def init_state(
         self, batch: int, max_len: int, *, device: torch.device | str | None, dtype: torch.dtype
     ) -> list[Any]:
         """One decode state per child, in order."""
         if not self.capabilities.decode:
             kinds = [c.type for c in self.cfg.layers]
-            raise TypeError(f"{self.cfg.type} composite of {kinds} cannot decode")
+            raise CapabilityError(
+                f"{self.cfg.type} composite of {kinds} cannot decode (capability `decode`): "
+                "some child cannot; run it on whole sequences with forward(x) and no state"
+            )
         return [p.init_state(batch, max_len, device=device, dtype=dtype) for p in self._parts()]
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -168,18 +194,11 @@ class SequentialLayer(_Composite):
         super().__init__(cfg, ctx, children)
         self.blocks = nn.ModuleList(children)
 
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        input_ids: Tensor | None = None,
-        seq_idx: Tensor | None = None,
-        state: list[Any] | None = None,
+    def _forward(
+        self, x: Tensor, input_ids: Tensor | None, seq_idx: Tensor | None, states: list[Any]
     ) -> Tensor:
-        """``x (B, L, D) -> (B, L, D)`` through every sub-block (prefill when ``state``)."""
-        for block, child_state in zip(
-            self.blocks, _child_states(state, len(self.blocks)), strict=True
-        ):
+        """Through every sub-block in order."""
+        for block, child_state in zip(self.blocks, states, strict=True):
             x = block(x, input_ids=input_ids, seq_idx=seq_idx, state=child_state)
         return x
 
@@ -211,16 +230,10 @@ class ParallelMixer(_Composite):
         total = torch.stack(outs).sum(dim=0)
         return total / len(outs) if self.combine == "mean" else total
 
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        input_ids: Tensor | None = None,
-        seq_idx: Tensor | None = None,
-        state: list[Any] | None = None,
+    def _forward(
+        self, x: Tensor, input_ids: Tensor | None, seq_idx: Tensor | None, states: list[Any]
     ) -> Tensor:
-        """``x (B, L, D) -> (B, L, D)``: combined outputs of every branch on ``x``."""
-        states = _child_states(state, len(self.branches))
+        """Combined outputs of every branch on ``x``."""
         outs = [
             branch(x, input_ids=input_ids, seq_idx=seq_idx, state=s)
             for branch, s in zip(self.branches, states, strict=True)

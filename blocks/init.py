@@ -66,3 +66,11 @@ def dt_bias_init(
     dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     dt = dt.clamp(min=floor)
     return dt + torch.log(-torch.expm1(-dt))  # softplus⁻¹(dt), stable for small dt
+
+
+def check_dt_range(dt_min: float, dt_max: float) -> list[tuple[tuple[str | int, ...], str]]:
+    """The config check of a Δ init range [dt_min, dt_max] (Mamba-1, Mamba-2, Hydra, S4D):
+    ``[(path, message)]``, empty when ordered."""
+    if dt_min > dt_max:
+        return [(("dt_max",), f"dt_max ({dt_max}) is below dt_min ({dt_min})")]
+    return []

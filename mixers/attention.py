@@ -23,12 +23,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from mixstack.blocks.causality import ArchCausalConfig
 from mixstack.blocks.rope import Rope, document_positions
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue, divisors
+from mixstack.dsl.errors import CapabilityError, divisors
 from mixstack.dsl.registry import register
 from mixstack.kernels.attention import attention
+from mixstack.kernels.common import zero_padding
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
 
 CheckResult = list[tuple[tuple[str | int, ...], str]]
@@ -48,7 +50,7 @@ class RopeConfig(BaseModel):
     )
 
 
-class AttentionConfig(LayerConfig):
+class AttentionConfig(ArchCausalConfig, LayerConfig):
     """Softmax attention (Vaswani et al. 2017), grouped-query (Ainslie et al. 2023)."""
 
     type: Literal["attention"] = "attention"
@@ -71,9 +73,6 @@ class AttentionConfig(LayerConfig):
     softmax_scale: float | None = Field(
         None, gt=0, description="multiplies q·k before the softmax; None -> 1/sqrt(head_dim)"
     )
-
-    def is_causal(self, ctx: LayerContext) -> bool:
-        return ctx.causal_arch if self.causal is None else self.causal
 
     def capabilities(self, ctx: LayerContext) -> Capabilities:
         causal = self.is_causal(ctx)
@@ -208,11 +207,8 @@ class Attention(Mixer):
     cfg: AttentionConfig
 
     def __init__(self, cfg: AttentionConfig, ctx: LayerContext):
-        cfg = cfg.resolve(ctx)
-        problems = cfg.check(ctx)
-        if problems:
-            raise SpecError([SpecIssue(msg, path=path) for path, msg in problems])
         super().__init__(cfg, ctx)
+        cfg = self.cfg  # resolved and checked by Mixer.__init__
         assert cfg.n_kv_heads is not None and cfg.head_dim is not None  # set by resolve
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.causal = bool(cfg.causal)
@@ -259,22 +255,13 @@ class Attention(Mixer):
         """o (B, L, H, P) -> (B, L, D); padding positions (seq_idx -1) output exactly 0."""
         B, L = o.shape[:2]
         out = self.o_proj(o.reshape(B, L, -1))
-        if seq_idx is not None:
-            out = out.masked_fill((seq_idx < 0)[..., None], 0.0)
-        return out
+        return zero_padding(out, seq_idx)
 
     # -- forward and matrix view -------------------------------------------------------
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        input_ids: Tensor | None = None,
-        seq_idx: Tensor | None = None,
-        state: State | None = None,
+    def forward_sequence(
+        self, x: Tensor, *, input_ids: Tensor | None, seq_idx: Tensor | None
     ) -> Tensor:
-        """x (B, L, D) -> (B, L, D); with ``state`` a (chunked) prefill into the cache."""
-        if state is not None:
-            return self._prefill(x, seq_idx, self._as_state(state))
+        """x (B, L, D) -> (B, L, D)."""
         q, k, v = self._project(x, self._positions(seq_idx, x.shape[1], x.device))
         return self._finish(self._attend(q, k, v, seq_idx, seq_idx), seq_idx)
 
@@ -296,7 +283,7 @@ class Attention(Mixer):
     def init_state(
         self, batch: int, max_len: int, *, device: torch.device | str | None, dtype: torch.dtype
     ) -> AttentionState:
-        self._require_decode()
+        self.require_decode()
         shape = (batch, max_len, self.n_kv_heads, self.head_dim)
         return AttentionState(
             k=torch.zeros(shape, device=device, dtype=dtype),
@@ -310,17 +297,22 @@ class Attention(Mixer):
         """One token x_t (B, D) -> (B, D): a prefill of length 1."""
         return self.forward(x_t[:, None], state=state)[:, 0]
 
-    def _prefill(self, x: Tensor, seq_idx: Tensor | None, state: AttentionState) -> Tensor:
+    def prefill(
+        self, x: Tensor, state: State, *, input_ids: Tensor | None, seq_idx: Tensor | None
+    ) -> Tensor:
         """Write q/k/v of the chunk at [offset, offset + L) and attend over the cache.
 
         Queries sit at key slots offset..offset+L-1 (the kernel's default bottom-right
         alignment). Without ``seq_idx`` the chunk continues each row's current document.
         """
+        return self._prefill(x, seq_idx, self.own_state(state, AttentionState))
+
+    def _prefill(self, x: Tensor, seq_idx: Tensor | None, state: AttentionState) -> Tensor:
         B, L, _ = x.shape
         start, end = state.offset, state.offset + L
         max_len = state.k.shape[1]
         if end > max_len:
-            raise MixstackError(
+            raise CapabilityError(
                 f"attention KV cache overflow: it holds {max_len} tokens, {start} are filled "
                 f"and this call adds {L}; allocate init_state(..., max_len >= {end})"
             )
@@ -339,20 +331,11 @@ class Attention(Mixer):
         o = self._attend(q, k_all, v_all, ids, state.seq_ids[:, :end])
         return self._finish(o, ids)
 
-    def _require_decode(self) -> None:
-        if not self.causal:
-            raise MixstackError(
-                "bidirectional attention (causal false) cannot decode token by token: "
-                "every output depends on future tokens"
-            )
-
-    def _as_state(self, state: State) -> AttentionState:
-        self._require_decode()
-        if not isinstance(state, AttentionState):
-            raise MixstackError(
-                f"attention needs the state from its own init_state(), got {type(state).__name__}"
-            )
-        return state
+    def no_decode_reason(self) -> str:
+        return (
+            "bidirectional attention (causal false) cannot decode token by token: "
+            "every output depends on future tokens"
+        )
 
     # -- bookkeeping ---------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:

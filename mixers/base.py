@@ -5,21 +5,24 @@ A sequence mixer maps ``x (B, L, D) -> (B, L, D)``. Its core is split into
 value stream ``v``); ``mixing_terms`` returns both plus the outer ``finish``, and the
 generic :func:`materialize` turns them into explicit ``(B, H, L, L)`` matrices by
 applying ``mix`` to an identity basis in fp64. Channel mixers (MLP) implement only
-``forward`` and the bookkeeping methods.
+``forward_sequence`` (and ``prefill``) and the bookkeeping methods.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from mixstack.dsl.base import Capabilities, LayerConfig
 from mixstack.dsl.context import LayerContext
+from mixstack.dsl.errors import CapabilityError, SpecError, SpecIssue
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,9 @@ class State:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
+StateT = TypeVar("StateT", bound=State)
+
+
 @dataclass
 class MixTerms:
     """The matrix view of one call: ``out = finish(Σ_t mix(coeffs_t, v_t))``.
@@ -93,15 +99,28 @@ class MixTerms:
 class Mixer(nn.Module):
     """Base class of every registered layer module.
 
-    Subclasses are registered with ``@register(TheirConfig)`` and implement ``forward``;
-    sequence mixers with a matrix view implement ``mixing_terms`` and ``mix``; decode
-    mixers implement ``init_state`` and ``step``.
+    Subclasses are registered with ``@register(TheirConfig)``. ``__init__`` resolves and
+    checks the config (``self.cfg`` is the resolved one). Sequence mixers with a matrix
+    view implement ``mixing_terms`` and ``mix`` (``forward`` is then derived) and may
+    override ``forward_sequence`` with a faster path; others implement
+    ``forward_sequence``. Decode mixers implement ``init_state``, ``step`` and
+    ``prefill`` (``forward`` with a state), using ``own_state`` to check the state they
+    get. Every refusal is a :class:`CapabilityError` (``decode_refusal``,
+    ``check_length``, no matrix view).
     """
 
     config_cls: ClassVar[type[LayerConfig]]
 
     def __init__(self, cfg: LayerConfig, ctx: LayerContext):
+        """Resolve ``cfg`` against ``ctx`` (``None`` defaults -> values), run its
+        cross-field ``check`` and raise :class:`SpecError` listing every problem, so a
+        layer built outside the loader is refused exactly as a spec would be. Subclasses
+        call this first and read the resolved ``self.cfg``."""
         super().__init__()
+        cfg = cfg.resolve(ctx)
+        problems = cfg.check(ctx)
+        if problems:
+            raise SpecError([SpecIssue(message, path=path) for path, message in problems])
         self.cfg = cfg
         self.ctx = ctx
         self.capabilities: Capabilities = cfg.capabilities(ctx)
@@ -120,36 +139,96 @@ class Mixer(nn.Module):
         seq_idx: Tensor | None = None,
         state: State | None = None,
     ) -> Tensor:
-        """``x (B, L, D) -> (B, L, D)``. Default: the matrix view, evaluated."""
+        """``x (B, L, D) -> (B, L, D)``: :meth:`forward_sequence` without ``state``,
+        :meth:`prefill` with it. Subclasses override those two, not this."""
         if state is not None:
-            raise TypeError(
-                f"{type(self).__name__} does not support decoding (capability `decode`)"
-            )
+            return self.prefill(x, state, input_ids=input_ids, seq_idx=seq_idx)
+        return self.forward_sequence(x, input_ids=input_ids, seq_idx=seq_idx)
+
+    def forward_sequence(
+        self, x: Tensor, *, input_ids: Tensor | None, seq_idx: Tensor | None
+    ) -> Tensor:
+        """Whole sequences, no decode state. Default: the matrix view, evaluated; a mixer
+        with a faster path to the same output overrides this."""
         terms = self.mixing_terms(x, input_ids=input_ids, seq_idx=seq_idx)
-        return terms.finish(sum(self.mix(c, v) for c, v in terms.terms))
+        mixed = [self.mix(coeffs, v) for coeffs, v in terms.terms]
+        return terms.finish(functools.reduce(operator.add, mixed))
+
+    def prefill(
+        self, x: Tensor, state: State, *, input_ids: Tensor | None, seq_idx: Tensor | None
+    ) -> Tensor:
+        """``forward`` that continues from ``state`` and fills it (chunked prefills).
+        Default: refused (:meth:`decode_refusal`); decoding mixers override it."""
+        raise self.decode_refusal()
 
     # -- matrix view ----------------------------------------------------------------
     def mixing_terms(
         self, x: Tensor, *, input_ids: Tensor | None = None, seq_idx: Tensor | None = None
     ) -> MixTerms:
-        raise TypeError(f"{type(self).__name__} ({self.cfg.kind} layer) has no matrix view")
+        raise self._no_matrix_view()
 
     def mix(self, coeffs: Any, v: Tensor) -> Tensor:
-        raise TypeError(f"{type(self).__name__} ({self.cfg.kind} layer) has no matrix view")
+        raise self._no_matrix_view()
 
     @property
     def has_matrix_view(self) -> bool:
         return type(self).mixing_terms is not Mixer.mixing_terms
 
+    def _no_matrix_view(self) -> CapabilityError:
+        return CapabilityError(
+            f"{self.cfg.type} layer ({type(self).__name__}, a {self.cfg.kind} layer) has no "
+            "matrix view (mixing_terms / mix); compare it through forward(x) instead"
+        )
+
     # -- decoding ---------------------------------------------------------------------
     def init_state(
         self, batch: int, max_len: int, *, device: torch.device | str | None, dtype: torch.dtype
     ) -> State:
-        raise TypeError(f"{type(self).__name__} does not support decoding (capability `decode`)")
+        raise self.decode_refusal()
 
     def step(self, x_t: Tensor, state: State, *, token_t: Tensor | None = None) -> Tensor:
         """One token: ``x_t (B, D) -> (B, D)``, updating ``state`` in place."""
-        raise TypeError(f"{type(self).__name__} does not support decoding (capability `decode`)")
+        raise self.decode_refusal()
+
+    def no_decode_reason(self) -> str:
+        """Why this configuration cannot decode, for the refusal message ("" = no detail)."""
+        return ""
+
+    def decode_refusal(self) -> CapabilityError:
+        """The error for decoding (``init_state``, ``step``, ``forward(state=...)``) a layer
+        without the ``decode`` capability: names the layer type and what to do instead."""
+        why = self.no_decode_reason()
+        return CapabilityError(
+            f"{self.cfg.type} layer ({type(self).__name__}) does not support decoding "
+            f"(capability `decode`){': ' + why if why else ''}; run it on whole sequences "
+            "with forward(x) and no state, or use a layer type that can decode"
+        )
+
+    def require_decode(self) -> None:
+        """Raise :meth:`decode_refusal` unless this configuration can decode."""
+        if not self.capabilities.decode:
+            raise self.decode_refusal()
+
+    def own_state(self, state: State, state_cls: type[StateT]) -> StateT:
+        """``state`` checked to be what this layer's ``init_state`` returns (and that the
+        layer can decode at all)."""
+        self.require_decode()
+        if not isinstance(state, state_cls):
+            raise CapabilityError(
+                f"{self.cfg.type} layer ({type(self).__name__}) needs the state from its own "
+                f"init_state(), got {type(state).__name__}; pass the matching entry of the "
+                "model's state"
+            )
+        return state
+
+    def check_length(self, length: int) -> None:
+        """Refuse a sequence longer than the ``max_seq_len`` the layer's parameters span
+        (filters and kernels of ``length_dependent`` layers)."""
+        if length > self.ctx.max_seq_len:
+            raise CapabilityError(
+                f"{self.cfg.type} layer got a sequence of {length} tokens but its filters are "
+                f"built for max_seq_len = {self.ctx.max_seq_len}; raise model.max_seq_len"
+            )
 
     # -- bookkeeping --------------------------------------------------------------------
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -184,6 +263,18 @@ def init_linear(linear: nn.Linear, std: float, generator: torch.Generator | None
         nn.init.normal_(linear.weight, mean=0.0, std=std, generator=generator)
         if linear.bias is not None:
             linear.bias.zero_()
+
+
+def continue_scan(carried: Tensor, scan: Callable[[Tensor, bool], Any]) -> Tensor:
+    """Output of ``scan(initial_state, return_final_state)`` run from ``carried`` (a decode
+    state tensor), whose final state is written back into ``carried`` in place.
+
+    The scan gets a copy: autograd may save what the kernel reads, and ``carried`` is
+    overwritten.
+    """
+    out, final = scan(carried.clone(), True)
+    carried.copy_(final)
+    return out
 
 
 @torch.no_grad()

@@ -43,71 +43,47 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor, nn
 
+from mixstack.blocks import ssd_heads as ssd
 from mixstack.blocks.gated_norm import GatedRMSNorm
-from mixstack.blocks.init import dt_bias_init, reset_depthwise_conv, reset_linear_zero_bias
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import SpecError, SpecIssue
 from mixstack.dsl.registry import register
 from mixstack.kernels.causal_conv1d import centered_conv1d
-from mixstack.kernels.common import document_runs
+from mixstack.kernels.common import document_runs, zero_padding
 from mixstack.kernels.ssd import ssd_scan
-from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
-from mixstack.mixers.mamba2 import check_heads
-
-CheckResult = list[tuple[tuple[str | int, ...], str]]
-
-_NO_DECODE = (
-    "hydra is bidirectional (its output at t reads the whole sequence), so it has no "
-    "decoding: no init_state / step / prefill state (capability `decode`)"
-)
+from mixstack.mixers.base import Mixer, MixTerms, ParamHint
 
 
-class HydraConfig(LayerConfig):
+class HydraConfig(ssd.SSDHeadsConfig, LayerConfig):
     """Hydra mixer; defaults are goombalab/hydra's ``Hydra`` (docs/math.md#hydra)."""
 
     type: Literal["hydra"] = "hydra"
     d_state: int = Field(64, ge=1, description="SSM state size N per head and direction")
     d_conv: int = Field(7, ge=1, description="width of the centred depthwise conv (odd)")
     expand: int = Field(2, ge=1, description="d_inner = expand · d_model")
-    headdim: int = Field(64, ge=1, description="P: channels per SSM head; H = d_inner / P")
-    ngroups: int = Field(1, ge=1, description="G: groups sharing B and C (divides H)")
+    headdim: ssd.HeadDim
+    ngroups: ssd.NGroups
     A_init: float = Field(
         1.0, gt=0, description="A = −A_init for every head at init (A_log = log A_init = 0)"
     )
-    dt_min: float = Field(1e-3, gt=0, description="Δ at init is log-uniform in [dt_min, dt_max]")
-    dt_max: float = Field(0.1, gt=0, description="upper end of the Δ init range")
-    dt_init_floor: float = Field(1e-4, ge=0, description="Δ at init is at least this")
-    dt_limit: tuple[float, float | None] = Field(
-        (0.0, None),
-        description="Δ is clamped to [lo, hi] after the softplus; hi null = no upper bound "
-        "(the reference's (0, inf); null keeps config.json strict JSON)",
-    )
+    dt_min: ssd.DtMin
+    dt_max: ssd.DtMax
+    dt_init_floor: ssd.DtInitFloor
+    dt_limit: ssd.DtLimit
     bias: bool = Field(False, description="biases on in_proj and out_proj")
     conv_bias: bool = Field(True, description="bias on the depthwise conv")
     chunk_size: int = Field(256, ge=1, description="SSD chunk length (speed/memory, not math)")
 
-    @field_validator("dt_limit")
-    @classmethod
-    def _check_dt_limit(cls, v: tuple[float, float | None]) -> tuple[float, float | None]:
-        if v[1] is not None and math.isinf(v[1]):
-            v = (v[0], None)
-        if not (v[0] >= 0 and (v[1] is None or v[0] < v[1])):
-            raise ValueError(f"dt_limit must satisfy 0 <= lo < hi, got {list(v)}")
-        return v
-
     def capabilities(self, ctx: LayerContext) -> Capabilities:
         return Capabilities(causal=False, decode=False)
 
-    def check(self, ctx: LayerContext) -> CheckResult:
+    def check(self, ctx: LayerContext) -> ssd.CheckResult:
         d_inner = self.expand * ctx.d_model
-        out: CheckResult = []
-        out += check_heads(
-            d_inner, "d_inner", f"expand·d_model = {self.expand}·{ctx.d_model}", self
-        )
+        out: ssd.CheckResult = []
+        out += self.check_heads(d_inner, "d_inner", f"expand·d_model = {self.expand}·{ctx.d_model}")
         if self.d_conv % 2 == 0:
             out.append(
                 (
@@ -197,10 +173,8 @@ class Hydra(Mixer):
     cfg: HydraConfig
 
     def __init__(self, cfg: HydraConfig, ctx: LayerContext):
-        problems = cfg.check(ctx)
-        if problems:
-            raise SpecError([SpecIssue(msg, path=path) for path, msg in problems])
         super().__init__(cfg, ctx)
+        cfg = self.cfg  # resolved and checked by Mixer.__init__
         D, N, G = ctx.d_model, cfg.d_state, cfg.ngroups
         self.d_inner = cfg.expand * D
         self.headdim, self.nheads = cfg.headdim, self.d_inner // cfg.headdim
@@ -228,14 +202,9 @@ class Hydra(Mixer):
         """PyTorch-default linears and conv (biases of linears zeroed, as mamba_ssm's LM
         init does), log-uniform Δ through an inverse softplus, A = −A_init (A_log = 0 by
         default), D = 1, norm weight = 1. Every random draw uses ``generator``."""
-        for lin in (self.in_proj, self.out_proj, self.fc_D):
-            reset_linear_zero_bias(lin, generator)
-        reset_depthwise_conv(self.conv1d, generator)
-        cfg = self.cfg
-        self.dt_bias.copy_(
-            dt_bias_init(self.nheads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor, generator)
-        )
-        self.A_log.fill_(math.log(cfg.A_init))
+        linears = (self.in_proj, self.out_proj, self.fc_D)
+        ssd.reset_ssd_layer(linears, self.conv1d, self.dt_bias, self.cfg, generator)
+        self.A_log.fill_(math.log(self.cfg.A_init))
         self.D.fill_(1.0)
         self.norm.reset_parameters()
 
@@ -247,17 +216,8 @@ class Hydra(Mixer):
         )
 
     def _delta(self, dt: Tensor) -> Tensor:
-        """Raw dt (..., H) -> Δ = softplus(dt + dt_bias), clamped to dt_limit, fp32 (fp64)."""
-        f = torch.promote_types(dt.dtype, torch.float32)
-        delta = F.softplus(dt.to(f) + self.dt_bias.to(f))
-        lo, hi = self.cfg.dt_limit
-        if lo > 0.0 or hi is not None:
-            delta = delta.clamp(min=lo, max=hi)
-        return delta
-
-    def _A(self) -> Tensor:
-        """A = −exp(A_log) (H,), in fp32 at least."""
-        return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+        """Raw dt (..., H) -> Δ (..., H), fp32 (fp64)."""
+        return ssd.softplus_delta(dt, self.dt_bias, self.cfg.dt_limit)
 
     def _coefficients(
         self, u: Tensor, seq_idx: Tensor | None
@@ -280,11 +240,10 @@ class Hydra(Mixer):
         prev, keep = shift_index(both_seq, 2 * bsz, length, u.device)
         f = torch.promote_types(x.dtype, self.D.dtype)
         diag = self.fc_D(x).to(f) + self.D.to(f)  # (B, L, H): D + fc_D(x)
-        if seq_idx is not None:
-            diag = diag.masked_fill((seq_idx < 0)[..., None], 0.0)
+        diag = zero_padding(diag, seq_idx)
         coeffs = HydraCoeffs(
             dt=torch.cat([self._delta(dt_f), self._delta(dt_b).flip(1)]),  # (2B, L, H)
-            A=self._A(),
+            A=ssd.negative_exp(self.A_log),
             B=torch.cat([B_f, B_b.flip(1)]).unflatten(-1, (G, N)),  # (2B, L, G, N)
             C=torch.cat([C_f, C_b.flip(1)]).unflatten(-1, (G, N)),  # (2B, L, G, N)
             seq_idx=both_seq,
@@ -297,25 +256,9 @@ class Hydra(Mixer):
     def _finish(self, y: Tensor, z: Tensor, seq_idx: Tensor | None) -> Tensor:
         """y (B, L, H, P) -> rms(y)·w ⊙ silu(z) -> out_proj (B, L, D); 0 at padding."""
         out = self.out_proj(self.norm(y.flatten(-2), z))
-        if seq_idx is not None:
-            out = out.masked_fill((seq_idx < 0)[..., None], 0.0)
-        return out
+        return zero_padding(out, seq_idx)
 
     # -- forward and matrix view -----------------------------------------------------------
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        input_ids: Tensor | None = None,
-        seq_idx: Tensor | None = None,
-        state: State | None = None,
-    ) -> Tensor:
-        """u (B, L, D) -> (B, L, D). ``state`` is refused: Hydra cannot decode."""
-        if state is not None:
-            raise TypeError(_NO_DECODE)
-        z, xs, coeffs = self._coefficients(x, seq_idx)
-        return self._finish(self.mix(coeffs, xs), z, seq_idx)
-
     def mixing_terms(
         self, x: Tensor, *, input_ids: Tensor | None = None, seq_idx: Tensor | None = None
     ) -> MixTerms:
@@ -343,35 +286,23 @@ class Hydra(Mixer):
         diag = v * coeffs.diag[..., None]  # (B, L, H, P'), in the promoted dtype
         return y_fw + y_bw + diag.to(v.dtype)
 
-    # -- no decoding -----------------------------------------------------------------------
-    def init_state(
-        self, batch: int, max_len: int, *, device: torch.device | str | None, dtype: torch.dtype
-    ) -> State:
-        raise TypeError(_NO_DECODE)
-
-    def step(self, x_t: Tensor, state: State, *, token_t: Tensor | None = None) -> Tensor:
-        raise TypeError(_NO_DECODE)
+    # -- no decoding: Mixer.init_state / step refuse with this reason -------------------------
+    def no_decode_reason(self) -> str:
+        return (
+            "hydra is bidirectional (its output at t reads the whole sequence), so it has "
+            "no decoding: no init_state / step / prefill state"
+        )
 
     # -- bookkeeping -----------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:
-        scalar = ParamHint(no_weight_decay=True, keep_fp32=True)
-        return {
-            "A_log": scalar,
-            "D": scalar,
-            "dt_bias": scalar,
-            "out_proj.weight": ParamHint(residual_out=True),
-        }
+        return ssd.ssm_param_hints("dt_bias")
 
     def flops_per_token(self, seq_len: int) -> float:
         """2·MACs per token of the matmuls and the conv as the chunked path computes them:
         in_proj, fc_D, out_proj, the conv, and per direction and chunk of
         Q = min(chunk_size, seq_len) (padded up): C·Bᵀ (G·Q·N), scores·x (H·Q·P), chunk
         states and state read-out (2·H·P·N)."""
-        cfg, D = self.cfg, self.ctx.d_model
-        G, N, H, P = cfg.ngroups, cfg.d_state, self.nheads, self.headdim
-        q = min(cfg.chunk_size, seq_len)
-        padded = math.ceil(seq_len / q) * q / seq_len  # padded steps are computed too
+        D, H = self.ctx.d_model, self.nheads
         proj = D * self.in_proj.out_features + self.d_inner * (D + H)
-        conv = self.conv_dim * cfg.d_conv
-        ssd = 2 * padded * (G * q * N + H * q * P + 2 * H * P * N)
-        return 2.0 * (proj + conv + ssd)
+        conv = self.conv_dim * self.cfg.d_conv
+        return 2.0 * (proj + conv + 2 * ssd.ssd_scan_macs(self.cfg, H, seq_len))

@@ -41,20 +41,21 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from mixstack.blocks.causality import ArchCausalConfig
 from mixstack.blocks.implicit_filter import ImplicitFilter, ImplicitFilterConfig
 from mixstack.blocks.init import reset_depthwise_conv
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue
 from mixstack.dsl.registry import register
 from mixstack.kernels.causal_conv1d import causal_conv1d, centered_conv1d
+from mixstack.kernels.common import zero_padding
 from mixstack.kernels.fftconv import fftconv_flops, fftconv_heads
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, init_linear
 
 CheckResult = list[tuple[tuple[str | int, ...], str]]
 
 
-class HyenaConfig(LayerConfig):
+class HyenaConfig(ArchCausalConfig, LayerConfig):
     """Hyena operator; defaults are safari's hyena layer config (docs/math.md#hyena)."""
 
     type: Literal["hyena"] = "hyena"
@@ -72,9 +73,6 @@ class HyenaConfig(LayerConfig):
     filter: ImplicitFilterConfig = Field(
         default_factory=ImplicitFilterConfig, description="implicit filter network (filter_fn)"
     )
-
-    def is_causal(self, ctx: LayerContext) -> bool:
-        return ctx.causal_arch if self.causal is None else self.causal
 
     def capabilities(self, ctx: LayerContext) -> Capabilities:
         return Capabilities(causal=self.is_causal(ctx), decode=False, length_dependent=True)
@@ -133,11 +131,8 @@ class Hyena(Mixer):
     cfg: HyenaConfig
 
     def __init__(self, cfg: HyenaConfig, ctx: LayerContext):
-        cfg = cfg.resolve(ctx)
-        problems = cfg.check(ctx)
-        if problems:
-            raise SpecError([SpecIssue(msg, path=path) for path, msg in problems])
         super().__init__(cfg, ctx)
+        cfg = self.cfg  # resolved and checked by Mixer.__init__
         D, N, K = ctx.d_model, cfg.order, cfg.short_filter_order
         self.causal = bool(cfg.causal)
         width = (N + 1) * D
@@ -158,13 +153,6 @@ class Hyena(Mixer):
         reset_depthwise_conv(self.short_filter, generator)
         self.filter_fn.reset_parameters(generator)
 
-    def _check_length(self, length: int) -> None:
-        if length > self.ctx.max_seq_len:
-            raise MixstackError(
-                f"hyena got a sequence of {length} tokens but its filters are built for "
-                f"max_seq_len = {self.ctx.max_seq_len}; raise model.max_seq_len"
-            )
-
     def _short_conv(self, proj: Tensor, seq_idx: Tensor | None) -> Tensor:
         conv = causal_conv1d if self.causal else centered_conv1d
         weight = self.short_filter.weight[:, 0, :]  # (C, K)
@@ -183,7 +171,7 @@ class Hyena(Mixer):
 
     def _coefficients(self, x: Tensor, seq_idx: Tensor | None) -> tuple[HyenaCoeffs, Tensor]:
         """x (B, L, D) -> coefficients and the value stream v (B, L, D)."""
-        self._check_length(x.shape[1])
+        self.check_length(x.shape[1])
         D, N = self.ctx.d_model, self.cfg.order
         parts = self._short_conv(self.in_proj(x), seq_idx).split(D, dim=-1)
         *xs, v = parts  # x_0 … x_{N-1}, v; each (B, L, D)
@@ -195,9 +183,7 @@ class Hyena(Mixer):
 
     def _finish(self, y: Tensor, seq_idx: Tensor | None) -> Tensor:
         out = self.out_proj(y[..., 0])  # (B, L, D)
-        if seq_idx is not None:
-            out = out.masked_fill((seq_idx < 0)[..., None], 0.0)
-        return out
+        return zero_padding(out, seq_idx)
 
     def mixing_terms(
         self, x: Tensor, *, input_ids: Tensor | None = None, seq_idx: Tensor | None = None

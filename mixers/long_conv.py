@@ -47,11 +47,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
+from mixstack.blocks.causality import ArchCausalConfig
 from mixstack.blocks.init import normal_
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue
 from mixstack.dsl.registry import register
+from mixstack.kernels.common import zero_padding
 from mixstack.kernels.fftconv import fftconv_flops, fftconv_heads
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, init_linear
 
@@ -96,7 +97,7 @@ class SGConvKernelConfig(BaseModel):
 KernelConfig = Annotated[SquashKernelConfig | SGConvKernelConfig, Field(discriminator="type")]
 
 
-class LongConvConfig(LayerConfig):
+class LongConvConfig(ArchCausalConfig, LayerConfig):
     """Long convolution layer (safari ``LongConv``) with a regularised kernel."""
 
     type: Literal["long_conv"] = "long_conv"
@@ -120,9 +121,6 @@ class LongConvConfig(LayerConfig):
     activation: Literal["gelu", "id"] = Field(
         "gelu", description="between the convolution and output_linear"
     )
-
-    def is_causal(self, ctx: LayerContext) -> bool:
-        return ctx.causal_arch if self.causal is None else self.causal
 
     def capabilities(self, ctx: LayerContext) -> Capabilities:
         return Capabilities(causal=self.is_causal(ctx), decode=False, length_dependent=True)
@@ -273,11 +271,8 @@ class LongConv(Mixer):
     cfg: LongConvConfig
 
     def __init__(self, cfg: LongConvConfig, ctx: LayerContext):
-        cfg = cfg.resolve(ctx)
-        problems = cfg.check(ctx)
-        if problems:
-            raise SpecError([SpecIssue(msg, path=path) for path, msg in problems])
         super().__init__(cfg, ctx)
+        cfg = self.cfg  # resolved and checked by Mixer.__init__
         assert cfg.kernel_len is not None  # set by resolve
         D, C = ctx.d_model, cfg.channels
         self.causal = bool(cfg.causal)
@@ -295,13 +290,6 @@ class LongConv(Mixer):
         normal_(self.D, 1.0, generator)
         init_linear(self.output_linear, self.ctx.init_std, generator)
 
-    def _check_length(self, length: int) -> None:
-        if length > self.ctx.max_seq_len:
-            raise MixstackError(
-                f"long_conv got a sequence of {length} tokens but the model's max_seq_len is "
-                f"{self.ctx.max_seq_len}; raise model.max_seq_len (the kernel spans it)"
-            )
-
     def _coefficients(self, seq_idx: Tensor | None) -> LongConvCoeffs:
         C, D = self.cfg.channels, self.ctx.d_model
         k = F.dropout(self.kernel(), self.cfg.kernel_dropout, self.training)  # (rows, D, K)
@@ -315,16 +303,13 @@ class LongConv(Mixer):
         if self.cfg.activation == "gelu":
             y = F.gelu(y)
         out = F.glu(self.output_linear(y), dim=-1)
-        if seq_idx is not None:
-            out = out.masked_fill((seq_idx < 0)[..., None], 0.0)
-        return out
+        return zero_padding(out, seq_idx)
 
     def mixing_terms(
         self, x: Tensor, *, input_ids: Tensor | None = None, seq_idx: Tensor | None = None
     ) -> MixTerms:
-        self._check_length(x.shape[1])
-        if seq_idx is not None:
-            x = x.masked_fill((seq_idx < 0)[..., None], 0.0)  # padding never enters
+        self.check_length(x.shape[1])
+        x = zero_padding(x, seq_idx)  # padding never enters
         v = x.repeat(1, 1, self.cfg.channels)[..., None]  # (B, L, C·D, 1): head c·D + h
         coeffs = self._coefficients(seq_idx)
         return MixTerms([(coeffs, v)], lambda y: self._finish(y, seq_idx))

@@ -32,18 +32,20 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from mixstack.blocks.init import (
+    check_dt_range,
     dt_bias_init,
     reset_depthwise_conv,
     reset_linear_zero_bias,
     uniform_,
 )
+from mixstack.blocks.ssd_heads import negative_exp, ssm_param_hints
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue
 from mixstack.dsl.registry import register
 from mixstack.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
+from mixstack.kernels.common import zero_padding
 from mixstack.kernels.selective_scan import selective_scan, selective_scan_step
-from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
+from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State, continue_scan
 
 CheckResult = list[tuple[tuple[str | int, ...], str]]
 
@@ -88,9 +90,7 @@ class MambaConfig(LayerConfig):
         return self.model_copy(update={"dt_rank": self.rank(ctx.d_model)})
 
     def check(self, ctx: LayerContext) -> CheckResult:
-        if self.dt_min > self.dt_max:
-            return [(("dt_max",), f"dt_max ({self.dt_max}) is below dt_min ({self.dt_min})")]
-        return []
+        return check_dt_range(self.dt_min, self.dt_max)
 
     @classmethod
     def examples(cls) -> list[LayerExample]:
@@ -142,11 +142,8 @@ class Mamba(Mixer):
     cfg: MambaConfig
 
     def __init__(self, cfg: MambaConfig, ctx: LayerContext):
-        cfg = cfg.resolve(ctx)
-        problems = cfg.check(ctx)
-        if problems:
-            raise SpecError([SpecIssue(msg, path=path) for path, msg in problems])
         super().__init__(cfg, ctx)
+        cfg = self.cfg  # resolved and checked by Mixer.__init__
         D, N = ctx.d_model, cfg.d_state
         self.d_inner = cfg.expand * D
         self.dt_rank = cfg.rank(D)
@@ -199,8 +196,8 @@ class Mamba(Mixer):
         return F.softplus(dt.to(f) + self.dt_proj.bias.to(f)), B, C
 
     def _A(self) -> Tensor:
-        """A = −exp(A_log) (d_inner, N), in fp32 at least (fp16 A_log could give −inf)."""
-        return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+        """A = −exp(A_log) (d_inner, N), fp32 at least."""
+        return negative_exp(self.A_log)
 
     def _conv_weight(self) -> Tensor:
         return self.conv1d.weight[:, 0, :]  # (d_inner, d_conv)
@@ -208,9 +205,7 @@ class Mamba(Mixer):
     def _out(self, y: Tensor, seq_idx: Tensor | None) -> Tensor:
         """Gated y (B, L, d_inner) -> out_proj -> (B, L, D); exactly 0 at padding."""
         out = self.out_proj(y.to(self.out_proj.weight.dtype))
-        if seq_idx is not None:
-            out = out.masked_fill((seq_idx < 0)[..., None], 0.0)
-        return out
+        return zero_padding(out, seq_idx)
 
     def _coefficients(
         self, u: Tensor, seq_idx: Tensor | None, state: MambaState | None
@@ -261,23 +256,21 @@ class Mamba(Mixer):
         )
 
     # -- forward and matrix view -------------------------------------------------------
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        input_ids: Tensor | None = None,
-        seq_idx: Tensor | None = None,
-        state: State | None = None,
+    def forward_sequence(
+        self, x: Tensor, *, input_ids: Tensor | None, seq_idx: Tensor | None
     ) -> Tensor:
-        """u (B, L, D) -> (B, L, D). With ``state``: a prefill that continues from and
-        fills it (conv columns and the final SSM state), so prefills can be chunked."""
-        st = None if state is None else self._as_state(state)
+        """u (B, L, D) -> (B, L, D); the gate z is fused into the scan."""
+        xs, z, coeffs = self._coefficients(x, seq_idx, None)
+        return self._out(self._scan(xs, coeffs, z, None, False), seq_idx)
+
+    def prefill(
+        self, x: Tensor, state: State, *, input_ids: Tensor | None, seq_idx: Tensor | None
+    ) -> Tensor:
+        """Continues from ``state`` and fills it (conv columns and the final SSM state),
+        so prefills can be chunked."""
+        st = self.own_state(state, MambaState)
         xs, z, coeffs = self._coefficients(x, seq_idx, st)
-        if st is None:
-            y = self._scan(xs, coeffs, z, None, False)
-        else:
-            y, ssm_state = self._scan(xs, coeffs, z, st.ssm_state.clone(), True)  # as the conv
-            st.ssm_state.copy_(ssm_state)
+        y = continue_scan(st.ssm_state, lambda init, final: self._scan(xs, coeffs, z, init, final))
         return self._out(y, seq_idx)
 
     def mixing_terms(
@@ -324,7 +317,7 @@ class Mamba(Mixer):
 
     def step(self, x_t: Tensor, state: State, *, token_t: Tensor | None = None) -> Tensor:
         """One token u_t (B, D) -> (B, D); updates both parts of ``state`` in place."""
-        st = self._as_state(state)
+        st = self.own_state(state, MambaState)
         xs, z = self.in_proj(x_t).chunk(2, dim=-1)  # (B, d_inner) each
         xs = causal_conv1d_update(
             xs, st.conv_state, self._conv_weight(), self.conv1d.bias, activation="silu"
@@ -333,22 +326,9 @@ class Mamba(Mixer):
         y = selective_scan_step(st.ssm_state, xs, delta, self._A(), B, C, D=self.D, z=z)
         return self._out(y, None)
 
-    def _as_state(self, state: State) -> MambaState:
-        if not isinstance(state, MambaState):
-            raise MixstackError(
-                f"mamba needs the state from its own init_state(), got {type(state).__name__}"
-            )
-        return state
-
     # -- bookkeeping ---------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:
-        scalar = ParamHint(no_weight_decay=True, keep_fp32=True)
-        return {
-            "A_log": scalar,
-            "D": scalar,
-            "dt_proj.bias": scalar,  # Mamba-2's dt_bias: Δ sits inside a softplus of it
-            "out_proj.weight": ParamHint(residual_out=True),
-        }
+        return ssm_param_hints("dt_proj.bias")  # Mamba-2's dt_bias: Δ sits in its softplus
 
     def flops_per_token(self, seq_len: int) -> float:
         """2·MACs per token: the projections (in, x, dt, out), the depthwise conv, and the

@@ -25,7 +25,6 @@ d_ssm + 2GN. Kernels: ``causal_conv1d`` and ``ssd_scan`` (backends ``torch``,
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,39 +33,33 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
+from mixstack.blocks import ssd_heads as ssd
 from mixstack.blocks.gated_norm import GatedRMSNorm
-from mixstack.blocks.init import dt_bias_init, reset_depthwise_conv, reset_linear_zero_bias
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue, divisors
 from mixstack.dsl.registry import register
 from mixstack.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
+from mixstack.kernels.common import zero_padding
 from mixstack.kernels.ssd import ssd_scan, ssd_step
-from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
-
-CheckResult = list[tuple[tuple[str | int, ...], str]]
+from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State, continue_scan
 
 
-class Mamba2Config(LayerConfig):
+class Mamba2Config(ssd.SSDHeadsConfig, LayerConfig):
     """Mamba-2 (SSD) mixer; defaults are mamba_ssm's ``Mamba2`` (docs/math.md#mamba-2)."""
 
     type: Literal["mamba2"] = "mamba2"
     d_state: int = Field(128, ge=1, description="SSM state size N per head")
     d_conv: int = Field(4, ge=1, description="width of the causal depthwise conv over x, B, C")
     expand: int = Field(2, ge=1, description="d_inner = expand · d_model")
-    headdim: int = Field(64, ge=1, description="P: channels per SSM head; H = d_ssm / P")
-    ngroups: int = Field(1, ge=1, description="G: groups sharing B and C (divides H)")
+    headdim: ssd.HeadDim
+    ngroups: ssd.NGroups
     A_init_range: tuple[float, float] = Field(
         (1.0, 16.0), description="A = −U(lo, hi) at init (A_log = log U(lo, hi))"
     )
-    dt_min: float = Field(1e-3, gt=0, description="Δ at init is log-uniform in [dt_min, dt_max]")
-    dt_max: float = Field(0.1, gt=0, description="upper end of the Δ init range")
-    dt_init_floor: float = Field(1e-4, ge=0, description="Δ at init is at least this")
-    dt_limit: tuple[float, float | None] = Field(
-        (0.0, None),
-        description="Δ is clamped to [lo, hi] after the softplus; hi null = no upper bound "
-        "(mamba_ssm's (0, inf); null keeps config.json strict JSON)",
-    )
+    dt_min: ssd.DtMin
+    dt_max: ssd.DtMax
+    dt_init_floor: ssd.DtInitFloor
+    dt_limit: ssd.DtLimit
     bias: bool = Field(False, description="biases on in_proj and out_proj")
     conv_bias: bool = Field(True, description="bias on the depthwise conv")
     chunk_size: int = Field(256, ge=1, description="SSD chunk length (speed/memory, not math)")
@@ -89,15 +82,6 @@ class Mamba2Config(LayerConfig):
             raise ValueError(f"A_init_range must satisfy 0 < lo <= hi, got {list(v)}")
         return v
 
-    @field_validator("dt_limit")
-    @classmethod
-    def _check_dt_limit(cls, v: tuple[float, float | None]) -> tuple[float, float | None]:
-        if v[1] is not None and math.isinf(v[1]):
-            v = (v[0], None)
-        if not (v[0] >= 0 and (v[1] is None or v[0] < v[1])):
-            raise ValueError(f"dt_limit must satisfy 0 <= lo < hi, got {list(v)}")
-        return v
-
     def capabilities(self, ctx: LayerContext) -> Capabilities:
         return Capabilities(causal=True, decode=True)
 
@@ -106,10 +90,10 @@ class Mamba2Config(LayerConfig):
             return self
         return self.model_copy(update={"d_ssm": self.expand * ctx.d_model})
 
-    def check(self, ctx: LayerContext) -> CheckResult:
+    def check(self, ctx: LayerContext) -> ssd.CheckResult:
         d_inner = self.expand * ctx.d_model
         d_ssm = d_inner if self.d_ssm is None else self.d_ssm
-        out: CheckResult = []
+        out: ssd.CheckResult = []
         if d_ssm > d_inner:
             out.append(
                 (
@@ -118,7 +102,7 @@ class Mamba2Config(LayerConfig):
                     f"({self.expand}·{ctx.d_model} = {d_inner})",
                 )
             )
-        out += check_heads(d_ssm, "d_ssm", f"expand·d_model = {d_inner}", self)
+        out += self.check_heads(d_ssm, "d_ssm", f"expand·d_model = {d_inner}")
         return out
 
     @classmethod
@@ -141,35 +125,6 @@ class Mamba2Config(LayerConfig):
                 cls(**small, expand=1, dt_limit=(0.01, 0.05), chunk_size=6), name="dt-limit"
             ),
         ]
-
-
-def check_heads(width: int, name: str, note: str, cfg: Mamba2Config | LayerConfig) -> CheckResult:
-    """Checks shared by the SSD mixers (Mamba-2, Hydra): ``headdim`` divides the SSM width
-    (``name`` = ``width``; ``note`` says where it comes from), ``ngroups`` divides the
-    heads, and the Δ init range is ordered."""
-    out: CheckResult = []
-    headdim, ngroups = cfg.headdim, cfg.ngroups  # type: ignore[attr-defined]
-    if width % headdim:
-        out.append(
-            (
-                ("headdim",),
-                f"headdim ({headdim}) must divide {name} ({width}; {note}); allowed "
-                f"headdim: {', '.join(str(d) for d in divisors(width))}",
-            )
-        )
-    elif (width // headdim) % ngroups:
-        heads = width // headdim
-        out.append(
-            (
-                ("ngroups",),
-                f"ngroups ({ngroups}) must divide the number of heads {name}/headdim = "
-                f"{heads}; allowed ngroups: {', '.join(str(d) for d in divisors(heads))}",
-            )
-        )
-    dt_min, dt_max = cfg.dt_min, cfg.dt_max  # type: ignore[attr-defined]
-    if dt_min > dt_max:
-        out.append((("dt_max",), f"dt_max ({dt_max}) is below dt_min ({dt_min})"))
-    return out
 
 
 @dataclass
@@ -212,11 +167,8 @@ class Mamba2(Mixer):
     cfg: Mamba2Config
 
     def __init__(self, cfg: Mamba2Config, ctx: LayerContext):
-        cfg = cfg.resolve(ctx)
-        problems = cfg.check(ctx)
-        if problems:
-            raise SpecError([SpecIssue(msg, path=path) for path, msg in problems])
         super().__init__(cfg, ctx)
+        cfg = self.cfg  # resolved and checked by Mixer.__init__
         assert cfg.d_ssm is not None  # set by resolve
         D, N, G = ctx.d_model, cfg.d_state, cfg.ngroups
         self.d_inner, self.d_ssm = cfg.expand * D, cfg.d_ssm
@@ -255,15 +207,12 @@ class Mamba2(Mixer):
         """PyTorch-default linears and conv (biases of linears zeroed, as mamba_ssm's LM
         init does), log-uniform Δ through an inverse softplus, A = −U(A_init_range),
         D = 1, norm weight = 1. Every random draw uses ``generator``."""
-        for lin in (self.in_proj, self.out_proj):
-            reset_linear_zero_bias(lin, generator)
-        reset_depthwise_conv(self.conv1d, generator)
-        cfg = self.cfg
-        self.dt_bias.copy_(
-            dt_bias_init(self.nheads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor, generator)
+        ssd.reset_ssd_layer(
+            (self.in_proj, self.out_proj), self.conv1d, self.dt_bias, self.cfg, generator
         )
         device = generator.device if generator is not None else None
-        A = torch.empty(self.nheads, device=device).uniform_(*cfg.A_init_range, generator=generator)
+        A_range = self.cfg.A_init_range
+        A = torch.empty(self.nheads, device=device).uniform_(*A_range, generator=generator)
         self.A_log.copy_(torch.log(A))
         self.D.fill_(1.0)
         if self.norm is not None:
@@ -289,17 +238,12 @@ class Mamba2(Mixer):
         )
 
     def _dt(self, dt: Tensor) -> Tensor:
-        """Raw dt (..., H) -> Δ = softplus(dt + dt_bias), clamped to dt_limit, fp32 (fp64)."""
-        f = torch.promote_types(dt.dtype, torch.float32)
-        delta = F.softplus(dt.to(f) + self.dt_bias.to(f))
-        lo, hi = self.cfg.dt_limit
-        if lo > 0.0 or hi is not None:
-            delta = delta.clamp(min=lo, max=hi)
-        return delta
+        """Raw dt (..., H) -> Δ (..., H), fp32 (fp64)."""
+        return ssd.softplus_delta(dt, self.dt_bias, self.cfg.dt_limit)
 
     def _A(self) -> Tensor:
-        """A = −exp(A_log) (H,), in fp32 at least (fp16 A_log could give −inf)."""
-        return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+        """A = −exp(A_log) (H,), fp32 at least."""
+        return ssd.negative_exp(self.A_log)
 
     def _conv_weight(self) -> Tensor:
         return self.conv1d.weight[:, 0, :]  # (conv_dim, d_conv)
@@ -315,9 +259,7 @@ class Mamba2(Mixer):
         if self.d_mlp > 0:
             y = torch.cat([F.silu(parts.z0) * parts.x0, y], dim=-1)  # (B, L, d_inner)
         out = self.out_proj(y)
-        if seq_idx is not None:
-            out = out.masked_fill((seq_idx < 0)[..., None], 0.0)
-        return out
+        return zero_padding(out, seq_idx)
 
     def _scan(
         self, v: Tensor, coeffs: Mamba2Coeffs, initial_state: Tensor | None, final: bool
@@ -370,23 +312,14 @@ class Mamba2(Mixer):
         return x * self.D.view(self.nheads, self.headdim).to(x.dtype)
 
     # -- forward and matrix view -------------------------------------------------------
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        input_ids: Tensor | None = None,
-        seq_idx: Tensor | None = None,
-        state: State | None = None,
+    def prefill(
+        self, x: Tensor, state: State, *, input_ids: Tensor | None, seq_idx: Tensor | None
     ) -> Tensor:
-        """u (B, L, D) -> (B, L, D). With ``state``: a prefill that continues from and
-        fills it (conv columns and the final SSM state), so prefills can be chunked."""
-        st = None if state is None else self._as_state(state)
+        """Continues from ``state`` and fills it (conv columns and the final SSM state),
+        so prefills can be chunked. Without state the matrix view is the forward pass."""
+        st = self.own_state(state, Mamba2State)
         parts, xs, coeffs = self._coefficients(x, seq_idx, st)
-        if st is None:
-            y = self._scan(xs, coeffs, None, False)
-        else:
-            y, ssm_state = self._scan(xs, coeffs, st.ssm_state.clone(), True)  # as the conv
-            st.ssm_state.copy_(ssm_state)
+        y = continue_scan(st.ssm_state, lambda init, final: self._scan(xs, coeffs, init, final))
         return self._finish(y + self._channel_skip(xs), parts, seq_idx)
 
     def mixing_terms(
@@ -419,7 +352,7 @@ class Mamba2(Mixer):
 
     def step(self, x_t: Tensor, state: State, *, token_t: Tensor | None = None) -> Tensor:
         """One token u_t (B, D) -> (B, D); updates both parts of ``state`` in place."""
-        st = self._as_state(state)
+        st = self.own_state(state, Mamba2State)
         parts = self._project(x_t[:, None])  # widths as forward, L = 1
         xBC = causal_conv1d_update(
             parts.xBC[:, 0],
@@ -433,32 +366,15 @@ class Mamba2(Mixer):
         y = ssd_step(st.ssm_state, x, self._dt(parts.dt[:, 0]), self._A(), B, C, D)
         return self._finish(y[:, None], parts, None)[:, 0]
 
-    def _as_state(self, state: State) -> Mamba2State:
-        if not isinstance(state, Mamba2State):
-            raise MixstackError(
-                f"mamba2 needs the state from its own init_state(), got {type(state).__name__}"
-            )
-        return state
-
     # -- bookkeeping ---------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:
-        scalar = ParamHint(no_weight_decay=True, keep_fp32=True)
-        return {
-            "A_log": scalar,
-            "D": scalar,
-            "dt_bias": scalar,
-            "out_proj.weight": ParamHint(residual_out=True),
-        }
+        return ssd.ssm_param_hints("dt_bias")
 
     def flops_per_token(self, seq_len: int) -> float:
         """2·MACs of the matmuls and the conv, per token, as the chunked path computes them:
         projections, conv, and per chunk of Q = min(chunk_size, seq_len) (padded up):
         C·Bᵀ (G·Q·N), scores·x (H·Q·P), chunk states and state read-out (2·H·P·N)."""
-        cfg, D = self.cfg, self.ctx.d_model
-        G, N, H, P = cfg.ngroups, cfg.d_state, self.nheads, self.headdim
-        q = min(cfg.chunk_size, seq_len)
-        padded = math.ceil(seq_len / q) * q / seq_len  # padded steps are computed too
+        D = self.ctx.d_model
         proj = D * self.in_proj.out_features + self.d_inner * D
-        conv = self.conv_dim * cfg.d_conv
-        ssd = padded * (G * q * N + H * q * P + 2 * H * P * N)
-        return 2.0 * (proj + conv + ssd)
+        conv = self.conv_dim * self.cfg.d_conv
+        return 2.0 * (proj + conv + ssd.ssd_scan_macs(self.cfg, self.nheads, seq_len))

@@ -105,8 +105,8 @@ class Mlp(Mixer):
     cfg: MlpConfig
 
     def __init__(self, cfg: MlpConfig, ctx: LayerContext):
-        cfg = cfg.resolve(ctx)
         super().__init__(cfg, ctx)
+        cfg = self.cfg  # resolved and checked by Mixer.__init__
         assert cfg.hidden is not None  # set by resolve
         D, hidden = ctx.d_model, cfg.hidden
         self.gate_proj = nn.Linear(D, hidden, bias=cfg.bias) if cfg.gated else None
@@ -120,16 +120,17 @@ class Mlp(Mixer):
             return self.down_proj(self.act(self.up_proj(x)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        input_ids: Tensor | None = None,
-        seq_idx: Tensor | None = None,
-        state: State | None = None,
+    def forward_sequence(
+        self, x: Tensor, *, input_ids: Tensor | None, seq_idx: Tensor | None
     ) -> Tensor:
-        """x (B, L, D) -> (B, L, D); positions never interact, so packing, padding and
-        prefill need nothing (the arguments are accepted for the common protocol)."""
+        """x (B, L, D) -> (B, L, D); positions never interact, so packing and padding
+        need nothing (the arguments are accepted for the common protocol)."""
+        return self._mlp(x)
+
+    def prefill(
+        self, x: Tensor, state: State, *, input_ids: Tensor | None, seq_idx: Tensor | None
+    ) -> Tensor:
+        """The same as without state: the (empty) state holds nothing to continue."""
         return self._mlp(x)
 
     def init_state(

@@ -92,10 +92,9 @@ from mixstack.blocks.implicit_filter import ImplicitFilter, ImplicitFilterConfig
 from mixstack.blocks.init import reset_depthwise_conv, uniform_
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue
 from mixstack.dsl.registry import register
 from mixstack.kernels.causal_conv1d import causal_conv1d
-from mixstack.kernels.common import document_runs
+from mixstack.kernels.common import document_runs, zero_padding
 from mixstack.kernels.fftconv import fftconv_flops, fftconv_heads
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, init_linear
 
@@ -414,11 +413,8 @@ class Orchid(Mixer):
     cfg: OrchidConfig
 
     def __init__(self, cfg: OrchidConfig, ctx: LayerContext):
-        cfg = cfg.resolve(ctx)
-        problems = cfg.check(ctx)
-        if problems:
-            raise SpecError([SpecIssue(msg, path=path) for path, msg in problems])
         super().__init__(cfg, ctx)
+        cfg = self.cfg  # resolved and checked by Mixer.__init__
         D, K = ctx.d_model, cfg.short_filter_order
         self.mode: Mode = cfg.mode or "linear"
         two_sided = self.mode == "linear"
@@ -516,11 +512,7 @@ class Orchid(Mixer):
         self, x: Tensor, *, input_ids: Tensor | None = None, seq_idx: Tensor | None = None
     ) -> MixTerms:
         B, L, _ = x.shape
-        if self.ctx.max_seq_len < L:
-            raise MixstackError(
-                f"orchid got a sequence of {L} tokens but its filters are built for "
-                f"max_seq_len = {self.ctx.max_seq_len}; raise model.max_seq_len"
-            )
+        self.check_length(L)
         layout = DocLayout.of(seq_idx, B, L)
         static = self._static(self.fixed_conv, L)
         groups, values = [], []
@@ -541,9 +533,7 @@ class Orchid(Mixer):
 
     def _finish(self, y: Tensor, seq_idx: Tensor | None) -> Tensor:
         out = self.out_linear(y[..., 0])  # (B, L, D)
-        if seq_idx is not None:
-            out = out.masked_fill((seq_idx < 0)[..., None], 0.0)
-        return out
+        return zero_padding(out, seq_idx)
 
     def mix(self, coeffs: OrchidCoeffs | ResidualCoeffs, v: Tensor) -> Tensor:
         """Per document group, the term's convolution on v (B, L, D, P); linear in v."""

@@ -40,12 +40,11 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from mixstack.blocks.init import normal_, reset_linear, uniform_
+from mixstack.blocks.init import check_dt_range, normal_, reset_linear, uniform_
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError, SpecError, SpecIssue
 from mixstack.dsl.registry import register
-from mixstack.kernels.common import document_runs
+from mixstack.kernels.common import document_runs, zero_padding
 from mixstack.kernels.fftconv import fftconv_flops, fftconv_heads
 from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
 
@@ -92,9 +91,7 @@ class S4DConfig(LayerConfig):
         return Capabilities(causal=not self.bidirectional, decode=not self.bidirectional)
 
     def check(self, ctx: LayerContext) -> CheckResult:
-        if self.dt_min > self.dt_max:
-            return [(("dt_max",), f"dt_max ({self.dt_max}) is below dt_min ({self.dt_min})")]
-        return []
+        return check_dt_range(self.dt_min, self.dt_max)
 
     @classmethod
     def examples(cls) -> list[LayerExample]:
@@ -191,10 +188,8 @@ class S4D(Mixer):
     cfg: S4DConfig
 
     def __init__(self, cfg: S4DConfig, ctx: LayerContext):
-        problems = cfg.check(ctx)
-        if problems:
-            raise SpecError([SpecIssue(msg, path=path) for path, msg in problems])
         super().__init__(cfg, ctx)
+        cfg = self.cfg  # resolved and checked by Mixer.__init__
         H = ctx.d_model
         directions = 2 if cfg.bidirectional else 1
         self.kernel = S4DKernel(H, cfg.d_state, directions, cfg.discretization)
@@ -225,30 +220,31 @@ class S4D(Mixer):
         """y (B, L, H) -> activation, dropout, output_linear, GLU -> (B, L, H); 0 at padding."""
         y = self.dropout(ACTIVATIONS[self.cfg.activation](y))
         out = F.glu(self.output_linear(y.to(self.output_linear.weight.dtype)), dim=-1)
-        if seq_idx is not None:
-            out = out.masked_fill((seq_idx < 0)[..., None], 0.0)
-        return out
+        return zero_padding(out, seq_idx)
 
     def _coefficients(self, length: int, seq_idx: Tensor | None) -> S4DCoeffs:
         return S4DCoeffs(self.kernel(length), self.D, seq_idx)
 
     # -- forward and matrix view -------------------------------------------------------
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        input_ids: Tensor | None = None,
-        seq_idx: Tensor | None = None,
-        state: State | None = None,
+    def forward_sequence(
+        self, x: Tensor, *, input_ids: Tensor | None, seq_idx: Tensor | None
     ) -> Tensor:
-        """u (B, L, H) -> (B, L, H) by convolution. With ``state``: a prefill that
-        continues from it and stores the final recurrent state."""
-        st = None if state is None else self._as_state(state)
+        """u (B, L, H) -> (B, L, H) by convolution."""
+        return self._convolve(x, seq_idx, None)
+
+    def prefill(
+        self, x: Tensor, state: State, *, input_ids: Tensor | None, seq_idx: Tensor | None
+    ) -> Tensor:
+        """Continues from ``state`` and stores the final recurrent state."""
+        return self._convolve(x, seq_idx, self.own_state(state, S4DState))
+
+    def _convolve(self, x: Tensor, seq_idx: Tensor | None, state: S4DState | None) -> Tensor:
+        """The convolution of u (B, L, H), plus the carried state's contribution."""
         coeffs = self._coefficients(x.shape[1], seq_idx)
         u = x.to(coeffs.K.dtype)
         y = self.mix(coeffs, u[..., None])[..., 0]  # (B, L, H)
-        if st is not None:
-            y = y + self._prefill(u, seq_idx, st)
+        if state is not None:
+            y = y + self._prefill(u, seq_idx, state)
         return self._finish(y, seq_idx)
 
     def mixing_terms(
@@ -311,7 +307,7 @@ class S4D(Mixer):
         self, batch: int, max_len: int, *, device: torch.device | str | None, dtype: torch.dtype
     ) -> S4DState:
         """Zero state; its size does not depend on ``max_len``."""
-        self._require_decode()
+        self.require_decode()
         cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
         return S4DState(
             ssm_state=torch.zeros(
@@ -321,7 +317,7 @@ class S4D(Mixer):
 
     def step(self, x_t: Tensor, state: State, *, token_t: Tensor | None = None) -> Tensor:
         """One token u_t (B, H) -> (B, H); updates ``state`` in place."""
-        st = self._as_state(state)
+        st = self.own_state(state, S4DState)
         log_abar, cbar = self.kernel.modes()
         f = log_abar.real.dtype
         u = x_t.to(f)
@@ -333,20 +329,8 @@ class S4D(Mixer):
         y = 2 * (cbar[0] * x).sum(dim=-1).real + self.D.to(f) * u
         return self._finish(y[:, None], None)[:, 0]
 
-    def _require_decode(self) -> None:
-        if self.cfg.bidirectional:
-            raise TypeError(
-                "s4d with bidirectional: true does not support decoding (capability `decode`): "
-                "its backward kernel reads future tokens"
-            )
-
-    def _as_state(self, state: State) -> S4DState:
-        self._require_decode()
-        if not isinstance(state, S4DState):
-            raise MixstackError(
-                f"s4d needs the state from its own init_state(), got {type(state).__name__}"
-            )
-        return state
+    def no_decode_reason(self) -> str:
+        return "with bidirectional: true its backward kernel reads future tokens"
 
     # -- bookkeeping ---------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:

@@ -17,9 +17,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LOWER_LAYERS = ("dsl", "kernels", "blocks", "mixers", "archs", "tasks", "training", "hub")
-# Known, and removed by the mixer clean-up of the same issue (check_heads leaves
-# mamba2.py); tolerated until then, nothing else is.
-PENDING_SIBLING_IMPORTS = {("mixstack.mixers.hydra", "mixstack.mixers.mamba2")}
 
 
 def module_name(path: Path) -> str:
@@ -94,7 +91,6 @@ def test_no_mixer_imports_another_mixer() -> None:
         (name, target)
         for name, source in sources.items()
         for target in sibling_mixer_imports(source, name, mixers)
-        if (name, target) not in PENDING_SIBLING_IMPORTS
     )
     assert not offenders, "mixers share code through mixers/base.py, blocks/ or kernels/: " + (
         ", ".join(f"{name} imports {target}" for name, target in offenders)

@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import mixstack
@@ -161,3 +162,28 @@ def test_helpers(tmp_path) -> None:
     write_atomic(target, "one")
     write_atomic(target, "two")
     assert target.read_text() == "two" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_layer_refusal_is_one_message_with_exit_1(tmp_path, monkeypatch) -> None:
+    """A CapabilityError raised by a layer while a command runs (here: the report asks a
+    bidirectional Hydra layer for a decode state) prints one line and exits 1."""
+    from mixstack.archs.models import MixStackModel
+
+    path = tmp_path / "encoder.yaml"
+    path.write_text(
+        TINY.replace("model:\n", "model:\n  arch: encoder\n")
+        .replace('pattern: "(*-)2"', 'pattern: "H-"')
+        .replace('"*": {type: attention, n_heads: 2}', '"H": {type: hydra, d_state: 4, headdim: 8}')
+    )
+
+    def decode_state_report(self: MixStackModel, *args: object, **kwargs: object) -> None:
+        self.layers[0].mixer.init_state(1, 8, device="meta", dtype=torch.float32)
+
+    monkeypatch.setattr(MixStackModel, "report", decode_state_report)
+    result = runner.invoke(app, ["info", str(path)])
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: hydra layer (Hydra) does not support decoding")
+    assert "capability `decode`" in lines[0] and "Traceback" not in result.output

@@ -5,6 +5,7 @@ a mixer registered later (built-in or plugin) is tested the moment it exists:
 
 ``case``         every layer of kind "sequence" or "channel";
 ``matrix_case``  sequence layers with a matrix view (``mixing_terms`` / ``mix``);
+``nomatrix_case`` layers without one (channel mixers);
 ``causal_case``  layers whose resolved capabilities include ``causal``;
 ``decode_case``  layers whose resolved capabilities include ``decode``;
 ``nodecode_case`` layers that declare no ``decode``.
@@ -104,6 +105,7 @@ def all_cases() -> list[LayerCase]:
 SELECTORS: dict[str, Callable[[LayerCase], bool]] = {
     "case": lambda c: True,
     "matrix_case": lambda c: c.has_matrix_view,
+    "nomatrix_case": lambda c: not c.has_matrix_view,
     "causal_case": lambda c: c.capabilities.causal,
     "decode_case": lambda c: c.capabilities.decode,
     "nodecode_case": lambda c: not c.capabilities.decode,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixstack.dsl.errors import MixstackError
+from mixstack.dsl.errors import CapabilityError, MixstackError
 from mixstack.mixers.base import State
 
 LENGTH = 11
@@ -64,7 +64,22 @@ def test_init_state_on_meta_device(decode_case) -> None:
     assert module.state_nbytes(17, torch.bfloat16) * 3 == state.nbytes()
 
 
-def test_layers_without_decode_refuse_to_decode(nodecode_case) -> None:
+def test_layers_without_decode_refuse_every_decode_entry_point(nodecode_case) -> None:
+    """init_state, step and forward(state=...) each raise one CapabilityError naming the
+    layer type and the capability (a MixstackError, so the CLI prints it; a TypeError too)."""
     module = nodecode_case.build()
-    with pytest.raises((TypeError, MixstackError), match="decod"):
-        module.init_state(1, 4, device="cpu", dtype=torch.float64)
+    x, ids = nodecode_case.inputs(1, 4)
+    token = None if ids is None else ids[:, 0]
+    calls = {
+        "init_state": lambda: module.init_state(1, 4, device="cpu", dtype=torch.float64),
+        "step": lambda: nodecode_case.step(module, x[:, 0], token, State()),
+        "forward(state=...)": lambda: nodecode_case.run(module, x, ids, state=State()),
+    }
+    layer_type = nodecode_case.config.type
+    for name, call in calls.items():
+        with pytest.raises(CapabilityError) as info:
+            call()
+        message = str(info.value)
+        assert f"{layer_type} layer" in message, f"{name}: {message}"
+        assert "capability `decode`" in message, f"{name}: {message}"
+        assert isinstance(info.value, MixstackError) and isinstance(info.value, TypeError)

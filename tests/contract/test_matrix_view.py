@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mixstack.dsl.errors import CapabilityError
 from mixstack.mixers.base import apply_materialized, materialize
 
 # fp64 rounding: an upper-triangle entry below this fraction of max|M| counts as zero
@@ -76,3 +77,18 @@ def test_perturbing_x_at_t_changes_nothing_before_t(case, t: int, near) -> None:
     else:
         change = (out2[:, :t] - out[:, :t]).abs().max()
         assert change > 1e-9 * out.abs().max(), "declared non-causal, but the past ignores x[t]"
+
+
+def test_layers_without_a_matrix_view_refuse_it_by_name(nomatrix_case) -> None:
+    """mixing_terms / mix of a layer without a matrix view raise one CapabilityError
+    naming the layer type (a MixstackError the CLI prints)."""
+    module = nomatrix_case.build()
+    x, ids = nomatrix_case.inputs(1, 4)
+    for call in (
+        lambda: module.mixing_terms(x, input_ids=ids),
+        lambda: module.mix(None, x[..., None]),
+    ):
+        with pytest.raises(
+            CapabilityError, match=rf"^{nomatrix_case.config.type} layer .* no matrix view"
+        ):
+            call()

@@ -198,28 +198,20 @@ CASES = {
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_operator_equals_naive_composition(name):
-    cfg, arch = CASES[name]
-    m = build(cfg, arch=arch)
+    m = build(*CASES[name])
     u = rand(1, 2, 13, D)
     with torch.no_grad():
         torch.testing.assert_close(m(u), naive_hyena(m, u), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_operator_gradients_equal_naive_composition(name):
+def test_operator_gradients_equal_naive_composition(name, grads_against):
     """Gradients of the input and of every parameter the naive composition reads (all but
     pos_emb.z, which it rebuilds from the formula: its value, checked above)."""
-    cfg, arch = CASES[name]
-    m = build(cfg, arch=arch)
+    m = build(*CASES[name])
     u = rand(2, 2, 11, D)
     cot = rand(3, 2, 11, D)
-    grads = []
-    for fn in (m, lambda x: naive_hyena(m, x)):
-        m.zero_grad(set_to_none=True)
-        x = u.clone().requires_grad_()
-        (fn(x) * cot).sum().backward()
-        grads.append({"u": x.grad, **{n: p.grad for n, p in m.named_parameters()}})
-    fast, naive = grads
+    fast, naive = grads_against(m, [m, lambda x: naive_hyena(m, x)], u, cot)
     assert naive["filter_fn.pos_emb.z"] is None and fast["filter_fn.pos_emb.z"] is not None
     for key, want in naive.items():
         if want is not None:

@@ -152,20 +152,14 @@ def test_layer_equals_naive_direct_convolution(name):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_layer_gradients_equal_naive_direct_convolution(name):
+def test_layer_gradients_equal_naive_direct_convolution(name, grads_against):
     cfg, arch = CONFIGS[name]
     m = build(cfg, arch=arch)
     with torch.no_grad():  # most entries survive the threshold, so most get a gradient
         if isinstance(cfg.kernel, SquashKernelConfig):
             m.kernel.kernel.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
     u, cot = rand(5, 2, 9, 6), rand(6, 2, 9, 6)
-    grads = []
-    for fn in (m, lambda x: naive_layer(m, x)):
-        m.zero_grad(set_to_none=True)
-        x = u.clone().requires_grad_()
-        (fn(x) * cot).sum().backward()
-        grads.append({"u": x.grad, **{n: p.grad for n, p in m.named_parameters()}})
-    fast, naive = grads
+    fast, naive = grads_against(m, [m, lambda x: naive_layer(m, x)], u, cot)
     for key, want in naive.items():
         assert want is not None, key
         torch.testing.assert_close(fast[key], want, rtol=1e-9, atol=1e-12, msg=key)
@@ -232,7 +226,9 @@ def test_encoder_resolves_bidirectional_and_full_length_kernel():
 
 def test_sequences_longer_than_max_seq_len_are_refused():
     m = build(LongConvConfig(kernel_len=8), max_seq_len=24)
-    with pytest.raises(MixstackError, match=r"25 tokens but the model's max_seq_len is 24"):
+    with pytest.raises(
+        MixstackError, match=r"25 tokens but its filters are built for max_seq_len = 24"
+    ):
         m(rand(0, 1, 25, 6))
 
 

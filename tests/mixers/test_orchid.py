@@ -213,8 +213,7 @@ CASES = {
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_layer_equals_naive_reimplementation(name):
-    cfg, arch = CASES[name]
-    m = build(cfg, arch=arch)
+    m = build(*CASES[name])
     u = rand(1, 2, 11, D)
     with torch.no_grad():
         got = m(u)
@@ -223,20 +222,14 @@ def test_layer_equals_naive_reimplementation(name):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_gradients_equal_naive_reimplementation(name):
+def test_gradients_equal_naive_reimplementation(name, grads_against):
     """Input and parameter gradients, backpropagated through the naive loops (which read
     the static filters through the module's implicit filters, so every parameter takes
     part)."""
-    cfg, arch = CASES[name]
-    m = build(cfg, arch=arch)
+    m = build(*CASES[name])
     u, cot = rand(8, 1, 7, D), rand(9, 1, 7, D)
-    grads = []
-    for fn in (lambda x: m(x)[0], lambda x: naive_orchid(m, x[0])):
-        m.zero_grad(set_to_none=True)
-        x = u.clone().requires_grad_()
-        (fn(x) * cot[0]).sum().backward()
-        grads.append({"u": x.grad, **{n: p.grad for n, p in m.named_parameters()}})
-    fast, naive = grads
+    fns = [lambda x: m(x)[0], lambda x: naive_orchid(m, x[0])]
+    fast, naive = grads_against(m, fns, u, cot[0])
     for key, want in naive.items():
         assert (want is None) == (fast[key] is None), key
         if want is not None:
@@ -247,8 +240,7 @@ def test_gradients_equal_naive_reimplementation(name):
 def test_closed_form_matrices(name):
     """Term 1: M = diag(x0)·(C_κ + b·I)·diag(x1) with C_κ two-sided Toeplitz, circulant or
     block-row Toeplitz; term 2: M = T(h_res) + b_res·I (docs/math.md#orchid)."""
-    cfg, arch = CASES[name]
-    m = build(cfg, arch=arch)
+    m = build(*CASES[name])
     n = 9
     u = rand(7, 1, n, D)
     (M1, v1), (M2, v2) = materialize(m, u)[0]
@@ -271,8 +263,7 @@ def test_closed_form_matrices(name):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_a_batch_equals_each_sequence_alone(name):
     """Defect 1 of the original: kernels of one sample applied to the others."""
-    cfg, arch = CASES[name]
-    m = build(cfg, arch=arch)
+    m = build(*CASES[name])
     u = rand(2, 4, 10, D)
     with torch.no_grad():
         batched = m(u)
@@ -347,8 +338,7 @@ def test_doc_layout_groups_documents_by_length():
 
 @pytest.mark.parametrize("name", ["circular-absfreq", "block-corrTime"])
 def test_packed_documents_with_padding_equal_each_alone(name):
-    cfg, arch = CASES[name]
-    m = build(cfg, arch=arch)
+    m = build(*CASES[name])
     seq_idx = torch.tensor(
         [[0, 0, 0, -1, 0, 0, 1, 1, 1, 1, 1], [-1, -1, 2, 2, 2, 2, 2, 3, 4, 4, 4]]
     )
