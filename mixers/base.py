@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from mixstack.dsl.base import Capabilities, LayerConfig
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import CapabilityError, SpecError, SpecIssue
+from mixstack.kernels.backends import BackendPolicy
+from mixstack.kernels.causal_conv1d import causal_conv1d
 
 
 @dataclass(frozen=True)
@@ -126,8 +128,6 @@ class Mixer(nn.Module):
         self.capabilities: Capabilities = cfg.capabilities(ctx)
         # Shared by every layer of a model; the builder replaces it. Kernel calls go
         # through it, so the backend is resolved lazily per (kernel, device, dtype).
-        from mixstack.kernels.backends import BackendPolicy
-
         self.backends: BackendPolicy = BackendPolicy.default()
 
     # -- the forward pass ---------------------------------------------------------
@@ -275,6 +275,37 @@ def continue_scan(carried: Tensor, scan: Callable[[Tensor, bool], Any]) -> Tenso
     out, final = scan(carried.clone(), True)
     carried.copy_(final)
     return out
+
+
+def silu_short_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    *,
+    seq_idx: Tensor | None,
+    conv_state: Tensor | None,
+    backends: BackendPolicy,
+) -> Tensor:
+    """``silu(causal depthwise conv(x))`` over ``x (B, L, C)``, the short convolution in
+    front of the selective SSMs (Mamba-1, Mamba-2); ``weight (C, K)``.
+
+    With ``conv_state (B, C, K)`` (a decode state: the last K pre-conv columns) the
+    convolution continues from it and writes its new value back (a prefill).
+    """
+
+    def conv(initial: Tensor | None, final: bool) -> Any:
+        return causal_conv1d(
+            x,
+            weight,
+            bias,
+            activation="silu",
+            seq_idx=seq_idx,
+            initial_state=initial,
+            return_final_state=final,
+            backends=backends,
+        )
+
+    return conv(None, False) if conv_state is None else continue_scan(conv_state, conv)
 
 
 @torch.no_grad()

@@ -42,10 +42,10 @@ from mixstack.blocks.ssd_heads import negative_exp, ssm_param_hints
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.registry import register
-from mixstack.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
+from mixstack.kernels.causal_conv1d import causal_conv1d_update
 from mixstack.kernels.common import zero_padding
 from mixstack.kernels.selective_scan import selective_scan, selective_scan_step
-from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State, continue_scan
+from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State, continue_scan, silu_short_conv
 
 CheckResult = list[tuple[tuple[str | int, ...], str]]
 
@@ -216,20 +216,14 @@ class Mamba(Mixer):
         value (the last d_conv pre-conv columns).
         """
         xs, z = self.in_proj(u).chunk(2, dim=-1)  # [x | z]
-        conv = causal_conv1d(
+        conv = silu_short_conv(
             xs,
             self._conv_weight(),
             self.conv1d.bias,
-            activation="silu",
             seq_idx=seq_idx,
-            # a copy: autograd may save what the kernel reads, and the state is overwritten
-            initial_state=None if state is None else state.conv_state.clone(),
-            return_final_state=state is not None,
+            conv_state=None if state is None else state.conv_state,
             backends=self.backends,
         )
-        if state is not None:
-            conv, conv_state = conv
-            state.conv_state.copy_(conv_state)
         delta, B, C = self._split_xproj(conv)
         return conv, z, MambaCoeffs(delta, self._A(), B, C, self.D, seq_idx)
 

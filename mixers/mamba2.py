@@ -38,10 +38,10 @@ from mixstack.blocks.gated_norm import GatedRMSNorm
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.registry import register
-from mixstack.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
+from mixstack.kernels.causal_conv1d import causal_conv1d_update
 from mixstack.kernels.common import zero_padding
 from mixstack.kernels.ssd import ssd_scan, ssd_step
-from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State, continue_scan
+from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State, continue_scan, silu_short_conv
 
 
 class Mamba2Config(ssd.SSDHeadsConfig, LayerConfig):
@@ -287,20 +287,14 @@ class Mamba2(Mixer):
         value (the last d_conv pre-conv columns).
         """
         parts = self._project(u)
-        conv = causal_conv1d(
+        conv = silu_short_conv(
             parts.xBC,
             self._conv_weight(),
             self.conv1d.bias,
-            activation="silu",
             seq_idx=seq_idx,
-            # a copy: autograd may save what the kernel reads, and the state is overwritten
-            initial_state=None if state is None else state.conv_state.clone(),
-            return_final_state=state is not None,
+            conv_state=None if state is None else state.conv_state,
             backends=self.backends,
         )
-        if state is not None:
-            conv, conv_state = conv
-            state.conv_state.copy_(conv_state)
         x, B, C = self._split_xbc(conv)
         D = self.D if not self.cfg.D_has_hdim else None
         return parts, x, Mamba2Coeffs(self._dt(parts.dt), self._A(), B, C, D, seq_idx)

@@ -39,11 +39,10 @@ from torch import Tensor, nn
 from mixstack.blocks.init import uniform_
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
-from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.registry import register
 from mixstack.kernels.common import zero_padding
 from mixstack.kernels.ssd import ssd_scan
-from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State
+from mixstack.mixers.base import Mixer, MixTerms, ParamHint, State, continue_scan
 
 
 class EMAConfig(LayerConfig):
@@ -89,7 +88,8 @@ class EMAConfig(LayerConfig):
 
 @dataclass
 class EMAState(State):
-    """Decode state: h (B, H), the running average, fp32 at least."""
+    """Decode state: h (B, H, 1, 1), the running average, fp32 at least; laid out as the
+    scan kernel's state (B, H, P, N) with P = N = 1, so a prefill hands it over as is."""
 
     h: Tensor
 
@@ -164,25 +164,25 @@ class EMA(Mixer):
         )
 
     # -- forward and matrix view -------------------------------------------------------
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        input_ids: Tensor | None = None,
-        seq_idx: Tensor | None = None,
-        state: State | None = None,
+    # The base class's forward dispatches: no state -> forward_sequence, a state ->
+    # prefill (which continues from the state and fills it).
+    def forward_sequence(
+        self, x: Tensor, *, input_ids: Tensor | None, seq_idx: Tensor | None
     ) -> Tensor:
-        """x (B, L, D) -> (B, L, D). With ``state``: a prefill that continues from it and
-        stores the average after the last position."""
+        """x (B, L, D) -> (B, L, D): the recurrence from h = 0, through the scan kernel."""
+        v = self._project_in(x)[..., None]  # (B, L, H, 1)
+        y = self._scan(v, self._coefficients(seq_idx), None, False)
+        return self._finish(y[..., 0], seq_idx)
+
+    def prefill(
+        self, x: Tensor, state: State, *, input_ids: Tensor | None, seq_idx: Tensor | None
+    ) -> Tensor:
+        """Like forward_sequence, continuing from ``state`` and storing the average after
+        the last position in it."""
+        st = self.own_state(state, EMAState)
         coeffs = self._coefficients(seq_idx)
         v = self._project_in(x)[..., None]  # (B, L, H, 1)
-        if state is None:
-            y = self._scan(v, coeffs, None, False)
-        else:
-            st = self._as_state(state)
-            # a copy: autograd may save what the kernel reads, and the state is overwritten
-            y, h = self._scan(v, coeffs, st.h.clone()[..., None, None], True)
-            st.h.copy_(h[..., 0, 0])
+        y = continue_scan(st.h, lambda initial, final: self._scan(v, coeffs, initial, final))
         return self._finish(y[..., 0], seq_idx)
 
     def mixing_terms(
@@ -204,24 +204,18 @@ class EMA(Mixer):
     ) -> EMAState:
         """h = 0; its size does not depend on ``max_len``."""
         h_dtype = torch.promote_types(dtype, torch.float32)
-        return EMAState(h=torch.zeros(batch, self.ctx.d_model, device=device, dtype=h_dtype))
+        h = torch.zeros(batch, self.ctx.d_model, 1, 1, device=device, dtype=h_dtype)
+        return EMAState(h=h)
 
     def step(self, x_t: Tensor, state: State, *, token_t: Tensor | None = None) -> Tensor:
         """One token x_t (B, D) -> (B, D); updates ``state`` in place."""
-        st = self._as_state(state)
+        st = self.own_state(state, EMAState)
         coeffs = self._coefficients(None)
         u = self._project_in(x_t).to(st.h.dtype)  # (B, H)
         # read a copy: autograd saves the old average, and it is overwritten below
-        h = torch.exp(coeffs.log_alpha) * st.h.clone() + coeffs.one_minus_alpha * u
-        st.h.copy_(h)
+        h = torch.exp(coeffs.log_alpha) * st.h[..., 0, 0].clone() + coeffs.one_minus_alpha * u
+        st.h.copy_(h[..., None, None])
         return self._finish(h.to(x_t.dtype)[:, None], None)[:, 0]
-
-    def _as_state(self, state: State) -> EMAState:
-        if isinstance(state, EMAState):
-            return state
-        raise MixstackError(
-            f"ema needs the state from its own init_state(), got {type(state).__name__}"
-        )
 
     # -- bookkeeping ---------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:
