@@ -498,7 +498,7 @@ def registry_tables() -> list[Table]:
         metrics.add_row(entry.name, better, task, entry.metric.description, str(entry.origin))
     providers = Table("provider", "origin", title="kernel providers", title_justify="left")
     for name, origin in backends.provider_origins().items():
-        providers.add_row(name, origin)
+        providers.add_row(name, str(origin))
     return [layers, tasks, metrics, providers]
 
 

@@ -77,8 +77,8 @@ class Origin:
         return {k: v for k, v in vars(self).items() if v is not None}
 
     def __str__(self) -> str:
-        if self.kind == "entry_point":
-            return f"{self.distribution} {self.version}"
+        if self.kind == "entry_point":  # a version only when it has a distribution
+            return " ".join(part for part in (self.distribution, self.version) if part)
         if self.kind == "plugin":
             return f"{self.path} (sha256 {str(self.sha256)[:12]})"
         if self.kind == "code":
@@ -298,15 +298,21 @@ def builtin_modules() -> list[str]:
     return found + list(BUILTIN_MODULES)
 
 
+def entry_point_origin(ep: metadata.EntryPoint) -> Origin:
+    """The origin of what entry point ``ep`` registers: its distribution and version (the
+    entry point's target when it belongs to no distribution). Kernel providers too."""
+    dist = ep.dist
+    return Origin(
+        "entry_point",
+        distribution=dist.name if dist else ep.value,
+        version=dist.version if dist else None,
+    )
+
+
 def _load_entry_points() -> None:
     for group in ENTRY_POINT_GROUPS:
         for ep in metadata.entry_points(group=group):
-            dist = ep.dist
-            origin = Origin(
-                "entry_point",
-                distribution=dist.metadata["Name"] if dist else ep.value,
-                version=dist.version if dist else None,
-            )
+            origin = entry_point_origin(ep)
             try:
                 with _registering_as(origin):
                     ep.load()
@@ -345,8 +351,8 @@ def _listed_plugins() -> list[str]:
 
 
 def _import_plugin(path: Path) -> None:
-    if not path.is_file():
-        raise RegistryError(f"plugin file {str(path)!r} does not exist")
+    """Import an existing plugin file once (callers check that it exists: their messages
+    differ), recording its origin."""
     path = path.resolve()
     if str(path) in _plugin_files:
         return
@@ -381,18 +387,18 @@ def load_plugin_file(path: str | Path) -> None:
         os.environ[PLUGINS_ENV] = os.pathsep.join([*listed, str(path.resolve())])
 
 
-def plugin_origins() -> list[dict[str, str]]:
+def plugin_origins(others: Iterable[Origin] = ()) -> list[dict[str, str]]:
     """The origin of every plugin registration: entry-point distributions and plugin
-    files (what ``run.json`` records under ``plugins``)."""
+    files (what ``run.json`` records under ``plugins``). ``others``: origins of
+    registrations kept outside dsl/ (the kernel providers; dsl/ imports no kernels)."""
     ensure_loaded()
+    registered = [e.origin for r in (layers, tasks, metrics) for e in r.entries.values()]
+    # plugin files count even when they registered nothing
+    candidates = [*registered, *_plugin_files.values(), *others]
     seen: dict[str, dict[str, str]] = {}
-    for registry_ in (layers, tasks, metrics):
-        for entry in registry_.entries.values():
-            origin = entry.origin
-            if origin.kind in ("entry_point", "plugin"):
-                seen.setdefault(str(origin), origin.to_dict())
-    for origin in _plugin_files.values():  # files that registered nothing still count
-        seen.setdefault(str(origin), origin.to_dict())
+    for origin in candidates:
+        if origin.kind in ("entry_point", "plugin"):
+            seen.setdefault(str(origin), origin.to_dict())
     return list(seen.values())
 
 

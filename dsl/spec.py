@@ -33,15 +33,22 @@ STAGE_MARK = "|"
 SPECIAL_TOKENS = ("pad", "bos", "eos", "mask")
 
 
-def _dispatch_layer(value: Any) -> Any:
-    """dict with a registered ``type`` -> that type's config instance."""
-    if isinstance(value, LayerConfig):
+def _registered_config(
+    value: Any, noun: str, base: type[BaseModel], kinds: registry.Registry[Any]
+) -> Any:
+    """A dict with a registered ``type`` -> that type's config instance, validated with
+    the class registered in ``kinds`` (the layer or the task registry); an instance of
+    ``base`` passes through. Validation with the registry's class is what lets plugin
+    layers and tasks, registered after this module loaded, appear in a spec."""
+    if isinstance(value, base):
         return value
     if isinstance(value, dict) and isinstance(value.get("type"), str):
-        from mixstack.dsl import registry
+        return kinds.get(value["type"]).config_cls.model_validate(value)
+    raise ValueError(f"a {noun} must be a mapping with a registered `type`, got {value!r}")
 
-        return registry.get(value["type"]).config_cls.model_validate(value)
-    raise ValueError(f"a layer must be a mapping with a registered `type`, got {value!r}")
+
+def _dispatch_layer(value: Any) -> Any:
+    return _registered_config(value, "layer", LayerConfig, registry.layers)
 
 
 AnyLayer = Annotated[SerializeAsAny[LayerConfig], BeforeValidator(_dispatch_layer)]
@@ -275,12 +282,7 @@ class TaskConfig(StrictModel):
 
 
 def _dispatch_task(value: Any) -> Any:
-    """dict with a registered task ``type`` -> that task's config instance."""
-    if isinstance(value, TaskConfig):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("type"), str):
-        return registry.tasks.get(value["type"]).config_cls.model_validate(value)
-    raise ValueError(f"a task must be a mapping with a registered `type`, got {value!r}")
+    return _registered_config(value, "task", TaskConfig, registry.tasks)
 
 
 # The task configs live with their generators in mixstack/tasks/ (one file per task) and

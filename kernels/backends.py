@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from mixstack.dsl.errors import BackendError, did_you_mean
+from mixstack.dsl.registry import BUILTIN, Origin, entry_point_origin
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ AUTO_PRIORITY: tuple[str, ...] = (
     "torch",
 )
 BUILTIN_PROVIDERS: tuple[str, ...] = ("reference", *AUTO_PRIORITY)
-BUILTIN_ORIGIN = "mixstack (built-in)"
 # Entry-point group through which other distributions register providers.
 PROVIDER_GROUP = "mixstack.providers"
 
@@ -72,10 +72,10 @@ class KernelSpec:
 
 _kernels: dict[str, KernelSpec] = {}
 _loaded = False
-# provider -> "<distribution> <version>" for providers registered from entry points
-_third_party: dict[str, str] = {}
+# provider -> the distribution (and version) of the entry point that registered it
+_third_party: dict[str, Origin] = {}
 # origin of the entry point being loaded; None while mixstack's own modules register
-_loading_origin: str | None = None
+_loading_origin: Origin | None = None
 
 
 def _always(*_: Any) -> Reason:
@@ -151,18 +151,11 @@ def _import_kernel_modules() -> None:
         importlib.import_module(module.name)
 
 
-def _entry_point_origin(entry_point: importlib.metadata.EntryPoint) -> str:
-    dist = getattr(entry_point, "dist", None)
-    if dist is None:
-        return f"{entry_point.value} (no distribution)"
-    return f"{dist.name} {dist.version}"
-
-
 def _load_provider_entry_points() -> None:
     """Load every ``mixstack.providers`` entry point; a failure names the entry point."""
     global _loading_origin
     for entry_point in importlib.metadata.entry_points(group=PROVIDER_GROUP):
-        _loading_origin = _entry_point_origin(entry_point)
+        _loading_origin = entry_point_origin(entry_point)
         try:
             loaded = entry_point.load()
             if callable(loaded):
@@ -199,9 +192,11 @@ def providers() -> tuple[str, ...]:
     return (*BUILTIN_PROVIDERS, *sorted(_third_party))
 
 
-def provider_origins() -> dict[str, str]:
-    """``{provider: origin}``: ``"mixstack (built-in)"`` or ``"<distribution> <version>"``."""
-    return {p: _third_party.get(p, BUILTIN_ORIGIN) for p in providers()}
+def provider_origins() -> dict[str, Origin]:
+    """``{provider: origin}``: built-in, or the distribution and version of the entry
+    point that registered it (the same :class:`~mixstack.dsl.registry.Origin` layers,
+    tasks and metrics carry)."""
+    return {p: _third_party.get(p, BUILTIN) for p in providers()}
 
 
 def kernels() -> dict[str, KernelSpec]:

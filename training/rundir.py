@@ -37,6 +37,7 @@ import yaml
 from mixstack.dsl import registry
 from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.spec import Spec
+from mixstack.kernels import backends
 
 SPEC_FILE = "spec.yaml"
 RUN_FILE = "run.json"
@@ -321,7 +322,8 @@ def start_segment(run: RunDir, spec: Spec, start_step: int, *, world_size: int =
             "versions": versions(),
             "git": git_revision(),
             "platform": platform.platform(),
-            "plugins": registry.plugin_origins(),  # entry points (dist, version), files (sha256)
+            # entry points (dist, version) and files (sha256), kernel providers included
+            "plugins": registry.plugin_origins(backends.provider_origins().values()),
         }
     )
     meta["segments"].append({"start_step": start_step, "started": now(), "world_size": world_size})

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 import torch
 
+from mixstack.dsl import registry
 from mixstack.dsl.errors import BackendError
+from mixstack.dsl.registry import BUILTIN
 from mixstack.kernels import backends as kb
 from mixstack.kernels import ssd
 from tests.kernels.parity_cases import ssd_scan_cases
@@ -89,9 +91,18 @@ def test_entry_point_provider_is_used_only_when_named(install) -> None:
 def test_provider_origins_name_the_distribution(install) -> None:
     install(ACME)
     origins = kb.provider_origins()
-    assert origins["acme_ssd"] == "acme-kernels 1.2.3"
-    assert origins["torch"] == origins["reference"] == "mixstack (built-in)"
+    assert str(origins["acme_ssd"]) == "acme-kernels 1.2.3"
+    assert origins["torch"] == origins["reference"] == BUILTIN
     assert "acme_ssd" not in kb.AUTO_PRIORITY
+
+
+def test_run_json_plugins_list_the_provider_distribution(install) -> None:
+    """What training/rundir.py records under run.json's ``plugins``."""
+    install(ACME)
+    plugins = registry.plugin_origins(kb.provider_origins().values())
+    acme = {"kind": "entry_point", "distribution": "acme-kernels", "version": "1.2.3"}
+    assert acme in plugins
+    assert all(p["kind"] != "builtin" for p in plugins)
 
 
 def test_unknown_provider_suggests_the_third_party_name(install) -> None:
