@@ -39,7 +39,9 @@ from mixstack.blocks.init import normal_, reset_linear
 class ModulationConfig(BaseModel):
     """Exponential decay of the filter; defaults are safari's ``ExponentialModulation``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
 
     fast_decay_pct: float = Field(
         0.3, gt=0, description="fastest channel decays to `target` at this fraction of max_len"
@@ -54,7 +56,9 @@ class ModulationConfig(BaseModel):
 class ImplicitFilterConfig(BaseModel):
     """The implicit filter network of Hyena / Orchid; defaults are safari's hyena-filter."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
 
     width: int = Field(64, ge=1, description="MLP width (safari `filter_order`)")
     emb_dim: int = Field(

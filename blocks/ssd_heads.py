@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
 from torch import Tensor, nn
 
 from mixstack.blocks.init import (
@@ -32,10 +32,17 @@ from mixstack.mixers.base import ParamHint
 CheckResult = list[tuple[tuple[str | int, ...], str]]
 
 
+def _infinite_hi_to_null(v: Any) -> Any:
+    """``[lo, +inf]`` -> ``[lo, None]`` before the fields' finite-number check: the
+    references spell "no upper bound" as ``inf``; null keeps config.json strict JSON."""
+    is_pair = isinstance(v, (list, tuple)) and len(v) == 2
+    if is_pair and isinstance(v[1], float) and math.isinf(v[1]) and v[1] > 0:
+        return (v[0], None)
+    return v
+
+
 def _normalise_dt_limit(v: tuple[float, float | None]) -> tuple[float, float | None]:
-    """``(lo, inf)`` -> ``(lo, None)`` (strict JSON), then require ``0 <= lo < hi``."""
-    if v[1] is not None and math.isinf(v[1]):
-        v = (v[0], None)
+    """Require ``0 <= lo < hi`` (``hi`` None: no upper bound)."""
     if not (v[0] >= 0 and (v[1] is None or v[0] < v[1])):
         raise ValueError(f"dt_limit must satisfy 0 <= lo < hi, got {list(v)}")
     return v
@@ -52,6 +59,7 @@ DtMax = Annotated[float, Field(0.1, gt=0, description="upper end of the Δ init 
 DtInitFloor = Annotated[float, Field(1e-4, ge=0, description="Δ at init is at least this")]
 DtLimit = Annotated[
     tuple[float, float | None],
+    BeforeValidator(_infinite_hi_to_null),
     AfterValidator(_normalise_dt_limit),
     Field(
         (0.0, None),

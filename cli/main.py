@@ -38,7 +38,7 @@ from rich.text import Text
 from mixstack.dsl.errors import MixstackError
 
 if TYPE_CHECKING:
-    from mixstack.archs.report import Report
+    from mixstack.archs.report import LayerRow, Report
     from mixstack.dsl.spec import Spec
     from mixstack.training.run import RunResult
 
@@ -151,21 +151,53 @@ def human(n: float, unit: str = "") -> str:
     return f"{n:g}"
 
 
-def _layer_table(report: Report) -> Table:
-    table = Table(title="layers", title_justify="left")
-    for name, justify in (
-        ("#", "right"),
-        ("sym", "center"),
-        ("type", "left"),
-        ("settings", "left"),
-        ("params", "right"),
-        ("state", "right"),
-        ("FLOPs/tok", "right"),
-    ):
-        table.add_column(name, justify=justify, overflow="fold")
+def index_ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'``."""
+    parts: list[str] = []
+    start = prev = indices[0]
+    for i in [*indices[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(parts)
+
+
+def _short_ranges(indices: list[int]) -> str:
+    """The ranges when short; else the span (the pattern line shows where exactly)."""
+    text = index_ranges(indices)
+    return text if len(text) <= 24 else f"{indices[0]}…{indices[-1]}"
+
+
+def grouped_rows(report: Report) -> list[tuple[list[int], LayerRow]]:
+    """Identical layers (same symbol, type, settings and sizes) as one row each, in the
+    order of their first appearance: ``([indices], row)``."""
+    groups: dict[tuple[object, ...], tuple[list[int], LayerRow]] = {}
     for row in report.rows:
+        key = (row.symbol, row.type, row.settings, row.params, row.state_bytes)
+        key = (*key, row.flops_per_token)
+        groups.setdefault(key, ([], row))[0].append(row.index)
+    return list(groups.values())
+
+
+def _layer_table(report: Report, *, every_row: bool = False) -> Table:
+    """One row per layer with ``every_row``; else identical layers grouped into one row
+    (``layers 0-55`` with a count), so a 56-layer preset prints a few rows."""
+    table = Table(title="layers", title_justify="left")
+    first = ("#", "right") if every_row else ("layers", "left")
+    columns = [first, ("sym", "center"), ("type", "left"), ("settings", "left")]
+    if not every_row:
+        columns.insert(1, ("n", "right"))
+    columns += [("params", "right"), ("state", "right"), ("FLOPs/tok", "right")]
+    for name, justify in columns:
+        table.add_column(name, justify=justify, overflow="fold")
+    groups = [([r.index], r) for r in report.rows] if every_row else grouped_rows(report)
+    for indices, row in groups:
+        lead = [str(row.index)] if every_row else [_short_ranges(indices), f"{len(indices)}×"]
         table.add_row(
-            str(row.index),
+            *lead,
             Text(row.symbol),
             Text(row.type),
             Text(row.settings),
@@ -173,6 +205,8 @@ def _layer_table(report: Report) -> Table:
             human(row.state_bytes, "B"),
             human(row.flops_per_token),
         )
+    if not every_row:
+        table.caption = "params, state and FLOPs are per layer; --all lists every layer"
     return table
 
 
@@ -196,7 +230,19 @@ def _ratio_table(spec: Spec) -> Table:
         table.add_row(
             Text(symbol), layers.symbols[symbol].type, f"{count}/{n}", f"{count / n:.3f}", asked
         )
+    for symbol, ratio in missing_ratio_types(spec):
+        kind = layers.symbols[symbol].type if symbol in layers.symbols else "-"
+        table.add_row(Text(symbol), kind, f"0/{n}", "0.000", f"{ratio:g}", style="yellow")
     return table
+
+
+def missing_ratio_types(spec: Spec) -> list[tuple[str, float]]:
+    """Requested types that realized no layer (only possible with ``allow_missing``)."""
+    requested = spec.model.layers.requested
+    if requested is None or not requested.ratios:
+        return []
+    pattern = spec.model.layers.pattern
+    return [(s, r) for s, r in requested.ratios.items() if r > 0 and s not in pattern]
 
 
 def _type_table(report: Report) -> Table:
@@ -248,6 +294,9 @@ def info(
     dtype: Annotated[
         str, typer.Option("--dtype", help="decode-state dtype: bf16|fp16|fp32")
     ] = "bf16",
+    every_row: Annotated[
+        bool, typer.Option("--all", help="one row per layer instead of grouping identical ones")
+    ] = False,
 ) -> None:
     """Layer table, realized pattern and ratios, parameters, decode state, FLOPs per token."""
     with _handled(ctx):
@@ -264,9 +313,17 @@ def info(
                 f"(embedding rows {m.padded_vocab})  hash {loaded.spec_hash[:12]}"
             )
         )
-        out.print(_layer_table(report))
+        out.print(_layer_table(report, every_row=every_row))
         out.print(Text(f"pattern: {m.layers.pattern}  ({m.n_layers} layers)"))
         out.print(_ratio_table(loaded))
+        for symbol, ratio in missing_ratio_types(loaded):
+            out.print(
+                Text(
+                    f"warning: ratio {ratio:g} of {symbol!r} realized 0 of {m.n_layers} layers "
+                    "(accepted by layers.allow_missing)",
+                    style="yellow",
+                )
+            )
         out.print(_type_table(report))
         out.print(_totals_table(report, loaded))
 

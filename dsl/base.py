@@ -17,6 +17,14 @@ from mixstack.dsl.context import LayerContext
 
 Kind = Literal["sequence", "channel", "composite"]
 
+# Documented upper bounds of size fields (docs/architecture.md#limits). They are far above
+# any published model and exist so that a typo (an extra digit, 10**400) gives a located
+# error at load instead of an overflow or an allocation failure deep inside torch.
+MAX_D_MODEL = 65_536
+MAX_VOCAB = 16_777_216  # 2**24 ordinary token ids
+MAX_SEQ_LEN = 16_777_216  # 2**24 positions
+MAX_LAYER_SIZE = 1_048_576  # every integer field of a layer config (widths, heads, states)
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -51,7 +59,9 @@ class LayerConfig(BaseModel):
     ``kind``. They are frozen (hashable, safe to share) and refuse unknown keys.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
 
     kind: ClassVar[Kind] = "sequence"
     # Names of fields holding nested layer configs (composites); the loader validates

@@ -490,6 +490,9 @@ def apply_overrides(
 
 # -- interpolation -----------------------------------------------------------------------
 
+# A chain resolves recursively (a few frames per link); the cap turns a pathological
+# chain into a located error long before Python's recursion limit.
+MAX_INTERPOLATION_DEPTH = 100
 _REFERENCE = re.compile(r"[A-Za-z0-9_\-]+(\[\d+\])*(\.[A-Za-z0-9_\-]+(\[\d+\])*)*")
 _RESOLVER = re.compile(r"\s*([A-Za-z_][\w.\-]*)\s*:")
 
@@ -534,6 +537,15 @@ class _Interpolator:
                 format_path(p) for p in (*self.active[self.active.index(path) :], path)
             )
             raise self.error(path, f"interpolation cycle: {chain}")
+        if len(self.active) >= MAX_INTERPOLATION_DEPTH:
+            chain = " -> ".join(format_path(p) for p in (*self.active[:3], path))
+            raise self.error(
+                self.active[0],
+                f"interpolation chain deeper than {MAX_INTERPOLATION_DEPTH} references "
+                f"({chain} ...): references of references this deep are a generated or "
+                "broken spec",
+                f"at most {MAX_INTERPOLATION_DEPTH} references resolved through each other",
+            )
         self.active.append(path)
         try:
             result = self._render(text, path)

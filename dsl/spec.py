@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from mixstack.dsl import registry
-from mixstack.dsl.base import LayerConfig
+from mixstack.dsl.base import MAX_D_MODEL, MAX_SEQ_LEN, MAX_VOCAB, LayerConfig
 from mixstack.dsl.context import Arch, LayerContext
 from mixstack.dsl.errors import did_you_mean
 from mixstack.dsl.migrations import SCHEMA_VERSION, spec_hash_of
@@ -55,7 +55,9 @@ AnyLayer = Annotated[SerializeAsAny[LayerConfig], BeforeValidator(_dispatch_laye
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
 
 
 class NormConfig(StrictModel):
@@ -96,7 +98,7 @@ class InitConfig(StrictModel):
 class ClassifierConfig(StrictModel):
     """Sequence classification head (arch: classifier)."""
 
-    n_classes: int = Field(..., ge=2, description="number of classes")
+    n_classes: int = Field(..., ge=2, le=MAX_VOCAB, description="number of classes")
     pooling: Literal["mean", "first", "last"] = Field(
         "mean", description="how token states become one vector (padding excluded)"
     )
@@ -117,6 +119,11 @@ class LayersRequest(StrictModel):
     n_layers: int | None = None
     ratios: dict[str, float] | None = None
     fill: str | None = None
+    allow_missing: bool | None = Field(
+        None,
+        description="ratio form: accept a ratio that rounds to zero layers (a warning in "
+        "`info` instead of an error)",
+    )
 
 
 class LayersSpec(StrictModel):
@@ -151,14 +158,20 @@ class ModelSpec(StrictModel):
     """The architecture."""
 
     arch: Arch = Field("causal_lm", description="causal_lm | encoder | classifier")
-    vocab_size: int = Field(256, ge=1, description="ordinary token ids 0..vocab_size-1")
+    vocab_size: int = Field(
+        256, ge=1, le=MAX_VOCAB, description="ordinary token ids 0..vocab_size-1"
+    )
     special_tokens: list[Literal["pad", "bos", "eos", "mask"]] = Field(
         default_factory=lambda: list(SPECIAL_TOKENS),
         description="extra ids appended after vocab_size, in this order",
     )
-    pad_vocab_multiple: int = Field(8, ge=1, description="embedding rows rounded up to this")
-    max_seq_len: int = Field(2048, ge=1, description="longest sequence; sizes caches and RoPE")
-    d_model: int = Field(256, ge=1, description="residual stream width")
+    pad_vocab_multiple: int = Field(
+        8, ge=1, le=MAX_D_MODEL, description="embedding rows rounded up to this"
+    )
+    max_seq_len: int = Field(
+        2048, ge=1, le=MAX_SEQ_LEN, description="longest sequence; sizes caches and RoPE"
+    )
+    d_model: int = Field(256, ge=1, le=MAX_D_MODEL, description="residual stream width")
     norm: NormConfig = Field(default_factory=NormConfig)
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     init: InitConfig = Field(default_factory=InitConfig)

@@ -39,7 +39,9 @@ CheckResult = list[tuple[tuple[str | int, ...], str]]
 class RopeConfig(BaseModel):
     """Rotate-half rotary position embedding (GPT-NeoX / Llama layout)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
 
     theta: float = Field(10000.0, gt=0, description="RoPE base: inv_freq_m = theta^(-2m/dim)")
     dim: int | None = Field(

@@ -62,7 +62,9 @@ CheckResult = list[tuple[tuple[str | int, ...], str]]
 class SquashKernelConfig(BaseModel):
     """Explicit kernel, smoothed then soft-thresholded at every forward (Fu et al. 2023)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
 
     type: Literal["squash"] = "squash"
     lam: float = Field(
@@ -84,7 +86,9 @@ class SquashKernelConfig(BaseModel):
 class SGConvKernelConfig(BaseModel):
     """Multi-scale kernel of geometrically growing, decaying sub-kernels (Li et al. 2022)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
 
     type: Literal["sgconv"] = "sgconv"
     sub_kernel_len: int = Field(32, ge=1, description="d: parameters per sub-kernel")

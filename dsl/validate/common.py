@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -23,6 +24,38 @@ from mixstack.dsl.validate.pydantic_errors import pydantic_issues
 log = logging.getLogger(__name__)
 
 LAYERS_PATH: Path = ("model", "layers")
+
+
+def _int_only(annotation: Any) -> bool:
+    """Whether a field's type takes integers but not booleans (``int``, ``int | None``)."""
+    if annotation is int:
+        return True
+    if get_origin(annotation) in (Union, UnionType):
+        args = get_args(annotation)
+        return int in args and bool not in args
+    return False
+
+
+def booleans_for_ints(model: Any, data: Any, rel: Path = ()) -> list[tuple[Path, bool]]:
+    """``(path, value)`` of every boolean in ``data`` that validated into an ``int``
+    field of ``model`` (nested models and lists of models included)."""
+    if isinstance(model, (list, tuple)) and isinstance(data, (list, tuple)):
+        pairs = zip(model, data, strict=False)
+        return [hit for i, (m, d) in enumerate(pairs) for hit in booleans_for_ints(m, d, (*rel, i))]
+    if not (isinstance(model, BaseModel) and isinstance(data, dict)):
+        return []
+    found: list[tuple[Path, bool]] = []
+    for name, field in type(model).model_fields.items():
+        if name not in data:
+            continue
+        value = data[name]
+        if isinstance(value, bool) and _int_only(field.annotation):
+            found.append(((*rel, name), value))
+        else:
+            found.extend(booleans_for_ints(getattr(model, name), value, (*rel, name)))
+    return found
+
+
 NOT_GIVEN = object()
 
 
@@ -77,9 +110,19 @@ class Checker:
         return value
 
     def pydantic(self, cls: type[BaseModel], data: Any, path: Path) -> Any:
-        """``cls.model_validate(data)``, or None with its errors recorded."""
+        """``cls.model_validate(data)``, or None with its errors recorded. A YAML boolean
+        given where an integer is expected is refused (Pydantic reads ``true`` as 1)."""
         try:
-            return cls.model_validate(data)
+            result = cls.model_validate(data)
+            booleans = booleans_for_ints(result, data)
+            for rel, value in booleans:
+                self.add(
+                    f"expected an integer, got {str(value).lower()}",
+                    (*path, *rel),
+                    value=value,
+                    allowed="an integer",
+                )
+            return None if booleans else result
         except ValidationError as exc:
             self.issues.extend(pydantic_issues(exc, path, data, cls, self.origin))
         except (TypeError, ValueError, KeyError, ArithmeticError) as exc:

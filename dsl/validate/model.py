@@ -18,6 +18,7 @@ LAYERS_KEYS = (
     "n_layers",
     "ratios",
     "fill",
+    "allow_missing",
     "symbols",
     "overrides",
     "requested",

@@ -6,8 +6,10 @@ binding's line)."""
 
 from __future__ import annotations
 
+from pydantic import BaseModel
+
 from mixstack.dsl import registry
-from mixstack.dsl.base import Capabilities, LayerConfig
+from mixstack.dsl.base import MAX_LAYER_SIZE, Capabilities, LayerConfig
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import Path
 from mixstack.dsl.layers import merge_layer_overrides
@@ -113,8 +115,36 @@ def layer_configs(
     return configs if ok else None
 
 
+def oversized_fields(value: object, rel: Path = ()) -> list[tuple[Path, int]]:
+    """``(relative path, value)`` of every integer above :data:`MAX_LAYER_SIZE` in a
+    config's own fields (nested option models and lists included, child layers not)."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [(rel, value)] if value > MAX_LAYER_SIZE else []
+    if isinstance(value, (list, tuple)):
+        return [hit for i, v in enumerate(value) for hit in oversized_fields(v, (*rel, i))]
+    if isinstance(value, BaseModel):
+        skip = type(value).child_fields if isinstance(value, LayerConfig) else ()
+        return [
+            hit
+            for name in type(value).model_fields
+            if name not in skip
+            for hit in oversized_fields(getattr(value, name), (*rel, name))
+        ]
+    return []
+
+
 def check_config(ck: Checker, cfg: LayerConfig, ctx: LayerContext, path: Path) -> None:
-    """Run ``cfg.check`` (and its children's) and record what it finds."""
+    """Run ``cfg.check`` (and its children's) and record what it finds; sizes above the
+    documented limit are refused here for every layer type, plugins included."""
+    for rel, value in oversized_fields(cfg):
+        ck.add(
+            f"{rel[-1]} = {value} is above the limit for layer sizes",
+            (*path, *rel),
+            value=value,
+            allowed=f"<= {MAX_LAYER_SIZE:,} (docs/architecture.md#limits)",
+        )
     results = ck.hook(cfg.check, ctx, path, f"checking {cfg.type}")
     for item in results or []:
         if not (isinstance(item, tuple) and len(item) == 2):

@@ -79,6 +79,14 @@ def layer_request(ck: Checker, layers: dict[Any, Any], path: Path) -> Request | 
             allowed=FORMS_HELP,
         )
         return None
+    if forms[0] != "ratios" and layers.get("allow_missing") is not None:
+        ck.add(
+            f"allow_missing applies to the ratio form, not to {forms[0]}",
+            (*path, "allow_missing"),
+            value=layers["allow_missing"],
+            allowed="remove it, or ask for layers with n_layers + ratios + fill",
+        )
+        return None
     if forms[0] == "pattern":
         return request_pattern(ck, layers["pattern"], (*path, "pattern"))
     if forms[0] == "layer_types":
@@ -149,8 +157,51 @@ def request_ratios(ck: Checker, layers: dict[Any, Any], path: Path) -> Request |
         value = layers[rel[0]] if len(rel) == 1 else ratios.get(exc.key)
         ck.add(exc.message, (*path, *rel), value=value, allowed=exc.allowed)
         return None
-    requested = LayersRequest(n_layers=n_layers, ratios=dict(ratios), fill=fill)
+    allow_missing = layers.get("allow_missing")
+    if allow_missing is not None and not isinstance(allow_missing, bool):
+        ck.add(
+            "allow_missing must be true or false",
+            (*path, "allow_missing"),
+            value=allow_missing,
+            allowed="true or false",
+        )
+        return None
+    if not allow_missing and not missing_types_ok(ck, layers, realized, path):
+        return None
+    requested = LayersRequest(
+        n_layers=n_layers, ratios=dict(ratios), fill=fill, allow_missing=allow_missing or None
+    )
     return Request(realized, requested, (*path, "ratios"))
+
+
+def missing_types(ratios: dict[Any, Any], realized: str) -> list[tuple[str, float]]:
+    """``(symbol, ratio)`` for each ratio > 0 that realized no layer at all."""
+    return [
+        (s, r)
+        for s, r in ratios.items()
+        if isinstance(r, (int, float)) and r > 0 and s not in realized
+    ]
+
+
+def missing_types_ok(ck: Checker, layers: dict[Any, Any], realized: str, path: Path) -> bool:
+    """A requested type that rounds to zero layers is refused (a model silently without
+    its sequence mixer is worse than an error), naming the type and its realized count."""
+    symbols = layers.get("symbols") if isinstance(layers.get("symbols"), dict) else {}
+    ok = True
+    for symbol, ratio in missing_types(layers["ratios"], realized):
+        binding = symbols.get(symbol)
+        kind = binding.get("type") if isinstance(binding, dict) else None
+        named = f"{symbol!r} (type {kind})" if isinstance(kind, str) else repr(symbol)
+        ck.add(
+            f"ratio {ratio!r} of {named} rounds to 0 of {layers['n_layers']} layers: the model "
+            f"would have no {named} layer (realized count 0)",
+            (*path, "ratios", symbol),
+            value=ratio,
+            allowed="a larger n_layers or ratio, or `allow_missing: true` under layers to "
+            "accept it (shown as a warning by `mixstack info`)",
+        )
+        ok = False
+    return ok
 
 
 def check_requested(ck: Checker, layers: dict[Any, Any], request: Request) -> Request | None:
