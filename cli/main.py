@@ -46,7 +46,6 @@ app = typer.Typer(
     name="mixstack",
     help="Build, inspect and compare sequence models made of matrix mixers.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 zoo_app = typer.Typer(
@@ -97,6 +96,14 @@ OverridesArg = Annotated[
 ]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from mixstack import __version__
+
+        typer.echo(f"mixstack {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     ctx: typer.Context,
@@ -109,6 +116,12 @@ def _root(
         ),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="print the version and exit", is_eager=True, callback=_version
+        ),
+    ] = False,
 ) -> None:
     """Build, inspect and compare sequence models made of matrix mixers."""
     ctx.obj = _Options(debug=debug)
@@ -123,6 +136,29 @@ def _load(spec: str, overrides: list[str] | None) -> Spec:
     from mixstack import load_spec
 
     return load_spec(spec, overrides=list(overrides or []))
+
+
+@app.command()
+def show(
+    ctx: typer.Context,
+    spec: SpecArg,
+    overrides: OverridesArg = None,
+    resolved: Annotated[
+        bool,
+        typer.Option(
+            "--resolved", help="every default filled in (the canonical spec a run stores)"
+        ),
+    ] = False,
+) -> None:
+    """Print the spec a run would use: bases merged, overrides applied (as YAML)."""
+    with _handled(ctx):
+        import yaml
+
+        from mixstack.dsl.loader import compose_spec
+
+        authored, loaded = compose_spec(spec, list(overrides or []))
+        text = loaded.dump() if resolved else yaml.safe_dump(authored, sort_keys=False)
+        typer.echo(text.rstrip("\n"))
 
 
 @app.command()
@@ -141,7 +177,7 @@ def validate(ctx: typer.Context, spec: SpecArg, overrides: OverridesArg = None) 
 def human(n: float, unit: str = "") -> str:
     """``8_030_261_248 -> '8.03B'``; bytes with ``unit='B'`` -> ``'1.50 GiB'``."""
     if unit == "B":
-        for suffix, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        for suffix, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
             if n >= size:
                 return f"{n / size:.2f} {suffix}"
         return f"{int(n)} B"

@@ -91,6 +91,23 @@ def load_spec(
     return spec
 
 
+def compose_spec(
+    source: str | os.PathLike[str] | Mapping[str, Any] | Spec, overrides: Iterable[str] = ()
+) -> tuple[dict[str, Any], Spec]:
+    """``(authored document, spec)``: the document is what the user wrote with bases
+    merged, overrides applied and references interpolated, before any default is
+    filled in (``mixstack show``); the spec is what :func:`load_spec` returns for it."""
+    override_list = [overrides] if isinstance(overrides, str) else list(overrides)
+    if isinstance(source, Spec) and not override_list:
+        return source.to_dict(), source
+    issues = IssueCollector()
+    data, prov = _compose_source(source, issues)
+    data, prov = apply_overrides(data, prov, override_list, issues)
+    data, _ = migrate(interpolate(data, prov))
+    authored = copy.deepcopy(data)
+    return authored, validate_spec(data, prov, issues)
+
+
 # -- sources and `base:` composition ---------------------------------------------------
 
 

@@ -60,7 +60,7 @@ def _loggers(spec: Spec, run: RunDir, segment: int) -> list[Any]:
         except ModuleNotFoundError as exc:
             raise MixstackError(
                 f"run.logger tensorboard needs the tensorboard package ({exc}); "
-                "pip install tensorboard"
+                "pip install 'mixstack[tensorboard]'"
             ) from None
     elif cfg.type == "wandb":
         try:
@@ -76,7 +76,7 @@ def _loggers(spec: Spec, run: RunDir, segment: int) -> list[Any]:
             )
         except ModuleNotFoundError as exc:
             raise MixstackError(
-                f"run.logger wandb needs the wandb package ({exc}); pip install wandb"
+                f"run.logger wandb needs the wandb package ({exc}); pip install 'mixstack[wandb]'"
             ) from None
     return loggers
 
