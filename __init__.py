@@ -59,6 +59,17 @@ def build(
     return _build(spec, seed=seed, device=device, dtype=dtype)
 
 
+def materialize(target: Any, inputs: Any, *, layer: int | None = None, **kwargs: Any) -> Any:
+    """The explicit L×L mixing matrices of a mixer on ``x``, or of a model's ``layer``
+    on ``input_ids`` (fed its real, normed input).
+
+    See :func:`mixstack.archs.matrix.materialize`.
+    """
+    from mixstack.archs.matrix import materialize as _materialize
+
+    return _materialize(target, inputs, layer=layer, **kwargs)
+
+
 def from_pretrained(
     path: Any,
     *,

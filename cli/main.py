@@ -333,8 +333,21 @@ def info(
     every_row: Annotated[
         bool, typer.Option("--all", help="one row per layer instead of grouping identical ones")
     ] = False,
+    show_matrix: Annotated[
+        int | None,
+        typer.Option(
+            "--show-matrix",
+            min=0,
+            help="draw layer N's materialized L×L mixing matrix per head (random weights "
+            "and ids from --seed, length --seq-len or 64) into --out",
+        ),
+    ] = None,
+    png: Annotated[Path | None, typer.Option("--out", help="PNG file for --show-matrix")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="weights and ids for --show-matrix")] = 0,
 ) -> None:
     """Layer table, realized pattern and ratios, parameters, decode state, FLOPs per token."""
+    if (show_matrix is None) != (png is None):
+        raise typer.BadParameter("--show-matrix LAYER and --out FILE.png go together")
     with _handled(ctx):
         from mixstack.archs.builder import build, parse_dtype
 
@@ -362,6 +375,25 @@ def info(
             )
         out.print(_type_table(report))
         out.print(_totals_table(report, loaded))
+        if show_matrix is not None and png is not None:
+            _draw_layer_matrix(loaded, show_matrix, png, seed, seq_len)
+            out.print(Text(f"layer {show_matrix}'s mixing matrix drawn to {png}"))
+
+
+def _draw_layer_matrix(spec: Spec, layer: int, png: Path, seed: int, seq_len: int | None) -> None:
+    """Build the model for real (seeded), feed random ids, draw layer ``layer``."""
+    import torch
+
+    from mixstack.archs.builder import build
+    from mixstack.archs.matrix import draw_matrices, materialize
+
+    length = min(seq_len or 64, spec.model.max_seq_len)
+    model = build(spec, seed=seed, dtype=torch.float64).eval()
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, spec.model.vocab_size, (1, length), generator=generator)
+    matrices = materialize(model, ids, layer=layer)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    draw_matrices(matrices, png, title=f"layer {layer} ({matrices.layer_type}), L={length}")
 
 
 # -- train and eval ---------------------------------------------------------------------------

@@ -440,17 +440,92 @@ def apply_override(data: dict[str, Any], prov: Provenance, override: Override) -
 
 
 def _write_path(data: dict[str, Any], prov: Provenance, override: Override) -> None:
+    _refuse_unbound_symbol(data, override)
     node: Any = data
     done: Path = ()
-    for part in override.path[:-1]:
+    path = override.path
+    for n, part in enumerate(path[:-1]):
         key = _step(node, part, done, override.origin)
         if isinstance(node, dict) and (key not in node or node[key] is None):
-            node[key] = {}
+            # A section the file does not spell out: an index below it addresses the
+            # default list (`A_init_range[1]=8` on Mamba-2's default (1, 16)); whatever
+            # the override creates is its own, so errors in it point at the override.
+            node[key] = _created_container(data, (*done, key), path[n + 1], override)
+            prov.mark_value((*done, key), node[key], override.origin)
         node = node[key]
         done = (*done, key)
-    key = _step(node, override.path[-1], done, override.origin)
+    key = _step(node, path[-1], done, override.origin)
     node[key] = copy.deepcopy(override.value)
     prov.mark_value((*done, key), override.value, override.origin)
+
+
+def _created_container(
+    data: dict[str, Any], path: Path, next_part: str | int, override: Override
+) -> dict[str, Any] | list[Any]:
+    """The container an override creates at ``path``: a mapping, or for a list index
+    below it, a copy of the field's default list."""
+    is_index = isinstance(next_part, int) or next_part.isdigit()  # a.0.b == a[0].b
+    default = field_default(data, path) if is_index else None
+    if isinstance(default, (list, tuple)):
+        return list(default)
+    if not isinstance(next_part, int):
+        return {}
+    raise _override_error(
+        override.origin,
+        f"{format_path(path)} is not set in the spec and has no default list, so "
+        f"[{next_part}] cannot index it",
+        f"the whole value: {format_path(path)}=[...]",
+    )
+
+
+_NO_DEFAULT = object()
+
+
+def field_default(data: dict[str, Any], path: Path) -> Any:
+    """The default of the spec field at ``path`` (a layer field looked up in the class
+    registered for its binding's ``type``), or a sentinel when there is none."""
+    from pydantic import BaseModel
+
+    from mixstack.dsl import registry
+    from mixstack.dsl.spec import ModelSpec, RunSpec, TrainSpec
+
+    roots: dict[str, type[BaseModel]] = {"model": ModelSpec, "train": TrainSpec, "run": RunSpec}
+    cls: Any = roots.get(str(path[0])) if path else None
+    rest = path[1:]
+    symbols = (*LAYERS_PATH, "symbols")
+    if path[: len(symbols)] == symbols and len(path) > len(symbols) + 1:
+        binding = data.get("model", {}).get("layers", {}).get("symbols", {}).get(path[3])
+        kind = binding.get("type") if isinstance(binding, dict) else None
+        known = isinstance(kind, str) and kind in registry.layers.names()
+        cls = registry.layers.get(kind).config_cls if known else None
+        rest = path[len(symbols) + 1 :]
+    value: Any = _NO_DEFAULT
+    for part in rest:
+        fields = cls.model_fields if isinstance(cls, type) and issubclass(cls, BaseModel) else {}
+        if part not in fields or fields[part].is_required():
+            return _NO_DEFAULT
+        value = fields[part].get_default(call_default_factory=True)
+        cls = type(value)
+    return value
+
+
+def _refuse_unbound_symbol(data: dict[str, Any], override: Override) -> None:
+    """``model.layers.symbols.x.n_heads=4`` with no symbol ``x`` would create a binding
+    without a type; say which symbols are bound instead."""
+    symbols_path = (*LAYERS_PATH, "symbols")
+    path = override.path
+    if path[: len(symbols_path)] != symbols_path or len(path) <= len(symbols_path) + 1:
+        return
+    symbols = data.get("model", {}).get("layers", {}).get("symbols")
+    symbol = path[len(symbols_path)]
+    if isinstance(symbols, dict) and symbol not in symbols:
+        bound = ", ".join(repr(s) for s in symbols) or "none"
+        raise _override_error(
+            override.origin,
+            f"symbol {symbol!r} is not bound in model.layers.symbols (bound: {bound}), so "
+            f"{format_path(path)} has nothing to change",
+            f"a bound symbol, or a new binding: {format_path(path[:4])}={{type: NAME, ...}}",
+        )
 
 
 def _forms_in_override(override: Override) -> list[str]:

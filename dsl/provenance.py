@@ -270,8 +270,17 @@ def read_yaml_file(path: FilePath, display: str, via: str | None = None) -> tupl
             SpecIssue(f"{display!r} is a directory, not a YAML file", origin=via or display)
         ) from None
     except UnicodeDecodeError as exc:
+        raw = exc.object[: exc.start]
+        line = raw.count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n") + 1) + 1
+        bad = bytes(exc.object[exc.start : exc.end]).hex(" ")
         raise SpecError(
-            SpecIssue(f"{display!r} is not UTF-8 text: {exc.reason}", origin=via or display)
+            SpecIssue(
+                f"{display!r} is not UTF-8 text: byte 0x{bad} at line {line}, column "
+                f"{column} (offset {exc.start}): {exc.reason}",
+                origin=f"{display}:{line}:{column}",
+                allowed="a file saved as UTF-8",
+            )
         ) from None
     except OSError as exc:
         raise SpecError(

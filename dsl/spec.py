@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     SerializeAsAny,
+    field_validator,
     model_validator,
 )
 
@@ -182,11 +183,15 @@ class ModelSpec(StrictModel):
 
     _layer_configs: tuple[LayerConfig, ...] | None = PrivateAttr(default=None)
 
-    @model_validator(mode="after")
-    def _unique_specials(self) -> ModelSpec:
-        if len(set(self.special_tokens)) != len(self.special_tokens):
-            raise ValueError(f"special_tokens repeats an entry: {self.special_tokens}")
-        return self
+    @field_validator("special_tokens")
+    @classmethod
+    def _unique_specials(cls, value: list[str]) -> list[str]:
+        repeated = sorted({t for t in value if value.count(t) > 1})
+        if repeated:
+            raise ValueError(
+                f"special_tokens repeats {', '.join(repeated)}: each may appear once, got {value}"
+            )
+        return value
 
     # -- derived sizes --------------------------------------------------------------------
     @property

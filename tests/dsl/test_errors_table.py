@@ -442,9 +442,9 @@ CASES = [
     Case(
         "repeated-special-token",
         main(VALID + "  special_tokens: [pad, pad]\n"),
-        "main.yaml:1",
-        "model",
-        "special_tokens repeats an entry",
+        "main.yaml:11",
+        "model.special_tokens",
+        "special_tokens repeats pad",
     ),
     Case(
         "train-not-mapping",

@@ -311,7 +311,9 @@ def test_failed_override_leaves_nothing_behind(write: Write) -> None:
     with pytest.raises(SpecError) as info:
         load_spec(write("base.yaml", BASE), ["train.steps[0]=1"])
     assert len(info.value.issues) == 1  # no half-created `train: {steps: {}}`
-    assert "train.steps is a mapping, not a list" in info.value.issues[0].message
+    assert (
+        "train.steps is not set in the spec and has no default list" in info.value.issues[0].message
+    )
 
 
 def test_python_containers_are_plain_data() -> None:
