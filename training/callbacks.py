@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +51,66 @@ class StepCheckpoint(L.Callback):
 
 
 class ProgressBar(RichProgressBar):
-    """Lightning's rich progress bar without the logger's version number (``v_num``),
-    which means nothing in a mixstack run directory."""
+    """Lightning's rich progress bar, speaking in optimizer steps: ``step 150/600``
+    instead of ``Epoch 0/0`` (a mixstack run is one stream of steps, not epochs), with
+    tokens per second and the time left; without the logger's version (``v_num``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._t0: float | None = None
+        self._step0 = 0
+        self._tokens = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._t0, self._step0, self._tokens = time.perf_counter(), trainer.global_step, 0
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        ids = batch.get("input_ids") if isinstance(batch, dict) else None
+        if ids is not None:  # every process reads as many tokens as this one
+            self._tokens += ids.numel() * trainer.world_size
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            description = self._get_train_description(trainer.current_epoch)
+            self.progress.update(self.train_progress_bar_id, description=description)
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        total = getattr(self.trainer.lightning_module, "total_steps", None) or "?"
+        text = f"step {self.trainer.global_step}/{total}"
+        return f"{text:{len(self.validation_description)}}"
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
+        items.update(
+            throughput(
+                self._t0,
+                self._tokens,
+                trainer.global_step - self._step0,
+                getattr(pl_module, "total_steps", None),
+                trainer.global_step,
+            )
+        )
         return items
+
+
+def throughput(
+    t0: float | None, tokens: int, steps_done: int, total: int | None, step: int
+) -> dict[str, str]:
+    """``{"tok/s": ..., "eta": ...}`` from the wall time since ``t0`` (empty before the
+    first step; the ETA needs the run's total steps)."""
+    if t0 is None or steps_done <= 0:
+        return {}
+    elapsed = max(time.perf_counter() - t0, 1e-9)
+    out = {"tok/s": f"{tokens / elapsed:,.0f}"}
+    if total:
+        left = max(total - step, 0) * elapsed / steps_done
+        out["eta"] = time.strftime("%H:%M:%S", time.gmtime(left))
+    return out
