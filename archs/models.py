@@ -315,15 +315,20 @@ class MixStackModel(nn.Module):
                 f"the learned position embedding has {self.spec.max_seq_len} rows "
                 "(model.embedding.positional 'learned')"
             )
-        symbols = self.spec.layers.symbols_in_order
-        for i, block in enumerate(self.layers):
-            for name, module in block.named_modules():
-                if isinstance(module, Mixer) and not module.bounded_state:
-                    why = module.unbounded_reason() or "its decode state grows with the context"
-                    where = f", {name}" if name not in ("", "mixer") else ""
-                    out.append(
-                        f"layer {i} (symbol {symbols[i]!r}, type {module.cfg.type!r}{where}): {why}"
-                    )
+        for i in range(len(self.layers)):
+            out.extend(self.layer_unbounded_reasons(i))
+        return out
+
+    def layer_unbounded_reasons(self, i: int) -> list[str]:
+        """For pattern position ``i``: one line per mixer in it (composites: each child)
+        whose decode state grows with the context; empty when all are bounded."""
+        symbol = self.spec.layers.symbols_in_order[i]
+        out = []
+        for name, module in self.layers[i].named_modules():
+            if isinstance(module, Mixer) and not module.bounded_state:
+                why = module.unbounded_reason() or "its decode state grows with the context"
+                where = f", {name}" if name not in ("", "mixer") else ""
+                out.append(f"layer {i} (symbol {symbol!r}, type {module.cfg.type!r}{where}): {why}")
         return out
 
     def _require_bounded_state(self, max_len: int) -> None:

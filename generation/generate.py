@@ -277,7 +277,9 @@ def generate(
         raise MixstackError("stop_strings need a tokenizer to decode the generated text")
     if any(not isinstance(s, str) or not s for s in stops):
         raise MixstackError(f"stop_strings must be non-empty strings, got {stops!r}")
-    eos = _ids_list(spec.special_ids.get("eos") if eos_token_id is None else eos_token_id, "eos")
+    eos = _ids_list(
+        spec.special_ids.get("eos") if eos_token_id is None else eos_token_id, "eos_token_id"
+    )
     for token in eos:
         if not 0 <= token < spec.total_vocab:
             raise MixstackError(
