@@ -340,6 +340,24 @@ class MixStackModel(nn.Module):
                 "to be bounded, but: " + "; ".join(reasons)
             )
 
+    def prefill(
+        self, input_ids: Tensor, state: ModelState, *, seq_idx: Tensor | None = None
+    ) -> Tensor:
+        """``forward(input_ids, seq_idx=seq_idx, state=state)`` returning only the last
+        position's logits ``(B, V)``: the head never runs on the other ``L - 1``
+        positions (``(B, L, V)`` logits of a long prompt can outweigh the model)."""
+        if self.spec.arch != "causal_lm":
+            raise CapabilityError(
+                f"prefill needs arch 'causal_lm'; this model is {self.spec.arch!r}"
+            )
+        self._check_forward(input_ids, seq_idx, state)
+        h = self.embedding(input_ids)  # (B, L, D)
+        for i, block in enumerate(self.layers):
+            ids = self._layer_ids(i, input_ids)
+            h = block(h, input_ids=ids, seq_idx=seq_idx, state=state.layers[i])
+        state.offset = input_ids.shape[1]
+        return self._lm_logits(self.norm_f(h[:, -1]))  # (B, V)
+
     def generate(self, input_ids: Tensor, **kwargs: Any) -> Any:
         """:func:`mixstack.generation.generate` on this model (same arguments)."""
         from mixstack.generation.generate import generate

@@ -307,8 +307,11 @@ def generate(
     rng, used_seed = _generator(sampling, generator, seed, device)
 
     state = model.init_state(n, prompt_len + max_new_tokens - 1)
-    logits = model(ids, seq_idx=seq_idx, state=state)[:, -1]  # (N, V): prefill
-    history, history_valid = ids, valid
+    logits = model.prefill(ids, state, seq_idx=seq_idx)  # (N, V)
+    # prompt and new tokens, for the repetition penalty; False at padding and after a stop
+    history = torch.empty(n, prompt_len + max_new_tokens, dtype=ids.dtype, device=device)
+    history_valid = torch.zeros(n, prompt_len + max_new_tokens, dtype=torch.bool, device=device)
+    history[:, :prompt_len], history_valid[:, :prompt_len] = ids, valid
     rows = _Rows(
         n, eos, stops, None if tokenizer is None else [tokenizer.stream() for _ in range(n)]
     )
@@ -317,8 +320,13 @@ def generate(
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
         banned = eos if t < min_new_tokens else None
+        seen = prompt_len + t
         scores = process(
-            logits, sampling, history=history, history_valid=history_valid, banned=banned
+            logits,
+            sampling,
+            history=history[:, :seen],
+            history_valid=history_valid[:, :seen],
+            banned=banned,
         )
         token = choose(scores, sampling, rng)  # (N,)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
@@ -329,8 +337,7 @@ def generate(
         if streamer is not None:
             streamer.put(listed[0])
         rows.update(listed)
-        history = torch.cat((history, token[:, None]), dim=1)
-        history_valid = torch.cat((history_valid, (~finished)[:, None]), dim=1)
+        history[:, seen], history_valid[:, seen] = token, ~finished
         finished = torch.tensor(rows.done, device=device)
         if bool(finished.all()) or t == max_new_tokens - 1:
             break
@@ -339,7 +346,7 @@ def generate(
     if streamer is not None:
         streamer.end()
     new = torch.stack(chosen, dim=1)  # (N, T)
-    lengths = history_valid[:, prompt_len:].sum(dim=1)
+    lengths = history_valid[:, prompt_len:].sum(dim=1)  # (N,)
     return GenerationOutput(
         sequences=torch.cat((ids, new), dim=1),
         lengths=lengths,

@@ -451,3 +451,35 @@ def test_model_generate_delegates() -> None:
     a = model.generate(ids, max_new_tokens=3, eos_token_id=[])
     b = generate(model, ids, max_new_tokens=3, eos_token_id=[])
     assert torch.equal(a.sequences, b.sequences)
+
+
+def test_model_prefill_returns_the_last_logits_and_fills_the_state() -> None:
+    model = hybrid("mamba2-attention-mlp")
+    rows = prompts([3, 6], seed=9)
+    ids, mask = left_pad(rows, model.spec.special_ids["pad"])
+    seq_idx = torch.where(mask.bool(), 0, -1)
+    a, b = model.init_state(2, 10), model.init_state(2, 10)
+    with torch.no_grad():
+        want = model(ids, seq_idx=seq_idx, state=a)[:, -1]
+        got = model.prefill(ids, b, seq_idx=seq_idx)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert b.offset == a.offset == 6
+        token = want.argmax(-1)
+        torch.testing.assert_close(
+            model.step(token, b), model.step(token, a), rtol=1e-12, atol=1e-12
+        )
+    encoder = make_model("*", {"*": {"type": "attention", "n_heads": 2}}, arch="encoder")
+    with pytest.raises(CapabilityError, match="prefill needs arch 'causal_lm'"):
+        encoder.prefill(ids, None)
+
+
+def test_report_marks_bounded_layers() -> None:
+    model = hybrid("mamba2-attention-mlp")
+    report = model.report(seq_len=16, dtype=torch.float32)
+    assert [r.state_bounded for r in report.rows] == [True, False, True, True, True, False]
+    assert report.state_bounded is False and report.to_dict()["state_bounded"] is False
+    windowed = hybrid("windowed-s4d-mamba-parallel").report(seq_len=16)
+    assert windowed.state_bounded and all(r.state_bounded for r in windowed.rows)
+    # a windowed attention layer's state is its window, not the sequence
+    short, long = (hybrid("windowed-s4d-mamba-parallel").report(seq_len=n) for n in (5, 50))
+    assert short.rows[0].state_bytes == long.rows[0].state_bytes
