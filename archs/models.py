@@ -360,7 +360,7 @@ class MixStackModel(nn.Module):
 
     def generate(self, input_ids: Tensor, **kwargs: Any) -> Any:
         """:func:`mixstack.generation.generate` on this model (same arguments)."""
-        from mixstack.generation.generate import generate
+        from mixstack.generation.decoding import generate
 
         return generate(self, input_ids, **kwargs)
 

@@ -31,7 +31,7 @@ class _Timed:
     """A streamer writing text pieces and recording when each token arrived."""
 
     def __init__(self, tokenizer: Any, write: Any) -> None:
-        from mixstack.generation.generate import TextStreamer
+        from mixstack.generation.decoding import TextStreamer
 
         self.text = TextStreamer(tokenizer, write)
         self.times: list[float] = []
@@ -114,7 +114,7 @@ def _generate(
     from rich.console import Console
 
     from mixstack.dsl.errors import MixstackError
-    from mixstack.generation.generate import generate
+    from mixstack.generation.decoding import generate
 
     model, tokenizer = _load(source, device, dtype)
     if tokenizer is None:

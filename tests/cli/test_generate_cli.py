@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from mixstack.archs.builder import build
 from mixstack.cli.main import app
 from mixstack.dsl.spec import ModelSpec
-from mixstack.generation.generate import generate
+from mixstack.generation.decoding import generate
 from mixstack.generation.tokenizers import ByteTokenizer
 from mixstack.hub.modeldir import save_model_dir
 

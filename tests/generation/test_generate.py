@@ -23,7 +23,7 @@ from mixstack.dsl import registry
 from mixstack.dsl.base import LayerExample
 from mixstack.dsl.errors import CapabilityError, MixstackError
 from mixstack.dsl.spec import ModelSpec
-from mixstack.generation.generate import generate
+from mixstack.generation import generate
 
 VOCAB = 12  # + 4 specials = 16 ids
 MLP = {"type": "mlp", "hidden": 24, "activation": "gelu"}
@@ -483,3 +483,11 @@ def test_report_marks_bounded_layers() -> None:
     # a windowed attention layer's state is its window, not the sequence
     short, long = (hybrid("windowed-s4d-mamba-parallel").report(seq_len=n) for n in (5, 50))
     assert short.rows[0].state_bytes == long.rows[0].state_bytes
+
+
+def test_the_package_exports_the_function() -> None:
+    import mixstack.generation
+    import mixstack.generation.decoding
+
+    assert mixstack.generation.generate is mixstack.generation.decoding.generate
+    assert callable(mixstack.generation.generate)

@@ -12,7 +12,7 @@ import torch
 from mixstack.archs.builder import build
 from mixstack.dsl.errors import CheckpointError
 from mixstack.dsl.spec import ModelSpec
-from mixstack.generation.generate import TextStreamer, generate
+from mixstack.generation.decoding import TextStreamer, generate
 from mixstack.generation.tokenizers import ByteTokenizer, HFTokenizer, tokenizer_for
 from mixstack.hub.modeldir import load_tokenizer, save_model_dir
 
