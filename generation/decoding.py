@@ -27,6 +27,7 @@ from mixstack.generation.processors import Sampling, choose, process
 
 if TYPE_CHECKING:
     from mixstack.archs.models import MixStackModel
+    from mixstack.dsl.spec import ModelSpec
     from mixstack.generation.tokenizers import StreamDecoder, Tokenizer
 
 
@@ -192,6 +193,47 @@ def _generator(
     return generator, generator.initial_seed()
 
 
+def _check_stops(stop_strings: Sequence[str] | None, tokenizer: Tokenizer | None) -> list[str]:
+    stops = list(stop_strings or [])
+    if stops and tokenizer is None:
+        raise MixstackError("stop_strings need a tokenizer to decode the generated text")
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise MixstackError(f"stop_strings must be non-empty strings, got {stops!r}")
+    return stops
+
+
+def _eos_ids(spec: ModelSpec, eos_token_id: int | Sequence[int] | None) -> list[int]:
+    """The EOS ids (None -> the spec's ``eos`` special id, if any), checked."""
+    eos = _ids_list(
+        spec.special_ids.get("eos") if eos_token_id is None else eos_token_id, "eos_token_id"
+    )
+    for token in eos:
+        if not 0 <= token < spec.total_vocab:
+            raise MixstackError(
+                f"eos_token_id {token} is outside the vocabulary 0..{spec.total_vocab - 1}"
+            )
+    return eos
+
+
+def _prompts(
+    spec: ModelSpec, input_ids: Tensor, attention_mask: Tensor | None, copies: int
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(ids (N, L), seq_idx (N, L) or None, valid (N, L)) with each row repeated
+    ``copies`` times in place; left padding checked."""
+    ids, attention_mask = _as_batch(input_ids, attention_mask)
+    seq_idx, valid = _seq_idx_from_mask(attention_mask, ids)
+    if seq_idx is not None and spec.embedding.positional != "none":
+        raise CapabilityError(
+            f"left padding with absolute position embeddings (model.embedding.positional "
+            f"{spec.embedding.positional!r}) would shift every padded row's positions; "
+            "generate the rows one at a time, or batch prompts of equal length"
+        )
+    if copies > 1:
+        ids, valid = ids.repeat_interleave(copies, dim=0), valid.repeat_interleave(copies, dim=0)
+        seq_idx = None if seq_idx is None else seq_idx.repeat_interleave(copies, dim=0)
+    return ids, seq_idx, valid
+
+
 @dataclass
 class _Rows:
     """Per-row bookkeeping of the loop."""
@@ -263,7 +305,6 @@ def generate(
     :class:`CapabilityError` naming the layer. Run the model in eval mode (dropout).
     """
     _check_model(model)
-    spec = model.spec
     sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
     sampling.check()
     _check_counts(max_new_tokens, min_new_tokens, num_return_sequences)
@@ -272,34 +313,11 @@ def generate(
             "num_return_sequences > 1 needs sampling (temperature > 0): greedy rows would "
             "all be the same"
         )
-    stops = list(stop_strings or [])
-    if stops and tokenizer is None:
-        raise MixstackError("stop_strings need a tokenizer to decode the generated text")
-    if any(not isinstance(s, str) or not s for s in stops):
-        raise MixstackError(f"stop_strings must be non-empty strings, got {stops!r}")
-    eos = _ids_list(
-        spec.special_ids.get("eos") if eos_token_id is None else eos_token_id, "eos_token_id"
-    )
-    for token in eos:
-        if not 0 <= token < spec.total_vocab:
-            raise MixstackError(
-                f"eos_token_id {token} is outside the vocabulary 0..{spec.total_vocab - 1}"
-            )
+    stops = _check_stops(stop_strings, tokenizer)
+    eos = _eos_ids(model.spec, eos_token_id)
     if pad_token_id is None:
-        pad_token_id = spec.special_ids.get("pad", eos[0] if eos else 0)
-
-    ids, attention_mask = _as_batch(input_ids, attention_mask)
-    seq_idx, valid = _seq_idx_from_mask(attention_mask, ids)
-    if seq_idx is not None and spec.embedding.positional != "none":
-        raise CapabilityError(
-            f"left padding with absolute position embeddings (model.embedding.positional "
-            f"{spec.embedding.positional!r}) would shift every padded row's positions; "
-            "generate the rows one at a time, or batch prompts of equal length"
-        )
-    if num_return_sequences > 1:
-        ids = ids.repeat_interleave(num_return_sequences, dim=0)
-        valid = valid.repeat_interleave(num_return_sequences, dim=0)
-        seq_idx = None if seq_idx is None else seq_idx.repeat_interleave(num_return_sequences, 0)
+        pad_token_id = model.spec.special_ids.get("pad", eos[0] if eos else 0)
+    ids, seq_idx, valid = _prompts(model.spec, input_ids, attention_mask, num_return_sequences)
     n, prompt_len = ids.shape
     if streamer is not None and n != 1:
         raise MixstackError(f"a streamer follows one sequence; this call generates {n}")
