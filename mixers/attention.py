@@ -185,7 +185,8 @@ class AttentionState(State):
 
     k, v: (B, S, Hkv, P) after RoPE. seq_ids: (B, S) document id per slot, -1 = empty or
     padding (never attended). next_pos: (B,) RoPE position of the next token of the
-    row's current document, seq_id: (B,) that document's id. offset: filled slots.
+    row's current document, seq_id: (B,) that document's id. offset: tokens written so
+    far (the filled slots are the last min(offset, S) of them).
     """
 
     k: Tensor
