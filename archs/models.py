@@ -287,14 +287,15 @@ class MixStackModel(nn.Module):
         """Empty decode state for ``batch`` sequences of up to ``max_len`` tokens.
 
         Defaults: ``max_len = spec.max_seq_len``, the model's device, and the dtype of
-        the embedding weights.
+        the embedding weights. ``max_len`` may exceed ``max_seq_len`` only when every
+        layer's state is bounded (:meth:`unbounded_state_reasons` is empty).
         """
         self._require_decode()
         max_len = self.spec.max_seq_len if max_len is None else max_len
-        if not 1 <= max_len <= self.spec.max_seq_len:
-            raise _err(
-                f"max_len must be in 1..{self.spec.max_seq_len} (max_seq_len), got {max_len}"
-            )
+        if max_len < 1:
+            raise _err(f"max_len must be >= 1, got {max_len}")
+        if max_len > self.spec.max_seq_len:
+            self._require_bounded_state(max_len)
         if batch < 1:
             raise _err(f"batch must be >= 1, got {batch}")
         device = self.embedding.weight.device if device is None else device
@@ -303,6 +304,65 @@ class MixStackModel(nn.Module):
             block.init_state(batch, max_len, device=device, dtype=dtype) for block in self.layers
         ]
         return ModelState(layers=layers, batch=batch, max_len=max_len)
+
+    def unbounded_state_reasons(self) -> list[str]:
+        """Why decoding cannot continue past ``max_seq_len``: one line per layer whose
+        decode state grows with the context (``Mixer.bounded_state`` False), and the
+        learned position table if there is one. Empty: every state is bounded."""
+        out = []
+        if self.embedding.positions is not None:
+            out.append(
+                f"the learned position embedding has {self.spec.max_seq_len} rows "
+                "(model.embedding.positional 'learned')"
+            )
+        for i in range(len(self.layers)):
+            out.extend(self.layer_unbounded_reasons(i))
+        return out
+
+    def layer_unbounded_reasons(self, i: int) -> list[str]:
+        """For pattern position ``i``: one line per mixer in it (composites: each child)
+        whose decode state grows with the context; empty when all are bounded."""
+        symbol = self.spec.layers.symbols_in_order[i]
+        out = []
+        for name, module in self.layers[i].named_modules():
+            if isinstance(module, Mixer) and not module.bounded_state:
+                why = module.unbounded_reason() or "its decode state grows with the context"
+                where = f", {name}" if name not in ("", "mixer") else ""
+                out.append(f"layer {i} (symbol {symbol!r}, type {module.cfg.type!r}{where}): {why}")
+        return out
+
+    def _require_bounded_state(self, max_len: int) -> None:
+        reasons = self.unbounded_state_reasons()
+        if reasons:
+            raise CapabilityError(
+                f"a decode state for {max_len} tokens exceeds max_seq_len "
+                f"{self.spec.max_seq_len}; decoding past max_seq_len needs every layer's state "
+                "to be bounded, but: " + "; ".join(reasons)
+            )
+
+    def prefill(
+        self, input_ids: Tensor, state: ModelState, *, seq_idx: Tensor | None = None
+    ) -> Tensor:
+        """``forward(input_ids, seq_idx=seq_idx, state=state)`` returning only the last
+        position's logits ``(B, V)``: the head never runs on the other ``L - 1``
+        positions (``(B, L, V)`` logits of a long prompt can outweigh the model)."""
+        if self.spec.arch != "causal_lm":
+            raise CapabilityError(
+                f"prefill needs arch 'causal_lm'; this model is {self.spec.arch!r}"
+            )
+        self._check_forward(input_ids, seq_idx, state)
+        h = self.embedding(input_ids)  # (B, L, D)
+        for i, block in enumerate(self.layers):
+            ids = self._layer_ids(i, input_ids)
+            h = block(h, input_ids=ids, seq_idx=seq_idx, state=state.layers[i])
+        state.offset = input_ids.shape[1]
+        return self._lm_logits(self.norm_f(h[:, -1]))  # (B, V)
+
+    def generate(self, input_ids: Tensor, **kwargs: Any) -> Any:
+        """:func:`mixstack.generation.generate` on this model (same arguments)."""
+        from mixstack.generation.decoding import generate
+
+        return generate(self, input_ids, **kwargs)
 
     def _check_prefill_state(self, state: Any, ids: Tensor) -> None:
         if not isinstance(state, ModelState):

@@ -9,6 +9,10 @@ Definitions:
                    the embedding); a layer's row includes its norm(s).
   state bytes      decode state for ONE sequence of ``seq_len`` tokens at ``dtype``
                    (``mixer.state_nbytes``); 0 for layers that cannot decode.
+  state bounded    the layer's state has a fixed size however long the context
+                   (``Mixer.bounded_state``: recurrences, MLPs, windowed attention), so
+                   it may decode past ``max_seq_len``; ``Report.state_bounded`` is true
+                   when every layer's is and no learned position table limits the model.
   FLOPs per token  forward FLOPs (2·MACs) per token averaged over a sequence of
                    ``seq_len`` (``mixer.flops_per_token``), plus the head: 2·D·V for the
                    LM head, 2·D·C / seq_len for the classifier (it runs once per
@@ -41,6 +45,7 @@ class LayerRow:
     params: int
     state_bytes: int
     flops_per_token: float
+    state_bounded: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class Report:
     final_norm_params: int
     head_flops_per_token: float
     total_params: int
+    state_bounded: bool = False
     total_state_bytes: int = field(init=False)
     total_flops_per_token: float = field(init=False)
 
@@ -100,6 +106,7 @@ class Report:
             "head_params": self.head_params,
             "final_norm_params": self.final_norm_params,
             "total_state_bytes": self.total_state_bytes,
+            "state_bounded": self.state_bounded,
             "total_flops_per_token": self.total_flops_per_token,
             "head_flops_per_token": self.head_flops_per_token,
             "layers": [vars(r) for r in self.rows],
@@ -163,6 +170,7 @@ def build_report(model: MixStackModel, seq_len: int, dtype: torch.dtype) -> Repo
                 params=_count(block, seen),
                 state_bytes=int(block.state_nbytes(seq_len, dtype)) if decode else 0,
                 flops_per_token=float(block.flops_per_token(seq_len)),
+                state_bounded=decode and not model.layer_unbounded_reasons(i),
             )
         )
     final_norm = _count(model.norm_f, seen)
@@ -181,4 +189,5 @@ def build_report(model: MixStackModel, seq_len: int, dtype: torch.dtype) -> Repo
         final_norm_params=final_norm,
         head_flops_per_token=head_flops,
         total_params=_count(model, set()),
+        state_bounded=model.embedding.positions is None and all(r.state_bounded for r in rows),
     )

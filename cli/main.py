@@ -637,6 +637,11 @@ def registry_list(ctx: typer.Context) -> None:
             console.print(table)
 
 
+from mixstack.cli.generate import generate_command  # noqa: E402
+
+app.command("generate")(generate_command)
+
+
 def main() -> None:
     """Console-script entry point (``mixstack = "mixstack.cli.main:main"``)."""
     app()

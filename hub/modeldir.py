@@ -325,3 +325,18 @@ def load_model_dir(
         if dtype is not None:
             cast_module(model, parse_dtype(dtype))
     return model.eval()
+
+
+TOKENIZER = "tokenizer.json"
+
+
+def load_tokenizer(folder: str | os.PathLike[str]) -> Any:
+    """The tokenizer of a model directory (a ``mixstack.generation.tokenizers`` object):
+    its ``tokenizer.json`` read with the ``tokenizers`` library when present (checked
+    to fit the model's vocabulary), else byte-level for a 256-byte vocabulary, else
+    None (the model then works on ids only)."""
+    from mixstack.generation.tokenizers import tokenizer_for
+
+    folder = Path(folder)
+    path = folder / TOKENIZER
+    return tokenizer_for(read_spec(folder), path if path.is_file() else None)

@@ -9,9 +9,12 @@ Matrix view: ``M_h[i, j] = softmax_j(q_i·k_j·s + mask_ij)`` (per query head), 
 stream is ``v`` expanded to the H query heads; ``finish`` is the output projection.
 
 Capabilities: causal when ``causal`` (default: the arch is ``causal_lm``); decode
-iff causal. Decode state: K and V caches ``2·max_len·Hkv·P`` values per sequence plus
-one int32 document id per slot. Kernel: ``attention`` (backends ``torch`` = SDPA,
-``reference``).
+iff causal. Decode state: K and V caches ``2·S·Hkv·P`` values per sequence plus one
+int32 document id per slot, with ``S = max_len`` for full attention (the state grows
+with the context) and ``S = min(window, max_len)`` with a sliding ``window``: a ring
+buffer of the last ``window`` keys, so the state is bounded and decoding may run past
+``max_seq_len`` (keys are stored after RoPE at their absolute positions, computed on
+the fly). Kernel: ``attention`` (backends ``torch`` = SDPA, ``reference``).
 """
 
 from __future__ import annotations
@@ -178,11 +181,14 @@ def mean_visible_keys(seq_len: int, causal: bool, window: int | None) -> float:
 
 @dataclass
 class AttentionState(State):
-    """KV cache with static shapes; slot ``s`` holds the token written at offset ``s``.
+    """KV cache with static shapes; slot ``s`` holds the token written at offset ``s``
+    (full attention) or the latest token written at an offset ``≡ s (mod S)`` (sliding
+    window: a ring buffer of ``S = min(window, max_len)`` slots).
 
     k, v: (B, S, Hkv, P) after RoPE. seq_ids: (B, S) document id per slot, -1 = empty or
     padding (never attended). next_pos: (B,) RoPE position of the next token of the
-    row's current document, seq_id: (B,) that document's id. offset: filled slots.
+    row's current document, seq_id: (B,) that document's id. offset: tokens written so
+    far (the filled slots are the last min(offset, S) of them).
     """
 
     k: Tensor
@@ -286,11 +292,13 @@ class Attention(Mixer):
         self, batch: int, max_len: int, *, device: torch.device | str | None, dtype: torch.dtype
     ) -> AttentionState:
         self.require_decode()
-        shape = (batch, max_len, self.n_kv_heads, self.head_dim)
+        window = self.cfg.window
+        slots = max_len if window is None else min(window, max_len)
+        shape = (batch, slots, self.n_kv_heads, self.head_dim)
         return AttentionState(
             k=torch.zeros(shape, device=device, dtype=dtype),
             v=torch.zeros(shape, device=device, dtype=dtype),
-            seq_ids=torch.full((batch, max_len), -1, device=device, dtype=torch.int32),
+            seq_ids=torch.full((batch, slots), -1, device=device, dtype=torch.int32),
             next_pos=torch.zeros(batch, device=device, dtype=torch.long),
             seq_id=torch.zeros(batch, device=device, dtype=torch.long),
         )
@@ -310,6 +318,8 @@ class Attention(Mixer):
         return self._prefill(x, seq_idx, self.own_state(state, AttentionState))
 
     def _prefill(self, x: Tensor, seq_idx: Tensor | None, state: AttentionState) -> Tensor:
+        if self.cfg.window is not None:
+            return self._prefill_ring(x, seq_idx, state, self.cfg.window)
         B, L, _ = x.shape
         start, end = state.offset, state.offset + L
         max_len = state.k.shape[1]
@@ -332,6 +342,57 @@ class Attention(Mixer):
         k_all, v_all = state.k[:, :end].to(q.dtype), state.v[:, :end].to(q.dtype)
         o = self._attend(q, k_all, v_all, ids, state.seq_ids[:, :end])
         return self._finish(o, ids)
+
+    def _prefill_ring(
+        self, x: Tensor, seq_idx: Tensor | None, state: AttentionState, window: int
+    ) -> Tensor:
+        """Sliding-window prefill over a ring buffer of ``S`` slots.
+
+        The cached keys are read back in time order (the last ``min(offset, S)`` tokens)
+        and put in front of the chunk's own, so the kernel's bottom-right alignment and
+        window mask see one contiguous key axis; then the last ``min(L, S)`` tokens of the
+        chunk overwrite their slots ``offset mod S``. Keys older than the window were
+        never needed: with ``S = window`` a query sees itself and the ``window - 1`` keys
+        before it, all still cached.
+        """
+        B, L, _ = x.shape
+        start, end = state.offset, state.offset + L
+        slots = state.k.shape[1]
+        if slots < window and end > slots:  # allocated for fewer tokens than the window
+            raise CapabilityError(
+                f"attention KV cache overflow: it holds {slots} tokens, {start} are filled "
+                f"and this call adds {L}; allocate init_state(..., max_len >= {end})"
+            )
+        ids = state.seq_id[:, None].expand(B, L) if seq_idx is None else seq_idx.long()
+        positions, last_id, next_pos = document_positions(
+            ids, start_id=state.seq_id, start_pos=state.next_pos
+        )
+        q, k, v = self._project(x, positions)  # RoPE at the tokens' absolute positions
+        cached = torch.arange(start - min(start, slots), start, device=x.device) % slots
+        k_all = torch.cat((state.k[:, cached].to(q.dtype), k), dim=1)  # (B, Lk, Hkv, P)
+        v_all = torch.cat((state.v[:, cached].to(q.dtype), v), dim=1)
+        ids_all = torch.cat((state.seq_ids[:, cached].long(), ids), dim=1)  # (B, Lk)
+        o = self._attend(q, k_all, v_all, ids, ids_all)
+        kept = min(L, slots)
+        written = torch.arange(end - kept, end, device=x.device) % slots  # (kept,)
+        state.k[:, written] = k[:, L - kept :].to(state.k.dtype)
+        state.v[:, written] = v[:, L - kept :].to(state.v.dtype)
+        state.seq_ids[:, written] = ids[:, L - kept :].to(state.seq_ids.dtype)
+        state.next_pos.copy_(next_pos)
+        state.seq_id.copy_(last_id)
+        state.offset = end
+        return self._finish(o, ids)
+
+    @property
+    def bounded_state(self) -> bool:
+        """With a sliding ``window`` the cache is a ring buffer of ``window`` slots."""
+        return self.cfg.window is not None
+
+    def unbounded_reason(self) -> str:
+        return (
+            "full attention keeps every key and value (a KV cache growing with the "
+            "context); a sliding `window` would bound it"
+        )
 
     def no_decode_reason(self) -> str:
         return (

@@ -194,6 +194,18 @@ class Mixer(nn.Module):
         """Why this configuration cannot decode, for the refusal message ("" = no detail)."""
         return ""
 
+    @property
+    def bounded_state(self) -> bool:
+        """Whether the decode state has a fixed size however many tokens it consumes (a
+        recurrence, a ring buffer of the last ``window`` keys), so decoding may run past
+        ``max_seq_len``. Default False: a layer declares it; a layer that keeps a growing
+        history (a full KV cache, a token history) is then refused past ``max_seq_len``."""
+        return False
+
+    def unbounded_reason(self) -> str:
+        """Why the state grows with the tokens consumed, for refusals ("" = no detail)."""
+        return ""
+
     def decode_refusal(self) -> CapabilityError:
         """The error for decoding (``init_state``, ``step``, ``forward(state=...)``) a layer
         without the ``decode`` capability: names the layer type and what to do instead."""

@@ -320,6 +320,11 @@ class Mamba(Mixer):
         y = selective_scan_step(st.ssm_state, xs, delta, self._A(), B, C, D=self.D, z=z)
         return self._out(y, None)
 
+    @property
+    def bounded_state(self) -> bool:
+        """A recurrence: conv columns and SSM state of fixed size, whatever the length."""
+        return True
+
     # -- bookkeeping ---------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:
         return ssm_param_hints("dt_proj.bias")  # Mamba-2's dt_bias: Δ sits in its softplus

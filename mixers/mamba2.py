@@ -360,6 +360,11 @@ class Mamba2(Mixer):
         y = ssd_step(st.ssm_state, x, self._dt(parts.dt[:, 0]), self._A(), B, C, D)
         return self._finish(y[:, None], parts, None)[:, 0]
 
+    @property
+    def bounded_state(self) -> bool:
+        """A recurrence: conv columns and SSM state of fixed size, whatever the length."""
+        return True
+
     # -- bookkeeping ---------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:
         return ssd.ssm_param_hints("dt_bias")

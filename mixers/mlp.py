@@ -142,5 +142,10 @@ class Mlp(Mixer):
         """x_t (B, D) -> (B, D)."""
         return self._mlp(x_t)
 
+    @property
+    def bounded_state(self) -> bool:
+        """The state is empty: each token alone."""
+        return True
+
     def param_hints(self) -> dict[str, ParamHint]:
         return {"down_proj.weight": ParamHint(residual_out=True)}

@@ -332,6 +332,11 @@ class S4D(Mixer):
     def no_decode_reason(self) -> str:
         return "with bidirectional: true its backward kernel reads future tokens"
 
+    @property
+    def bounded_state(self) -> bool:
+        """A recurrence: conv columns and SSM state of fixed size, whatever the length."""
+        return True
+
     # -- bookkeeping ---------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:
         ssm = ParamHint(no_weight_decay=True, lr_scale=self.cfg.ssm_lr_scale or 1.0, keep_fp32=True)

@@ -217,6 +217,11 @@ class EMA(Mixer):
         st.h.copy_(h[..., None, None])
         return self._finish(h.to(x_t.dtype)[:, None], None)[:, 0]
 
+    @property
+    def bounded_state(self) -> bool:
+        """One average per head whatever the length: decoding may run past max_seq_len."""
+        return True
+
     # -- bookkeeping ---------------------------------------------------------------------
     def param_hints(self) -> dict[str, ParamHint]:
         """The decay is an SSM-like scalar per channel: no weight decay (it would pull α

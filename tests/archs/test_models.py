@@ -353,7 +353,9 @@ def test_bad_seq_idx_and_decode_misuse_are_clear_errors() -> None:
         model.step(x, model.init_state(2))
     with pytest.raises(MixstackError, match="token_t has batch 1, the state 2"):
         model.step(x[:1, 0], model.init_state(2))
-    with pytest.raises(MixstackError, match=r"max_len must be in 1\.\.16"):
+    with pytest.raises(
+        MixstackError, match=r"exceeds max_seq_len 16.*layer 0 \(symbol '\*', type 'attention'\)"
+    ):
         model.init_state(2, 17)
     with pytest.raises(MixstackError, match=r"state must come from model\.init_state"):
         model.step(x[:, 0], [None])
