@@ -512,6 +512,12 @@ def registry_list(ctx: typer.Context) -> None:
             console.print(table)
 
 
+from mixstack.cli import interop as _interop  # noqa: E402  (convert / export commands)
+
+app.command("convert")(_interop.convert)
+app.command("export")(_interop.export)
+
+
 def main() -> None:
     """Console-script entry point (``mixstack = "mixstack.cli.main:main"``)."""
     app()

@@ -61,7 +61,9 @@ def load_checkpoint(path: Path) -> Any:
     try:
         spec = load_spec(spec_data)
     except MixstackError as exc:
-        raise CheckpointError(f"{path}: the spec stored in the checkpoint is invalid:\n{exc}") from None
+        raise CheckpointError(
+            f"{path}: the spec stored in the checkpoint is invalid:\n{exc}"
+        ) from None
     model = build(spec, device="meta")
     ours = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
     from mixstack.hub.modeldir import tensor_mismatches

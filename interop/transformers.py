@@ -49,17 +49,6 @@ GATED_ACTS = {"silu": "swiglu", "gelu": "geglu"}  # transformers hidden_act -> o
 PLAIN_ACTS = {"relu2": "squared_relu", "relu": "relu", "gelu": "gelu", "silu": "silu"}
 GATED_BACK = {v: k for k, v in GATED_ACTS.items()}
 PLAIN_BACK = {v: k for k, v in PLAIN_ACTS.items()}
-# Fields transformers' models never read at inference (generation, training, bookkeeping):
-# ignored on import whatever their value.
-IGNORED = frozenset(
-    """architectures auto_map dtype torch_dtype transformers_version use_cache pad_token_id
-    bos_token_id eos_token_id sep_token_id decoder_start_token_id num_logits_to_keep
-    output_hidden_states output_attentions return_dict output_router_logits
-    initializer_range rescale_prenorm_residual use_mambapy use_associative_scan
-    use_mamba_kernels time_step_min time_step_max time_step_floor time_step_init_scheme
-    time_step_scale mamba_ssm_cache_dtype tie_word_embeddings id2label label2id
-    problem_type tokenizer_class prefix task_specific_params _name_or_path""".split()
-)
 
 
 # -- reading a config.json -----------------------------------------------------------------
@@ -444,7 +433,9 @@ BAMBA_DEFAULTS = {
 def _bamba(f: _Fields) -> dict[str, Any]:
     d = f.positive_int("hidden_size")
     if f("hidden_act") != "silu":
-        f.refuse("hidden_act", "Bamba's MLP and Mamba-2 convolution share it; only silu is implemented")
+        f.refuse(
+            "hidden_act", "Bamba's MLP and Mamba-2 convolution share it; only silu is implemented"
+        )
     _zero(f, "attention_dropout")
     if f("z_loss_coefficient") not in (0, 0.0, None):
         f.refuse("z_loss_coefficient", "a training loss term mixstack does not implement")
@@ -481,9 +472,7 @@ def _bamba(f: _Fields) -> dict[str, Any]:
     }
     if attn:
         # transformers forces partial_rotary_factor 0.5 for Bamba (BambaConfig.__post_init__)
-        symbols["*"] = _attention_binding(
-            f, d, bias=bool(f("attention_bias")), rope_factor=0.5
-        )
+        symbols["*"] = _attention_binding(f, d, bias=bool(f("attention_bias")), rope_factor=0.5)
     pattern = "".join("*-" if i in attn else "M-" for i in range(n))
     layers = {"pattern": readable_pattern(pattern), "symbols": symbols}
     return _model(
@@ -803,8 +792,10 @@ def load_transformers(
     expected = model.state_dict()
     wanted = {theirs(k): k for k in expected if theirs(k) is not None}
     for prefix, alias in family.extra.get("aliases", {}).items():
-        tensors = {alias + k.removeprefix(prefix) if k.startswith(prefix) else k: v
-                   for k, v in tensors.items()}
+        tensors = {
+            alias + k.removeprefix(prefix) if k.startswith(prefix) else k: v
+            for k, v in tensors.items()
+        }
     for key, tensor in tensors.items():
         if key in wanted:
             ours[wanted[key]] = tensor
@@ -1018,7 +1009,9 @@ def _try_family(name: str, spec: Any) -> tuple[dict[str, Any] | None, list[str]]
             problems += _mamba2_problems(m2, groups["mamba2"][0][0])
             f2 = _mamba2_fields(m2, spec.d_model)
             if not f2["_width_ok"]:
-                problems.append(f"layer {groups['mamba2'][0][0]} (mamba2): d_ssm must be expand·d_model")
+                problems.append(
+                    f"layer {groups['mamba2'][0][0]} (mamba2): d_ssm must be expand·d_model"
+                )
             if f2["_eps"] != eps:
                 problems.append(
                     f"layer {groups['mamba2'][0][0]} (mamba2): norm_eps {f2['_eps']} must equal "
