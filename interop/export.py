@@ -66,13 +66,14 @@ def load_checkpoint(path: Path) -> Any:
         ) from None
     model = build(spec, device="meta")
     ours = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
-    from mixstack.hub.modeldir import tensor_mismatches
+    from mixstack.interop.transformers import mismatches
 
-    problems = tensor_mismatches(model.state_dict(), {k: tuple(v.shape) for k, v in ours.items()})
+    if model.tied and "lm_head.weight" not in ours and "embedding.weight" in ours:
+        ours["lm_head.weight"] = ours["embedding.weight"]
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = mismatches(expected, {k: tuple(v.shape) for k, v in ours.items()})
     if problems:
         raise CheckpointError(f"{path} does not match its own spec:\n" + "\n".join(problems))
-    if model.tied and "lm_head.weight" not in ours:
-        ours["lm_head.weight"] = ours["embedding.weight"]
     model.load_state_dict(ours, strict=True, assign=True)
     model.tie_weights()
     model.seed = spec.train.seed if spec.train is not None else None

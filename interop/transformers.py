@@ -572,12 +572,14 @@ def _nemotron_h(f: _Fields) -> dict[str, Any]:
         }
     pattern = "".join(NEMOTRON_SYMBOLS.get(k, "?") for k in kinds)
     layers = {"pattern": readable_pattern(pattern), "symbols": symbols}
-    return _model(
+    model = _model(
         f,
         eps_field="layer_norm_epsilon",
         layers=layers,
         max_seq_len=f.positive_int("max_position_embeddings"),
     )
+    model["tie_embeddings"] = False  # transformers never ties Nemotron-H's head
+    return model
 
 
 @dataclass(frozen=True)
@@ -667,7 +669,9 @@ FAMILY: dict[str, Family] = {
         "backbone.norm_f",
         _backbone_prefixes,
         1,
-        {"aliases": {"model.": "backbone."}},
+        # ... and never ties its head (NemotronHForCausalLM._tied_weights_keys is empty),
+        # whatever tie_word_embeddings says.
+        {"aliases": {"model.": "backbone."}, "never_tied": True},
     ),
 }
 
@@ -764,6 +768,30 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def mismatches(
+    expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], rename: Any = None
+) -> list[str]:
+    """Missing / unexpected / mis-shaped lines (by name: models on the meta device share
+    one data pointer, so :func:`mixstack.hub.modeldir.tensor_mismatches` cannot group)."""
+    rename = rename or (lambda k: k)
+    missing = [rename(k) for k in expected if k not in got]
+    unexpected = sorted(rename(k) for k in got if k not in expected)
+    misshaped = [
+        f"{rename(k)} (file {list(got[k])}, model {list(shape)})"
+        for k, shape in expected.items()
+        if k in got and tuple(got[k]) != tuple(shape)
+    ]
+    out = []
+    for label, names in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("mis-shaped", misshaped),
+    ):
+        if names:
+            out.append(f"  {label} ({len(names)}): {', '.join(names)}")
+    return out
+
+
 def load_transformers(
     folder: str | os.PathLike[str],
     *,
@@ -777,7 +805,6 @@ def load_transformers(
     """
     from mixstack.archs.builder import build, parse_dtype
     from mixstack.dsl.loader import load_spec
-    from mixstack.hub.modeldir import tensor_mismatches
 
     folder = Path(folder)
     if not (folder / CONFIG).is_file():
@@ -803,14 +830,16 @@ def load_transformers(
             continue  # transformers ties it to the embedding and ignores the stored copy
         else:
             ours[f"<{key}>"] = tensor  # reported as unexpected below, by its own name
-    shapes = {k: tuple(v.shape) for k, v in ours.items()}
-    problems = tensor_mismatches(expected, shapes)
+    names = {v: k for k, v in wanted.items()}
+    problems = mismatches(
+        {k: tuple(v.shape) for k, v in expected.items() if theirs(k) is not None},
+        {k: tuple(v.shape) for k, v in ours.items()},
+        lambda k: names.get(k, k.strip("<>")),
+    )
     if problems:
-        names = {v: k for k, v in wanted.items()}
-        lines = [re.sub(r"[\w.]+", lambda m: names.get(m[0], m[0]), p) for p in problems]
         raise CheckpointError(
             f"{folder}: the weights do not match the {family.name} configuration "
-            "(names as transformers writes them):\n" + "\n".join(lines)
+            "(names as transformers writes them):\n" + "\n".join(problems)
         )
     bad = sorted(k for k, v in ours.items() if not v.is_floating_point())
     if bad:
@@ -1096,6 +1125,7 @@ def _try_family(name: str, spec: Any) -> tuple[dict[str, Any] | None, list[str]]
             kinds = {"mamba2": "linear_attention", "attention": "full_attention", "mlp": "mlp"}
             config.update(
                 {
+                    "tie_word_embeddings": False,  # written as a separate lm_head.weight
                     "layers_block_type": [kinds[t] for t in types],
                     "layer_norm_epsilon": eps,
                     "residual_in_fp32": False,
@@ -1169,13 +1199,15 @@ def transformers_state_dict(model: Any, config: dict[str, Any]) -> dict[str, tor
     """Our weights under the transformers names of ``config``'s family (tied head once)."""
     family = FAMILY[config["model_type"]]
     spec = model.spec
-    theirs = key_map(family, spec.layers.pattern.replace("|", ""), model.tied)
+    never_tied = family.extra.get("never_tied", False)
+    theirs = key_map(family, spec.layers.pattern.replace("|", ""), model.tied and not never_tied)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict().items():
         name = theirs(key)
         if name is not None:
-            out[name] = tensor.detach().contiguous()
-    return out
+            # a tied head written twice (never_tied families) must be two tensors
+            out[name] = tensor.detach().clone() if name == "lm_head.weight" else tensor.detach()
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def export_transformers(model: Any, out: str | os.PathLike[str]) -> Path:

@@ -35,7 +35,10 @@ def import_transformers() -> ModuleType:
     shadow = sys.modules.get("kernels")
     sys.path[:] = [p for p in sys.path if not _is_root(p)]
     try:
-        if shadow is not None and Path(getattr(shadow, "__file__", "") or "").parent == ROOT / "kernels":
+        if (
+            shadow is not None
+            and Path(getattr(shadow, "__file__", "") or "").parent == ROOT / "kernels"
+        ):
             del sys.modules["kernels"]
         module = pytest.importorskip("transformers")
         for name in MODELING:

@@ -210,14 +210,16 @@ def imported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
 
 def test_spec_is_readable_and_exact(imported: Any) -> None:
-    family, folder, hf, model = imported
+    family, _, hf, model = imported
     spec = model.spec
     assert spec.layers.pattern == PATTERNS[family]
     assert spec.layers.overrides == []
     # one binding per layer kind, named by the default symbols a person would use
     assert set(spec.layers.symbols) == set(PATTERNS[family])
     assert spec.norm.eps == 1e-3
-    assert spec.tie_embeddings == hf.config.tie_word_embeddings
+    # tied exactly when transformers' model shares the tensors (Nemotron-H never does)
+    shared = hf.lm_head.weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
+    assert spec.tie_embeddings == shared
     assert spec.total_vocab == spec.padded_vocab == VOCAB
     n_ours = sum(p.numel() for p in model.parameters())
     n_theirs = sum(p.numel() for p in hf.parameters())
@@ -227,7 +229,7 @@ def test_spec_is_readable_and_exact(imported: Any) -> None:
 
 
 def test_logits_equal_transformers(imported: Any) -> None:
-    family, folder, hf, model = imported
+    family, _, hf, model = imported
     ids = _ids()
     with torch.no_grad():
         ours = model(ids)
@@ -239,7 +241,7 @@ def test_logits_equal_transformers(imported: Any) -> None:
 
 
 def test_decode_equals_cached_generation(imported: Any) -> None:
-    family, folder, hf, model = imported
+    family, _, hf, model = imported
     prompt = _ids(seed=2, length=17)
     with torch.no_grad():
         out = hf.generate(
@@ -265,12 +267,19 @@ def test_decode_equals_cached_generation(imported: Any) -> None:
     ours = torch.stack(tokens, dim=1)
     theirs = out.sequences[:, prompt.shape[1] :]
     assert torch.equal(ours, theirs), (family, ours, theirs)
-    rel = _rel(torch.stack(step_logits, 1), torch.stack(list(out.scores), 1))
-    assert rel < TOLERANCE, (family, rel)
+    # Per-step logits against the full forward over the generated sequence: ours to
+    # rounding, transformers' within its float32 floor (its cached Mamba-2 step ignores
+    # time_step_limit, only its chunked scan clamps Δ, so its own decode scores are not
+    # the reference here).
+    with torch.no_grad():
+        ours_full = model(out.sequences)[:, prompt.shape[1] - 1 : -1]
+        hf_full = hf(out.sequences).logits[:, prompt.shape[1] - 1 : -1]
+    assert _rel(torch.stack(step_logits, 1), ours_full) < 1e-10
+    assert _rel(ours_full, hf_full) < 2 * TOLERANCE, (family, _rel(ours_full, hf_full))
 
 
 def test_export_loads_in_transformers_with_equal_logits(imported: Any, tmp_path: Path) -> None:
-    family, folder, hf, model = imported
+    family, _, hf, model = imported
     out = export_transformers(model, tmp_path / "exported")
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == family
@@ -291,11 +300,11 @@ def test_export_loads_in_transformers_with_equal_logits(imported: Any, tmp_path:
 
 
 def test_convert_writes_a_model_directory(imported: Any, tmp_path: Path) -> None:
-    family, folder, hf, model = imported
-    from mixstack.interop import convert
-
     from safetensors.torch import load_file
 
+    from mixstack.interop import convert
+
+    _, folder, _, model = imported
     out = convert(folder, tmp_path / "converted")
     assert json.loads((out / "config.json").read_text())["mixstack_version"]
     stored = load_file(out / "model.safetensors")
