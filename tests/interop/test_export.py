@@ -83,9 +83,9 @@ def test_stopped_run_exports_its_checkpoint(stopped_run: Path, tmp_path: Path) -
 
 @pytest.mark.slow(budget_s=60)
 def test_the_newer_of_model_and_checkpoint_is_used(stopped_run: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
     import shutil
 
+    run = tmp_path / "run"
     shutil.copytree(stopped_run, run)
     ckpt = run / "checkpoints" / "last.ckpt"
     other = mixstack.build(load_source(run)[0].spec, seed=123)
@@ -112,7 +112,8 @@ def test_cli_export_to_transformers_from_a_run(stopped_run: Path, tmp_path: Path
     assert "transformers llama" in result.output and "checkpoint" in result.output
     ours, _ = load_source(stopped_run)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    ids = torch.randint(0, ours.spec.total_vocab, (2, 19), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, ours.spec.total_vocab, (2, 19), generator=generator)
     with torch.no_grad():
         theirs = hf(ids).logits[..., : ours.spec.total_vocab]  # specials inside, padding rows after
         mine = ours(ids)
