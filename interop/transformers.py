@@ -118,9 +118,11 @@ class _Fields:
         return value
 
 
-def _rope(f: _Fields, head_dim: int, default_factor: float) -> dict[str, Any] | None:
+def _rope(f: _Fields, head_dim: int, factor: float) -> dict[str, Any] | None:
     """RoPE binding from ``rope_parameters`` (transformers 5) or ``rope_theta`` /
-    ``rope_scaling`` (older files); refuses scaled RoPE variants."""
+    ``rope_scaling`` (older files); refuses scaled RoPE variants. ``factor``: the rotary
+    fraction transformers' model applies (Llama: 1, its default RoPE ignores
+    ``partial_rotary_factor``; Bamba: 0.5, forced by ``BambaConfig``)."""
     params = f("rope_parameters") or {}
     if not isinstance(params, dict):
         f.refuse("rope_parameters", "must be a mapping")
@@ -137,12 +139,11 @@ def _rope(f: _Fields, head_dim: int, default_factor: float) -> dict[str, Any] | 
             "(rope_type default) is implemented"
         )
     theta = params.get("rope_theta", f.data.get("rope_theta", 10000.0))
-    factor = params.get("partial_rotary_factor", default_factor)
     dim = int(head_dim * factor)
     if dim < 2 or dim % 2:
         f.problems.append(
-            f"rope_parameters.partial_rotary_factor = {factor}: gives {dim} rotary dims of "
-            f"head_dim {head_dim}; an even number >= 2 is needed"
+            f"head_dim = {head_dim}: rotating a fraction {factor} of it gives {dim} rotary "
+            "dims; an even number >= 2 is needed"
         )
     rope: dict[str, Any] = {"theta": float(theta)}
     if dim != head_dim:
@@ -592,8 +593,8 @@ class Family:
     to_spec: Callable[[_Fields], dict[str, Any]]
     embedding: str
     norm_f: str
-    # (position in our pattern, its symbol, the transformers layer index, whether it is
-    # the first sub-layer of that layer) -> (norm prefix, mixer prefix)
+    # (position in our pattern, its layer type, the transformers layer index, whether it
+    # is the first sub-layer of that layer) -> (norm prefix, mixer prefix)
     prefixes: Callable[[int, str, int, bool], tuple[str, str]]
     sublayers: int  # our sub-layers per transformers layer
     extra: dict[str, Any] = field(default_factory=dict)
@@ -610,10 +611,10 @@ def _backbone_prefixes(pos: int, sym: str, layer: int, first: bool) -> tuple[str
     return f"backbone.layers.{layer}.norm", f"backbone.layers.{layer}.mixer"
 
 
-def _bamba_prefixes(pos: int, sym: str, layer: int, first: bool) -> tuple[str, str]:
+def _bamba_prefixes(pos: int, kind: str, layer: int, first: bool) -> tuple[str, str]:
     p = f"model.layers.{layer}"
     if first:
-        return f"{p}.input_layernorm", f"{p}.{'mamba' if sym == 'M' else 'self_attn'}"
+        return f"{p}.input_layernorm", f"{p}.{'mamba' if kind == 'mamba2' else 'self_attn'}"
     return f"{p}.pre_ff_layernorm", f"{p}.feed_forward"
 
 
@@ -708,13 +709,15 @@ def spec_from_transformers_config(config: dict[str, Any], where: str = CONFIG) -
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.(norm|mixer)\.(.+)")
 
 
-def key_map(family: Family, pattern: str, tied: bool) -> Callable[[str], str | None]:
-    """Our state-dict key -> the transformers key (None: not stored, the tied head)."""
+def key_map(family: Family, types: list[str], tied: bool) -> Callable[[str], str | None]:
+    """Our state-dict key -> the transformers key (None: not stored, the tied head).
+
+    ``types``: the layer type of each pattern position (``mamba2``, ``attention``, ...).
+    """
     layout = []
-    for pos, sym in enumerate(pattern):
+    for pos, kind in enumerate(types):
         layer, sub = divmod(pos, family.sublayers)
-        first_sym = pattern[pos - sub]
-        layout.append(family.prefixes(pos, first_sym if sub == 0 else sym, layer, sub == 0))
+        layout.append(family.prefixes(pos, kind, layer, sub == 0))
 
     def theirs(ours: str) -> str | None:
         if ours == "embedding.weight":
@@ -814,7 +817,7 @@ def load_transformers(
     spec = load_spec(spec_from_transformers_config(config, str(folder / CONFIG)))
     model = build(spec, device="meta")
     tensors = read_safetensors(folder)
-    theirs = key_map(family, spec.model.layers.pattern, model.tied)
+    theirs = key_map(family, [c.type for c in spec.model.layer_configs()], model.tied)
     ours: dict[str, torch.Tensor] = {}
     expected = model.state_dict()
     wanted = {theirs(k): k for k in expected if theirs(k) is not None}
@@ -1200,7 +1203,8 @@ def transformers_state_dict(model: Any, config: dict[str, Any]) -> dict[str, tor
     family = FAMILY[config["model_type"]]
     spec = model.spec
     never_tied = family.extra.get("never_tied", False)
-    theirs = key_map(family, spec.layers.pattern.replace("|", ""), model.tied and not never_tied)
+    types = [c.type for c in spec.layer_configs()]
+    theirs = key_map(family, types, model.tied and not never_tied)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict().items():
         name = theirs(key)

@@ -406,3 +406,34 @@ def test_time_step_limit_infinity_is_read() -> None:
     spec = spec_from_transformers_config(config)
     assert spec["model"]["layers"]["symbols"]["M"]["dt_limit"] == [0.0, None]
     assert math.isclose(spec["model"]["norm"]["eps"], 1e-3)
+
+
+def test_a_native_spec_with_its_own_symbols_exports_as_bamba(tmp_path: Path) -> None:
+    """Layer kinds are found by type, not by symbol letter; specials and vocabulary padding
+    travel (logits compared on the first total_vocab columns)."""
+    spec = {
+        "model": {
+            "vocab_size": 32,
+            "d_model": 16,
+            "max_seq_len": 64,
+            "layers": {
+                "pattern": "S-A-S-",
+                "symbols": {
+                    "S": {"type": "mamba2", "d_state": 4, "headdim": 4, "ngroups": 2},
+                    "A": {"type": "attention", "n_heads": 4, "n_kv_heads": 2, "rope": {"dim": 2}},
+                    "-": {"type": "mlp", "hidden": 24},
+                },
+            },
+        }
+    }
+    model = mixstack.build(spec, seed=0).to(torch.float64)  # fp64 throughout (A_log too)
+    out = export_transformers(model, tmp_path / "bamba")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "bamba" and config["attn_layer_indices"] == [1]
+    assert config["vocab_size"] == model.spec.padded_vocab == 40
+    assert config["eos_token_id"] == model.spec.special_ids["eos"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64).eval()
+    ids = torch.randint(0, model.spec.total_vocab, (2, LENGTH))
+    with torch.no_grad():
+        rel = _rel(hf(ids).logits[..., : model.spec.total_vocab], model(ids))
+    assert rel < TOLERANCE, rel
