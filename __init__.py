@@ -76,16 +76,33 @@ def from_pretrained(
     device: Any = None,
     dtype: Any = None,
 ) -> MixStackModel:
-    """Load a local model directory (``config.json``, ``spec.yaml``, ``model.safetensors``).
+    """Load a local model directory (``config.json``, ``spec.yaml``, ``model.safetensors``),
+    or a transformers checkpoint folder (``config.json`` with ``model_type``; see
+    :func:`mixstack.interop.load_transformers` and docs/interop.md).
 
     Safetensors only, strict: a missing, unexpected or mis-shaped tensor, a spec-hash
     mismatch or ``config.json`` / ``spec.yaml`` disagreeing raise
     :class:`~mixstack.dsl.errors.CheckpointError` naming them. See
     :func:`mixstack.hub.modeldir.load_model_dir`.
     """
+    from mixstack.interop.transformers import is_transformers_dir
+
+    if is_transformers_dir(path):
+        from mixstack.interop.transformers import load_transformers
+
+        return load_transformers(path, device=device, dtype=dtype)
     from mixstack.hub.modeldir import load_model_dir
 
     return load_model_dir(path, device=device, dtype=dtype)
+
+
+def export(source: Any, out: Any, *, to: str = "mixstack") -> Any:
+    """Write the model of a run directory, model directory or transformers checkpoint
+    folder to ``out`` as a mixstack model directory or (``to="transformers"``) a
+    transformers checkpoint. See :func:`mixstack.interop.export`."""
+    from mixstack.interop.export import export as _export
+
+    return _export(source, out, to=to)  # type: ignore[arg-type]
 
 
 __all__ = [
@@ -97,6 +114,7 @@ __all__ = [
     "SpecError",
     "__version__",
     "build",
+    "export",
     "from_pretrained",
     "load_spec",
     "registry",

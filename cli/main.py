@@ -640,6 +640,10 @@ def registry_list(ctx: typer.Context) -> None:
 from mixstack.cli.generate import generate_command  # noqa: E402
 
 app.command("generate")(generate_command)
+from mixstack.cli import interop as _interop  # noqa: E402  (convert / export commands)
+
+app.command("convert")(_interop.convert)
+app.command("export")(_interop.export)
 
 
 def main() -> None:

@@ -67,6 +67,9 @@ class Mamba2Config(ssd.SSDHeadsConfig, LayerConfig):
     norm_before_gate: bool = Field(
         False, description="rms(y)·w·silu(z) instead of rms(y·silu(z))·w"
     )
+    norm_eps: float = Field(
+        1e-5, gt=0, description="eps of the gated RMSNorm (transformers: the model's norm eps)"
+    )
     D_has_hdim: bool = Field(False, description="D per channel (H, P) instead of per head (H)")
     d_ssm: int | None = Field(
         None,
@@ -113,7 +116,9 @@ class Mamba2Config(ssd.SSDHeadsConfig, LayerConfig):
             LayerExample(cls(**small, ngroups=2, chunk_size=8), name="ngroups-2"),
             LayerExample(cls(**small, D_has_hdim=True, chunk_size=5), name="D-per-channel"),
             LayerExample(
-                cls(**small, ngroups=4, norm_before_gate=True, d_conv=3, chunk_size=7),
+                cls(
+                    **small, ngroups=4, norm_before_gate=True, d_conv=3, chunk_size=7, norm_eps=1e-3
+                ),
                 name="norm-before-gate",
             ),
             LayerExample(
@@ -192,7 +197,7 @@ class Mamba2(Mixer):
             GatedRMSNorm(
                 self.d_ssm,
                 group_size=self.d_ssm // G,
-                eps=1e-5,
+                eps=cfg.norm_eps,
                 norm_before_gate=cfg.norm_before_gate,
             )
             if cfg.rmsnorm

@@ -86,7 +86,7 @@ def naive_gate_norm_out(m: Mamba2, y: torch.Tensor, p: dict[str, torch.Tensor]) 
         G = cfg.ngroups
         v = y if cfg.norm_before_gate else y * gate
         groups = v.reshape(*v.shape[:2], G, -1)
-        normed = groups / torch.sqrt(groups.pow(2).mean(-1, keepdim=True) + 1e-5)
+        normed = groups / torch.sqrt(groups.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
         y = normed.reshape(v.shape) * m.norm.weight
         if cfg.norm_before_gate:
             y = y * gate
