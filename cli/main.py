@@ -11,6 +11,7 @@
     schema [--out FILE]             JSON schema of the spec for editor completion
     registry list                   mixers, tasks, metrics and kernel providers, with origin
     zoo list                        presets shipped in mixstack/zoo
+    bench [--suite S] [--check] ... speed and memory against references (docs/performance.md)
 
 SPEC is a YAML path or ``zoo:NAME``; overrides are dotted ``key.path=value`` pairs
 (values parsed as YAML). Exit codes: 0 ok, 1 a mixstack error (bad spec, unknown
@@ -510,6 +511,11 @@ def registry_list(ctx: typer.Context) -> None:
         console = _stdout()
         for table in registry_tables():
             console.print(table)
+
+
+from mixstack.cli.bench import bench  # noqa: E402  (needs _handled above)
+
+app.command()(bench)
 
 
 def main() -> None:
