@@ -1,7 +1,7 @@
 """Pieces shared by the benchmark scripts: timing modes, argument parser, log-log plots.
 
-The scripts run as ``python benchmarks/<name>.py``, which puts this folder first on
-``sys.path``: they import this module as ``common``.
+The kernel-scaling scripts run as ``python -m mixstack.benchmarks.ssm`` (or ``conv``);
+``mixstack bench`` (:mod:`mixstack.benchmarks.suites`) uses the plotting helpers too.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ Three measurements:
    fp64 on the same bf16-rounded inputs: relative L2 error and the bf16 unit roundoff
    (2^-8) for scale; fp32 inputs for comparison.
 
-Usage: ``python benchmarks/conv.py --out bench_conv`` writes ``conv.md`` (the tables) and
+Usage: ``python -m mixstack.benchmarks.conv --out bench_conv`` writes ``conv.md`` (the tables) and
 ``conv.png`` (the plot) there. One thread by default (``--threads``): on a shared
 machine it keeps timings stable, and all methods get the same.
 """
@@ -43,8 +43,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import MODES, argument_parser, loglog_modes, pyplot, save_figure
 
+from mixstack.benchmarks.common import MODES, argument_parser, loglog_modes, pyplot, save_figure
 from mixstack.kernels.fftconv import fftconv_reference, fftconv_torch
 
 log = logging.getLogger("benchmarks.conv")

@@ -17,7 +17,7 @@ allocated inside the measured call. Ratios: time relative to the same method at
 Adding a kernel: write an input maker ``(args, batch, length, device) -> kwargs`` and
 append :class:`Method` entries in :func:`methods`.
 
-Usage: ``python benchmarks/ssm.py --tokens 32768 --reps 3 --plot ssm_scaling.png``
+Usage: ``python -m mixstack.benchmarks.ssm --tokens 32768 --reps 3 --plot ssm_scaling.png``
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from common import MODES, argument_parser, loglog_modes, pyplot, save_figure
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mixstack.benchmarks.common import MODES, argument_parser, loglog_modes, pyplot, save_figure
 from mixstack.kernels import ssd
 
 log = logging.getLogger("benchmarks.ssm")

@@ -11,6 +11,7 @@
     schema [--out FILE]             JSON schema of the spec for editor completion
     registry list                   mixers, tasks, metrics and kernel providers, with origin
     zoo list                        presets shipped in mixstack/zoo
+    bench [--suite S] [--check] ... speed and memory against references (docs/performance.md)
 
 SPEC is a YAML path or ``zoo:NAME``; overrides are dotted ``key.path=value`` pairs
 (values parsed as YAML). Exit codes: 0 ok, 1 a mixstack error (bad spec, unknown
@@ -644,6 +645,9 @@ from mixstack.cli import interop as _interop  # noqa: E402  (convert / export co
 
 app.command("convert")(_interop.convert)
 app.command("export")(_interop.export)
+from mixstack.cli.bench import bench  # noqa: E402  (needs _handled above)
+
+app.command()(bench)
 
 
 def main() -> None:

@@ -265,15 +265,17 @@ def causal_conv1d_torch(
         ext = torch.cat([hist[..., 1:].to(f), xt], dim=-1)  # (B, C, K−1+L)
         b = bias.to(f) if bias is not None else None
         y = F.conv1d(ext, weight.to(f)[:, None, :], b, groups=ext.shape[1])  # (B, C, L)
-        final = torch.cat([hist, x.transpose(1, 2)], dim=-1)[..., -width:]
+        final = None
+        if return_final_state:  # only the last K columns: no full-length copy of x
+            final = torch.cat([hist, x.transpose(1, 2)[..., -width:]], dim=-1)[..., -width:]
     else:
         comp = _compact(xt, seq_idx)
         ext = torch.cat([hist[..., 1:].to(f), comp.x], dim=-1)
         ext_run = F.pad(comp.run, (width - 1, 0), value=0)
         y = _uncompact(_shift_sum(ext, weight, bias, ext_run, x.shape[1], width - 1), comp)
-        final = _packed_final_state(hist, comp, x.dtype)
+        final = _packed_final_state(hist, comp, x.dtype) if return_final_state else None
     y = _output(y, x, seq_idx, activation)
-    return (y, final.contiguous()) if return_final_state else y
+    return (y, final.contiguous()) if final is not None else y
 
 
 def causal_conv1d_update(

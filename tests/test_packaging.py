@@ -15,7 +15,7 @@ import pytest
 tomllib = pytest.importorskip("tomllib")
 
 ROOT = Path(__file__).resolve().parent.parent
-NOT_SHIPPED = {"tests", "benchmarks", "build", "dist"}
+NOT_SHIPPED = {"tests", "build", "dist"}
 
 
 def _pyproject() -> dict:

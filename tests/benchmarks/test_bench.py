@@ -1,0 +1,120 @@
+"""``mixstack bench``: the equality checks that gate every timing, the report files, the
+comparison with an earlier run. No time is asserted anywhere (only that figures exist
+and ratios are ratios of the recorded medians)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mixstack.benchmarks import references as R
+from mixstack.benchmarks import report, suites
+from mixstack.cli.main import app
+
+pytest.importorskip("transformers")
+runner = CliRunner()
+SMALL = R.MixerShape(d_model=32, headdim=8, d_state=8, chunk=16, mamba1_d_state=4)
+
+
+def _params(module: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"x": x, **dict(module.named_parameters())}
+
+
+@pytest.mark.parametrize("which", ["mamba2", "mamba1"])
+def test_transformers_mixers_hold_our_weights_and_agree(which: str) -> None:
+    ours = R.ours_mamba2(SMALL) if which == "mamba2" else R.ours_mamba1(SMALL)
+    ref = R.hf_mamba2(ours, SMALL) if which == "mamba2" else R.hf_mamba1(ours, SMALL)
+    x = torch.randn(2, 37, SMALL.d_model, requires_grad=True)  # 37: not a chunk multiple
+    err = R.check_pair(which, lambda: ours(x), _params(ours, x), lambda: ref(x), _params(ref, x))
+    assert err < R.RTOL
+    # the check is not vacuous: a changed weight in the reference is caught, by name
+    with torch.no_grad():
+        ref.out_proj.weight[0, 0] += 0.5
+    with pytest.raises(R.EqualityError, match=r"differs from the reference.*no timing"):
+        R.check_pair(which, lambda: ours(x), _params(ours, x), lambda: ref(x), _params(ref, x))
+
+
+def test_llama_mapping_gives_the_same_loss_and_gradients() -> None:
+    import mixstack
+
+    shape = R.LlamaShape(
+        n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, ffn=48, vocab=64, batch=2, seq_len=16
+    )
+    ours = mixstack.build(mixstack.load_spec(R.transformer_pp_spec(shape)), seed=0)
+    ref = R.hf_llama(ours, shape)
+    ids = torch.randint(0, shape.vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    by_ref = dict(ref.named_parameters())
+    mapping = R.llama_param_map(shape.n_layers)
+    assert set(mapping) == set(dict(ours.named_parameters()))
+    err = R.check_pair(
+        "llama",
+        lambda: R.lm_loss(ours(ids), ids),
+        dict(ours.named_parameters()),
+        lambda: ref(input_ids=ids, labels=ids).loss,
+        {k: by_ref[v] for k, v in mapping.items()},
+    )
+    assert err < R.RTOL
+    # lm_loss is the shifted next-token cross-entropy, written out
+    logits = ours(ids)
+    manual = -torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).mean()
+    torch.testing.assert_close(R.lm_loss(logits, ids), manual)
+
+
+def test_close_is_relative_to_the_tensor_scale() -> None:
+    b = torch.tensor([1000.0, 0.0, -1.0])
+    assert R.close(b * (1 + 5e-5), b)[0]
+    assert not R.close(b + torch.tensor([0.0, 0.0, 1.0]), b)[0]
+
+
+def test_check_run_writes_the_report_and_times_nothing(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["bench", "--suite", "all", "--size", "small", "--check", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["format"] == report.FORMAT
+    assert data["entries"] == [] and data["ratios"] == []
+    names = " ".join(data["checks"])
+    for pair in ("Mamba2Mixer", "MambaMixer", "reference kernels", "LlamaForCausalLM", "decode"):
+        assert pair in names
+    assert all(err < R.RTOL for err in data["checks"].values())
+    machine = data["machine"]
+    assert machine["threads"] == torch.get_num_threads() and machine["torch"] == torch.__version__
+    assert any(k.startswith("ssd_scan@cpu") for k in machine["backends"])
+    assert "Equality checks" in (tmp_path / "bench.md").read_text()
+
+
+def test_timed_run_reports_medians_ratios_and_compares(tmp_path: Path) -> None:
+    opts = suites.replace(
+        suites.small_options(), lengths=(32,), reps=2, presets=("transformer-tiny",)
+    )
+    result = suites.run_suites(["mixers", "decode"], opts)
+    by = {(e.name, e.mode): e for e in result.entries}
+    m2, hf = by["mamba2", "fwd+bwd"], by["transformers Mamba2Mixer", "fwd+bwd"]
+    ratio = next(r for r in result.ratios if r.name.startswith("Mamba2Mixer"))
+    assert ratio.value == pytest.approx(hf.median / m2.median)
+    assert len(m2.times) == 2 and m2.peak_bytes is not None and m2.peak_bytes > 0
+    # decode: the state of attention grows with the context, Mamba-2's does not
+    dec = {e.name: e for e in result.entries if e.suite == "decode"}
+    assert dec["mamba2"].extra["state_bytes"] > 0
+    data = report.to_json(result, {"cpu": "x"}, {})
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    rows = report.compare(data, report.load_json(path))
+    assert rows and all(r[3] == pytest.approx(1.0) for r in rows)
+
+
+def test_compare_refuses_a_foreign_file(tmp_path: Path) -> None:
+    bad = tmp_path / "x.json"
+    bad.write_text('{"entries": []}')
+    result = runner.invoke(app, ["bench", "--check", "--size", "small", "--compare", str(bad)])
+    assert result.exit_code == 1
+    assert "is not a `mixstack bench` result" in result.output
+    result = runner.invoke(app, ["bench", "--suite", "speed", "--check"])
+    assert result.exit_code == 1 and "--suite must be one of mixers" in result.output
+    result = runner.invoke(app, ["bench", "--lengths", "64,x", "--check", "--size", "small"])
+    assert result.exit_code == 1 and "comma-separated integers" in result.output
