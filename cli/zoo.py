@@ -21,8 +21,9 @@ zoo_app = typer.Typer(
     help="Presets shipped with mixstack (use them as zoo:NAME).", no_args_is_help=True
 )
 
-# A long source line is cut here; `zoo show` prints the whole header.
-SOURCE_WIDTH = 110
+# A long source line is cut here (the row stays one line at the 160-column pipe width);
+# `zoo show` prints the whole header.
+SOURCE_WIDTH = 52
 
 
 def zoo_presets() -> list[tuple[str, str]]:
@@ -44,7 +45,7 @@ def list_table() -> Table:
     table = Table(title="zoo presets (use as zoo:NAME)", title_justify="left")
     for name, justify in (("name", "left"), ("pattern", "left"), ("params", "right")):
         table.add_column(name, justify=justify, no_wrap=True)
-    table.add_column("source", overflow="fold")
+    table.add_column("source", no_wrap=True, overflow="ellipsis")  # one line per preset
     for item in presets():
         if item.alias_of is not None:
             table.add_row(item.name, Text(f"alias of {item.alias_of}"), "", "(old name)")

@@ -214,6 +214,8 @@ def test_zoo_list_is_one_line_per_preset_and_marks_aliases() -> None:
     result = runner.invoke(app, ["zoo", "list"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
+    body = [x for x in lines if x.startswith("│ ")]
+    assert len(body) == len(PRESETS)  # exactly one line each, nothing wrapped
     for item in PRESETS:
         (line,) = [x for x in lines if x.startswith(f"│ {item.name} ")]
         if item.alias_of is not None:
