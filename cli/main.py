@@ -10,7 +10,7 @@
                                     metrics of a model directory on a task's validation set
     schema [--out FILE]             JSON schema of the spec for editor completion
     registry list                   mixers, tasks, metrics and kernel providers, with origin
-    zoo list                        presets shipped in mixstack/zoo
+    zoo list | show NAME            presets shipped in mixstack/zoo (cli/zoo.py)
     bench [--suite S] [--check] ... speed and memory against references (docs/performance.md)
 
 SPEC is a YAML path or ``zoo:NAME``; overrides are dotted ``key.path=value`` pairs
@@ -49,10 +49,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-zoo_app = typer.Typer(
-    help="Presets shipped with mixstack (use them as zoo:NAME).", no_args_is_help=True
-)
-app.add_typer(zoo_app, name="zoo")
 registry_app = typer.Typer(
     help="What is registered: mixers, tasks, metrics, kernel providers.", no_args_is_help=True
 )
@@ -534,7 +530,7 @@ def evaluate(
         out.print(table)
 
 
-# -- schema and zoo ----------------------------------------------------------------------
+# -- schema -----------------------------------------------------------------------------
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file in the same folder and ``os.replace``: never half a file."""
     path = Path(path)
@@ -565,41 +561,6 @@ def schema(
         else:
             write_atomic(out, text)
             _stdout().print(Text(f"wrote {out}"))
-
-
-def zoo_presets() -> list[tuple[str, str]]:
-    """``(name, header comment)`` of every preset in the package's zoo folder."""
-    from importlib import resources
-
-    folder = resources.files("mixstack.zoo")
-    presets = []
-    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
-        if entry.name.endswith(".yaml"):
-            presets.append((entry.name.removesuffix(".yaml"), _header(entry.read_text("utf-8"))))
-    return presets
-
-
-def _header(text: str) -> str:
-    """The leading ``#`` comment block of a YAML file, as one paragraph."""
-    lines = []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not stripped.startswith("#"):
-            break
-        lines.append(stripped.lstrip("#").strip())
-    return " ".join(part for part in lines if part)
-
-
-@zoo_app.command("list")
-def zoo_list(ctx: typer.Context) -> None:
-    """List the presets (use them as zoo:NAME)."""
-    with _handled(ctx):
-        table = Table(title="zoo presets (use as zoo:NAME)", title_justify="left")
-        table.add_column("name", no_wrap=True)
-        table.add_column("description", overflow="fold")
-        for name, header in zoo_presets():
-            table.add_row(name, Text(header))
-        _stdout().print(table)
 
 
 def registry_tables() -> list[Table]:
@@ -648,6 +609,9 @@ app.command("export")(_interop.export)
 from mixstack.cli.bench import bench  # noqa: E402  (needs _handled above)
 
 app.command()(bench)
+from mixstack.cli.zoo import zoo_app  # noqa: E402  (its commands import this module lazily)
+
+app.add_typer(zoo_app, name="zoo")
 
 
 def main() -> None:

@@ -17,6 +17,12 @@ History:
 - 1 -> 2: ``model.activation_checkpointing`` removed (it never changed the model; it is
   ``run.activation_checkpointing``, where a v1 ``true`` moves); ``model.init.scheme``
   added, a v1 model reads ``mixstack`` (the only init v1 had).
+- 2 -> 3: SGConv long-convolution kernels follow the reference (``ctlllll/SGConv``):
+  normalised by the norm of the full concatenated kernel before it is cut to its length
+  (``kernel.normalize: concat``), sub-kernel size 64, and a plain output projection
+  unless ``output_glu``. Every SGConv kernel of a v2 document pins what v2 computed:
+  ``kernel.normalize: truncated``, ``kernel.sub_kernel_len: 32`` when it was left to
+  the default, and ``output_glu: true`` on its layer.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Version n document (mutated in place) -> notes for the user.
 MigrationStep = Callable[[dict[str, Any]], list[str]]
@@ -59,7 +65,49 @@ def _v1_to_v2(document: dict[str, Any]) -> list[str]:
     return notes
 
 
-MIGRATIONS: dict[int, MigrationStep] = {1: _v1_to_v2}
+# Defaults of an SGConv long-convolution layer before schema 3.
+_V2_SGCONV_KERNEL = {"normalize": "truncated", "sub_kernel_len": 32}
+
+
+def _pin_v2_sgconv(node: Any) -> int:
+    """Pin v2 SGConv numerics in every layer mapping under ``node``; how many were pinned.
+
+    A layer mapping is a binding (``type: long_conv``) or an override's ``set`` (no
+    ``type``) whose ``kernel`` is ``{type: sgconv, ...}``; composites nest them in lists.
+    """
+    count = 0
+    if isinstance(node, dict):
+        kernel = node.get("kernel")
+        is_layer = node.get("type", "long_conv") == "long_conv"
+        if is_layer and isinstance(kernel, dict) and kernel.get("type") == "sgconv":
+            for key, value in _V2_SGCONV_KERNEL.items():
+                kernel.setdefault(key, value)
+            node.setdefault("output_glu", True)
+            count += 1
+        children = node.values()
+    elif isinstance(node, list):
+        children = node
+    else:
+        return 0
+    return count + sum(_pin_v2_sgconv(child) for child in children)
+
+
+def _v2_to_v3(document: dict[str, Any]) -> list[str]:
+    """Pin the SGConv normalisation, sub-kernel size and output GLU that v2 used."""
+    model = document.get("model")
+    if not isinstance(model, dict):
+        return []
+    count = _pin_v2_sgconv(model.get("layers"))
+    if not count:
+        return []
+    return [
+        f"{count} SGConv kernel(s) keep their schema-2 numerics (kernel.normalize: truncated, "
+        "output_glu: true; sub_kernel_len 32 unless given); schema 3 defaults to the "
+        "reference's (concat, no GLU, 64)"
+    ]
+
+
+MIGRATIONS: dict[int, MigrationStep] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def unsupported_version(version: Any) -> str | None:

@@ -17,19 +17,28 @@ Kernel parameterisations (``kernel.type``):
   kernel at init (``init_scale/√smooth``), or the kernel and its gradient are
   identically zero (docs/math.md#pitfalls; checked at load: λ <= 3·init_scale/√smooth).
 * ``sgconv`` (Li et al. 2022, "What Makes Convolutional Models Great on Long Sequence
-  Modeling?"): ``S = ⌈log2(K/d)⌉ + 1`` sub-kernel parameters ``w_i ∈ R^d``
-  (``kernel.weight (S, sides·C, d_model, d)``, N(0, 1)), the kernel
-  ``concat_i α^i · Up_{2^{max(i−1,0)}}(w_i)`` cut to K and divided by its L2 norm per row
-  measured at initialisation (the buffer ``kernel.kernel_norm``, a constant afterwards).
-  Choices the sources leave open, documented here: ``Up`` is ``F.interpolate``
-  (``linear`` with ``align_corners=False``, or ``nearest``) and the norm is taken over
-  the K taps of each (channel, model channel) row.
+  Modeling?"; reference ``ctlllll/SGConv`` ``GConv``): ``S = ⌈log2(K/d)⌉ + 1`` sub-kernel
+  parameters ``w_i ∈ R^d`` (``kernel.weight (S, sides·C, d_model, d)``, N(0, 1); d = 64
+  by default, the reference's ``kernel_dim``), the kernel
+  ``concat_i α^i · Up_{2^{max(i−1,0)}}(w_i)`` (``d·2^(S−1)`` taps) divided by its L2 norm
+  per row measured at initialisation (the buffer ``kernel.kernel_norm``, a constant
+  afterwards), then cut to K. ``kernel.normalize`` says which norm: ``concat`` (default,
+  the reference) takes it over the full concatenation before the cut; ``truncated``
+  (schema <= 2 behaviour, kept for migrated files) over the K taps after the cut — the
+  two differ per row by up to a few percent when K/d is not a power of two.
+  ``Up`` is ``F.interpolate`` (``linear`` with ``align_corners=False``, or ``nearest``),
+  as in the reference.
 
 Matrix view: one term with ``H = C·d_model`` heads, ``P = 1``, the value stream is the
 input repeated per channel (head ``c·d_model + h`` reads ``u_h``, safari's ``(c h)``
 order) and ``M_{c,h}[i, j] = k_{c,h}[i−j]`` (i ≥ j; ``k¹_{c,h}[j−i−1]`` above the
 diagonal when bidirectional) ``+ D_{c,h} δ_ij``. ``finish`` = activation, output_linear,
 GLU, zeros at padding.
+
+Output projection (``output_glu``): ``Linear(C·d_model → 2·d_model)`` and a GLU (safari
+``LongConv``; the reference SGConv's ``postact='glu'``), or a plain
+``Linear(C·d_model → d_model)`` (the reference SGConv's default, ``postact=None``).
+Default: GLU for ``squash`` kernels, plain for ``sgconv`` kernels, each as in its source.
 
 Capabilities: causal iff ``causal`` (default: the arch is causal_lm); no decode; length
 dependent (the kernel spans ``max_seq_len`` by default and longer calls are refused).
@@ -91,10 +100,18 @@ class SGConvKernelConfig(BaseModel):
     )
 
     type: Literal["sgconv"] = "sgconv"
-    sub_kernel_len: int = Field(32, ge=1, description="d: parameters per sub-kernel")
+    sub_kernel_len: int = Field(
+        64, ge=1, description="d: parameters per sub-kernel (the reference's kernel_dim 64)"
+    )
     decay: float = Field(0.5, gt=0, le=1, description="α: sub-kernel i is scaled by α^i")
     interpolation: Literal["linear", "nearest"] = Field(
         "linear", description="upsampling of sub-kernel i by 2^max(i-1, 0)"
+    )
+    normalize: Literal["concat", "truncated"] = Field(
+        "concat",
+        description="norm the kernel is divided by: of the full concatenation before it is "
+        "cut to kernel_len (concat, the reference) or of the cut kernel (truncated, "
+        "schema <= 2 files)",
     )
 
 
@@ -125,6 +142,12 @@ class LongConvConfig(ArchCausalConfig, LayerConfig):
     activation: Literal["gelu", "id"] = Field(
         "gelu", description="between the convolution and output_linear"
     )
+    output_glu: bool | None = Field(
+        None,
+        description="output_linear to 2·d_model and a GLU (true) or a plain Linear to d_model "
+        "(false); None -> true for squash kernels (safari), false for sgconv (reference "
+        "postact=None)",
+    )
 
     def capabilities(self, ctx: LayerContext) -> Capabilities:
         return Capabilities(causal=self.is_causal(ctx), decode=False, length_dependent=True)
@@ -134,8 +157,16 @@ class LongConvConfig(ArchCausalConfig, LayerConfig):
             update={
                 "causal": self.is_causal(ctx),
                 "kernel_len": ctx.max_seq_len if self.kernel_len is None else self.kernel_len,
+                "output_glu": self.glu,
             }
         )
+
+    @property
+    def glu(self) -> bool:
+        """Whether the output projection ends in a GLU (``output_glu`` or its default)."""
+        if self.output_glu is not None:
+            return self.output_glu
+        return isinstance(self.kernel, SquashKernelConfig)
 
     def check(self, ctx: LayerContext) -> CheckResult:
         out: CheckResult = []
@@ -184,6 +215,15 @@ class LongConvConfig(ArchCausalConfig, LayerConfig):
                 cls(channels=2, kernel=sg.model_copy(update={"interpolation": "nearest"})),
                 arch="encoder",
                 name="sgconv-bidirectional-nearest",
+            ),
+            LayerExample(
+                cls(
+                    channels=1,
+                    kernel_len=20,
+                    output_glu=True,
+                    kernel=sg.model_copy(update={"normalize": "truncated"}),
+                ),
+                name="sgconv-truncated-glu",
             ),
         ]
 
@@ -235,10 +275,12 @@ class SGConvKernel(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None) -> None:
         normal_(self.weight, 1.0, generator)
-        self.kernel_norm.copy_(self._raw().norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        full = self._full()  # (rows, d_model, d·2^(S−1))
+        ref = full if self.cfg.normalize == "concat" else full[..., : self.length]
+        self.kernel_norm.copy_(ref.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
-    def _raw(self) -> Tensor:
-        """``concat_i α^i · Up_{2^max(i-1,0)}(w_i)`` cut to K: (rows, d_model, K)."""
+    def _full(self) -> Tensor:
+        """``concat_i α^i · Up_{2^max(i-1,0)}(w_i)``: (rows, d_model, d·2^(S−1)), not cut."""
         scales, rows, d_model, d = self.weight.shape
         mode = self.cfg.interpolation
         pieces = []
@@ -249,10 +291,11 @@ class SGConvKernel(nn.Module):
                 extra = {"align_corners": False} if mode == "linear" else {}
                 w = F.interpolate(w, size=size, mode=mode, **extra)
             pieces.append(self.cfg.decay**i * w.view(rows, d_model, size))
-        return torch.cat(pieces, dim=-1)[..., : self.length]
+        return torch.cat(pieces, dim=-1)
 
     def forward(self) -> Tensor:
-        return self._raw() / self.kernel_norm.to(self.weight.dtype)
+        """The kernel cut to K taps, divided by the constant norm: (rows, d_model, K)."""
+        return self._full()[..., : self.length] / self.kernel_norm.to(self.weight.dtype)
 
 
 # -- the layer ----------------------------------------------------------------------------------
@@ -284,7 +327,8 @@ class LongConv(Mixer):
         kernel_cls = SquashKernel if isinstance(cfg.kernel, SquashKernelConfig) else SGConvKernel
         self.kernel = kernel_cls(rows, D, cfg.kernel_len, cfg.kernel)  # type: ignore[arg-type]
         self.D = nn.Parameter(torch.empty(C, D))
-        self.output_linear = nn.Linear(C * D, 2 * D)
+        self.glu = cfg.glu
+        self.output_linear = nn.Linear(C * D, (2 if self.glu else 1) * D)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -302,11 +346,13 @@ class LongConv(Mixer):
         return LongConvCoeffs(fwd, back, self.D.reshape(C * D), seq_idx)
 
     def _finish(self, y: Tensor, seq_idx: Tensor | None) -> Tensor:
-        """y (B, L, C·D, 1) -> activation, output_linear, GLU -> (B, L, D); 0 at padding."""
+        """y (B, L, C·D, 1) -> activation, output_linear (GLU) -> (B, L, D); 0 at padding."""
         y = y.flatten(2)  # (B, L, C·D) in (c h) order
         if self.cfg.activation == "gelu":
             y = F.gelu(y)
-        out = F.glu(self.output_linear(y), dim=-1)
+        out = self.output_linear(y)  # (B, L, 2D) with GLU, else (B, L, D)
+        if self.glu:
+            out = F.glu(out, dim=-1)
         return zero_padding(out, seq_idx)
 
     def mixing_terms(
@@ -342,4 +388,4 @@ class LongConv(Mixer):
     def flops_per_token(self, seq_len: int) -> float:
         C, D = self.cfg.channels, self.ctx.d_model
         conv = fftconv_flops(seq_len, C * D) / seq_len  # two-sided: same FFT sizes
-        return conv + 2.0 * C * D + 2.0 * C * D * 2 * D
+        return conv + 2.0 * C * D + 2.0 * C * D * (2 if self.glu else 1) * D

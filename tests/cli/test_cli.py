@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import mixstack
-from mixstack.cli.main import _header, app, human, write_atomic, zoo_presets
+from mixstack.cli.main import app, human, write_atomic
 
 runner = CliRunner()
 
@@ -115,15 +115,6 @@ def test_schema_is_json_with_the_registered_layers(tmp_path) -> None:
 def test_schema_out_to_a_missing_folder_is_a_clean_error(tmp_path) -> None:
     result = runner.invoke(app, ["schema", "--out", str(tmp_path / "nope" / "s.json")])
     assert result.exit_code == 1 and "FileNotFoundError" in result.stderr
-
-
-def test_zoo_list_shows_presets_with_their_header() -> None:
-    result = runner.invoke(app, ["zoo", "list"])
-    assert result.exit_code == 0
-    assert "hybrid-8b-shape" in result.stdout and "Megatron-LM" in result.stdout
-    names = [name for name, _ in zoo_presets()]
-    assert "hybrid-8b-shape" in names
-    assert _header("# one\n#  two\n\n# not header\nkey: 1\n") == "one two"
 
 
 def test_plugin_registers_a_layer_type(tmp_path, monkeypatch, scoped_registry) -> None:

@@ -427,10 +427,10 @@ CASES = [
     ),
     Case(
         "schema-version",
-        main("schema_version: 3\n" + VALID),
+        main("schema_version: 4\n" + VALID),
         "main.yaml:1",
         "schema_version",
-        "newer than this mixstack reads (1..2)",
+        "newer than this mixstack reads (1..3)",
     ),
     Case(
         "bad-backend",

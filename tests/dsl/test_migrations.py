@@ -87,3 +87,37 @@ def test_hash_rule_names_its_version_and_ignores_the_request() -> None:
     assert spec_hash_of(model, 1) == hashlib.sha256(by_hand.encode()).hexdigest()
     assert spec_hash_of(model, 1) != spec_hash_of(model, 2)
     assert "requested" in model["layers"]  # the argument is not modified
+
+
+def test_v2_sgconv_kernels_are_pinned_everywhere_they_occur() -> None:
+    """Bindings, composite children and override sets with an SGConv kernel get the v2
+    numerics; squash kernels and other layers are left alone."""
+    sg = {"type": "sgconv"}
+    model = {
+        "layers": {
+            "pattern": "GSq",
+            "symbols": {
+                "G": {"type": "long_conv", "kernel": dict(sg)},
+                "S": {
+                    "type": "sequential",
+                    "layers": [
+                        {"type": "long_conv", "kernel": {**sg, "sub_kernel_len": 8}},
+                        {"type": "mlp"},
+                    ],
+                },
+                "q": {"type": "long_conv", "kernel": {"type": "squash"}},
+            },
+            "overrides": [{"at": [2], "set": {"kernel": dict(sg), "output_glu": False}}],
+        }
+    }
+    migrated, notes = migrate({"schema_version": 2, "model": model})
+    symbols = migrated["model"]["layers"]["symbols"]
+    pinned = {"type": "sgconv", "normalize": "truncated", "sub_kernel_len": 32}
+    assert symbols["G"] == {"type": "long_conv", "kernel": pinned, "output_glu": True}
+    assert symbols["S"]["layers"][0]["kernel"] == {**pinned, "sub_kernel_len": 8}
+    assert symbols["S"]["layers"][1] == {"type": "mlp"}
+    assert symbols["q"] == {"type": "long_conv", "kernel": {"type": "squash"}}
+    override = migrated["model"]["layers"]["overrides"][0]["set"]
+    assert override == {"kernel": pinned, "output_glu": False}  # an explicit value stays
+    assert len(notes) == 1 and notes[0].startswith("3 SGConv kernel(s)")
+    assert migrate({"schema_version": 2, "model": V2_MODEL})[1] == []

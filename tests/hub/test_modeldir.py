@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import mixstack
 from mixstack.dsl.errors import CheckpointError
+from mixstack.dsl.migrations import SCHEMA_VERSION
 from mixstack.hub.modeldir import save_model_dir
 
 SPEC = yaml.safe_load("""
@@ -59,7 +60,10 @@ def test_round_trip_gives_the_same_model(exported) -> None:
     assert torch.equal(loaded(ids), model.eval()(ids))
     assert loaded.lm_head.weight is loaded.embedding.weight  # still tied
     config = json.loads((folder / "config.json").read_text())
-    assert config["spec_hash"] == model.spec.spec_hash and config["schema_version"] == 2
+    assert (
+        config["spec_hash"] == model.spec.spec_hash
+        and config["schema_version"] == SCHEMA_VERSION == 3
+    )
     assert config["model"] == model.spec.canonical() and "mixstack_version" in config
     assert mixstack.load_spec(str(folder / "spec.yaml")).model == model.spec
     card = (folder / "README.md").read_text()

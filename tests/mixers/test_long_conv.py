@@ -77,15 +77,19 @@ def upsample(w: torch.Tensor, r: int, mode: str) -> torch.Tensor:
     return torch.stack(out, dim=-1)
 
 
-@pytest.mark.parametrize("mode", ["linear", "nearest"])
-def test_sgconv_kernel_follows_the_formula(mode):
-    cfg = SGConvKernelConfig(sub_kernel_len=3, decay=0.7, interpolation=mode)
+@pytest.mark.parametrize(
+    ("mode", "normalize"), [("linear", "concat"), ("nearest", "concat"), ("linear", "truncated")]
+)
+def test_sgconv_kernel_follows_the_formula(mode, normalize):
+    cfg = SGConvKernelConfig(sub_kernel_len=3, decay=0.7, interpolation=mode, normalize=normalize)
     m = build(LongConvConfig(channels=1, kernel=cfg), max_seq_len=20)
     w = m.kernel.weight.detach()  # (S, rows, D, d)
     assert w.shape[0] == sgconv_scales(20, 3) == 4  # 3 + 3 + 6 + 12 = 24 >= 20 > 12
     pieces = [0.7**i * upsample(w[i], 2 ** max(i - 1, 0), mode) for i in range(4)]
-    raw = torch.cat(pieces, dim=-1)[..., :20]
-    norm = raw.norm(dim=-1, keepdim=True)
+    full = torch.cat(pieces, dim=-1)  # (rows, D, 24): the reference's concatenation
+    raw = full[..., :20]
+    # concat (the reference GConv): the norm of all 24 taps, before the cut to 20
+    norm = (full if normalize == "concat" else raw).norm(dim=-1, keepdim=True)
     torch.testing.assert_close(m.kernel(), raw / norm, rtol=1e-12, atol=1e-14)
     # the normalisation is a constant of the initialisation, not recomputed
     with torch.no_grad():
@@ -121,7 +125,10 @@ def naive_layer(m: LongConv, u: torch.Tensor) -> torch.Tensor:
     z = y.reshape(B, L, C * D)
     if m.cfg.activation == "gelu":
         z = F.gelu(z)
-    a, gate = (z @ m.output_linear.weight.T + m.output_linear.bias).chunk(2, dim=-1)
+    out = z @ m.output_linear.weight.T + m.output_linear.bias
+    if not m.glu:
+        return out
+    a, gate = out.chunk(2, dim=-1)
     return a * torch.sigmoid(gate)
 
 
@@ -136,7 +143,24 @@ CONFIGS = {
         LongConvConfig(activation="id", kernel=SGConvKernelConfig(sub_kernel_len=5)),
         "encoder",
     ),
+    "causal-sgconv-truncated-glu": (
+        LongConvConfig(
+            channels=2,
+            output_glu=True,
+            kernel=SGConvKernelConfig(sub_kernel_len=4, normalize="truncated"),
+        ),
+        "causal_lm",
+    ),
 }
+
+
+def test_output_projection_defaults_follow_each_source():
+    """safari LongConv ends in a GLU (Linear to 2D); the reference SGConv's default
+    postact=None is a plain Linear to D."""
+    assert build(LongConvConfig(channels=2)).output_linear.weight.shape == (12, 12)
+    sg = build(LongConvConfig(channels=2, kernel=SGConvKernelConfig(sub_kernel_len=4)))
+    assert sg.output_linear.weight.shape == (6, 12) and sg.cfg.output_glu is False
+    assert SGConvKernelConfig().sub_kernel_len == 64  # the reference's kernel_dim
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
