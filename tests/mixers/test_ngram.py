@@ -229,3 +229,26 @@ def test_forward_at_4096_fits_where_k_int64_masks_do_not() -> None:
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.startswith("OK"), run.stdout + run.stderr[-2000:]
+
+
+def test_hybrid_preset_passes_token_ids_and_decodes_like_forward() -> None:
+    """zoo:icll-mamba2-ngram-tiny built as a model: the n-gram layers get the ids from the
+    model (forward and step), and step-by-step logits equal the forward's."""
+    import mixstack
+
+    spec = mixstack.load_spec(
+        "zoo:icll-mamba2-ngram-tiny", ["model.max_seq_len=24", "train.task.seq_len=24"]
+    )
+    model = mixstack.build(spec, seed=0).double()
+    ids = torch.randint(0, 5, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids)
+        state = model.init_state(2, 24, dtype=torch.float64)
+        got = torch.stack([model.step(ids[:, t], state) for t in range(24)], dim=1)
+        other = ids.clone()
+        other[:, 10] = (other[:, 10] + 1) % 5  # a token changes what the n-gram rows match
+        changed = model(other)
+    assert_close(got, want, "model decode")
+    ngram = [m for m in model.modules() if isinstance(m, Ngram)]
+    assert [m.match_len for m in ngram] == [1, 2, 3]
+    assert not torch.allclose(changed[:, 11:], want[:, 11:])
