@@ -574,6 +574,7 @@ def registry_tables() -> list[Table]:
     for layer in registry.entries():
         layers.add_row(layer.name, layer.kind, layer.source, str(layer.origin))
     tasks = Table("type", "archs", "extra metrics", "origin", title="tasks", title_justify="left")
+    tasks.columns[2].max_width = 24  # a long metric list wraps instead of cutting the origin
     for task in registry.tasks.all():
         archs = ", ".join(getattr(task.config_cls, "archs", ()))
         tasks.add_row(task.name, archs, ", ".join(task.metrics) or "-", str(task.origin))

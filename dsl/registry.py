@@ -111,14 +111,17 @@ class MetricDef:
     that metric's ``update`` arguments (default: ``(logits.float(), labels)``). ``archs``:
     the model archs it applies to (None: all). ``higher_is_better`` is what
     ``train.early_stop``, the best value in ``run.json`` and grids read.
+    ``sample_keys``: further keys of the task's samples (batched) that ``prepare`` needs,
+    passed after ``labels`` in this order (e.g. a task's per-position target distribution).
     """
 
     name: str
     higher_is_better: bool
     description: str
     factory: Callable[[int], Any]
-    prepare: Callable[[Any, Any], tuple[Any, ...]] | None = None
+    prepare: Callable[..., tuple[Any, ...]] | None = None
     archs: tuple[str, ...] | None = None
+    sample_keys: tuple[str, ...] = ()
 
     @property
     def mode(self) -> Literal["max", "min"]:

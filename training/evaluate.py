@@ -56,7 +56,7 @@ def evaluate(
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(batch["input_ids"], seq_idx=batch.get("seq_idx"))
-            metrics.update(logits, batch["labels"])
+            metrics.update(logits, batch["labels"], batch)
     finally:
         model.train(was_training)
     return metrics.compute()

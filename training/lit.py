@@ -155,7 +155,7 @@ class LitModel(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         logits = self(batch["input_ids"], seq_idx=batch.get("seq_idx"))
-        self.val_metrics.update(logits, batch["labels"])
+        self.val_metrics.update(logits, batch["labels"], batch)
         for name, metric in self.val_metrics.metrics().items():
             self.log(f"val/{name}", metric, on_epoch=True, prog_bar=name != "ppl")
 

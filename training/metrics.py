@@ -11,13 +11,14 @@ torchmetrics is imported by the metric factories, not by this module.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mixstack.dsl import registry
+from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.registry import MetricDef, register_metric
 from mixstack.dsl.spec import Spec
 from mixstack.tasks.base import IGNORE_INDEX
@@ -72,6 +73,15 @@ PPL = register_metric(
 )
 
 
+def _sample_key(batch: Mapping[str, Tensor] | None, key: str, metric: str) -> Tensor:
+    if batch is None or key not in batch:
+        raise MixstackError(
+            f"metric {metric!r} needs the samples' {key!r} (its task writes it); pass the "
+            "collated batch: EvalMetrics.update(logits, labels, batch)"
+        )
+    return batch[key]
+
+
 class EvalMetrics(nn.Module):
     """The validation metrics of a run, accumulated over batches.
 
@@ -93,11 +103,18 @@ class EvalMetrics(nn.Module):
         return cls(registry.task_metrics(spec.train.task.type, model.arch), n_out)
 
     @torch.no_grad()
-    def update(self, logits: Tensor, labels: Tensor) -> None:
-        """``logits (B, L, V)`` / ``labels (B, L)``, or ``(B, C)`` / ``(B,)``."""
+    def update(
+        self, logits: Tensor, labels: Tensor, batch: Mapping[str, Tensor] | None = None
+    ) -> None:
+        """``logits (B, L, V)`` / ``labels (B, L)``, or ``(B, C)`` / ``(B,)``; ``batch``: the
+        collated samples, for metrics that read further keys (``MetricDef.sample_keys``)."""
         for name, metric in self.torchmetrics.items():
-            prepare = self.definitions[name].prepare
-            metric.update(*(prepare(logits, labels) if prepare else (logits.float(), labels)))
+            definition = self.definitions[name]
+            prepare = definition.prepare
+            extra = [_sample_key(batch, key, name) for key in definition.sample_keys]
+            metric.update(
+                *(prepare(logits, labels, *extra) if prepare else (logits.float(), labels))
+            )
 
     def compute(self) -> dict[str, float]:
         return {name: float(metric.compute()) for name, metric in self.torchmetrics.items()}

@@ -31,6 +31,7 @@ from mixstack.tasks.base import (
     Split,
     Task,
 )
+from mixstack.training.data import collate
 from mixstack.training.metrics import EvalMetrics
 
 # -- a task registered from this test file ----------------------------------------------
@@ -111,6 +112,18 @@ def check_text(cfg: Any, ids: list[int], labels: list[int], seq_idx: Any) -> Non
     assert labels[:-1] == expected
 
 
+def check_icll(cfg: Any, ids: list[int], labels: list[int], seq_idx: Any) -> None:
+    """Next-token labels; delimiter-separated, non-empty strings of at most max_string_len
+    symbols (the last one may be cut), from an alphabet of at most alphabet_size symbols."""
+    delimiter = cfg.n_symbols
+    assert labels[:-1] == ids[1:], "every next token is a target"
+    tokens = [*ids, labels[-1]]
+    assert all(0 <= t <= delimiter for t in tokens)
+    strings = [s.split() for s in " ".join(map(str, tokens)).split(str(delimiter))]
+    assert all(strings[:-1]) and all(len(s) <= cfg.max_string_len for s in strings)
+    assert len({t for t in tokens if t != delimiter}) <= (cfg.alphabet_size or cfg.max_states)
+
+
 def check_parity(cfg: Any, ids: list[int], labels: list[int], seq_idx: Any) -> None:
     assert labels == [IGNORE_INDEX] * (len(ids) - 1) + [sum(ids[:-1]) % 2]
 
@@ -121,6 +134,7 @@ EVALUATORS: dict[str, Callable[..., None]] = {
     "induction": check_induction,
     "majority": check_majority,
     "text": check_text,
+    "icll": check_icll,
     "test_parity": check_parity,
 }
 
@@ -231,5 +245,5 @@ def test_metrics_are_registered_and_compute(name: str, index: int) -> None:
     labels = torch.stack([s["labels"] for s in samples])
     n_out = spec.model.classifier.n_classes if spec.model.classifier else spec.model.total_vocab
     logits = torch.randn(*labels.shape, n_out, generator=torch.Generator().manual_seed(0))
-    metrics.update(logits, labels)
+    metrics.update(logits, labels, collate(samples))
     assert all(math.isfinite(v) for v in metrics.compute().values())
