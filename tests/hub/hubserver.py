@@ -219,14 +219,17 @@ def make_handler(state: HubState) -> type[BaseHTTPRequestHandler]:
             owner = payload.get("organization") or user
             repo_id = f"{owner}/{payload['name']}"
             private = bool(payload.get("private")) or payload.get("visibility") == "private"
+            base = f"http://{self.headers.get('host')}"
             with state.lock:
                 if repo_id in state.repos:
-                    return self._error(409, None, "You already created this model repo")
+                    # the Hub answers a conflict with the URL too (create_repo(exist_ok) reads it)
+                    message = "You already created this model repo"
+                    body = {"error": message, "url": f"{base}/{repo_id}"}
+                    return self._send(409, body, {"X-Error-Message": message})
                 repo = Repo(owner=user, private=private)
                 state.repos[repo_id] = repo
                 files = {".gitattributes": state.add_regular(GITATTRIBUTES)}
                 repo.branches["main"] = state.new_commit(repo, files)
-            base = f"http://{self.headers.get('host')}"
             return self._send(200, {"url": f"{base}/{repo_id}", "name": repo_id})
 
         def _api_model(
