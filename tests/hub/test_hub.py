@@ -180,7 +180,7 @@ def test_private_repo_needs_the_token(hub, tmp_path: Path) -> None:
     mixstack.push(model, "me/secret", private=True, token=hub.token, endpoint=hub.endpoint)
     cache = tmp_path / "cache"
     for token in (None, hub.other_token):
-        with pytest.raises(CheckpointError, match="not found .*private and no valid token") as e:
+        with pytest.raises(CheckpointError, match=r"not found .*private and no valid token") as e:
             mixstack.from_pretrained(
                 "hf://me/secret", token=token, endpoint=hub.endpoint, cache_dir=cache
             )
