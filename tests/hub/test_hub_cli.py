@@ -119,11 +119,21 @@ def test_train_with_run_hub_pushes_card_with_the_runs_metrics(
 
 @pytest.mark.slow(budget_s=45)
 def test_failed_push_keeps_the_run_and_says_how_to_retry(hub, tmp_path: Path, monkeypatch):
+    # the architecture comes from the Hub (base: hf://...), the train section from the file
+    base = mixstack.push(
+        mixstack.build("zoo:mqar-tiny", seed=0), "me/base", token=hub.token, endpoint=hub.endpoint
+    )
+    spec_file = tmp_path / "from-hub.yaml"
+    spec_file.write_text(
+        "base: hf://me/base\ntrain: {task: {type: mqar, n_pairs: 4, seq_len: 32}, max_steps: 4}\n"
+    )
     monkeypatch.setenv("HF_TOKEN", "hf_FAKEwrongTOKENnotKnownToTheServer")
     run_dir = tmp_path / "run"
-    args = ["--hub-endpoint", hub.endpoint, "train", "zoo:mqar-tiny", "run.hub.repo_id=me/y"]
+    args = ["--hub-endpoint", hub.endpoint, "train", str(spec_file), "run.hub.repo_id=me/y"]
     result = runner.invoke(app, [*args, *TRAIN, "--out", str(run_dir)])
     assert result.exit_code == 0, result.output  # the run itself succeeded
+    (source,) = json.loads((run_dir / "run.json").read_text())["sources"]
+    assert source["commit"] == base.commit and source["source"] == "hf://me/base"
     assert "hub push FAILED" in result.output
     retry = f"mixstack push {run_dir / 'model'} me/y"
     meta = json.loads((run_dir / "run.json").read_text())
