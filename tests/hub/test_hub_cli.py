@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 import mixstack
@@ -105,7 +106,12 @@ def test_train_with_run_hub_pushes_card_with_the_runs_metrics(
     assert "| task | mqar |" in card and "| steps | 4 |" in card
     accuracy = meta["metrics"]["val/accuracy"]
     assert f"| val/accuracy | {accuracy:.6g} |" in card
-    assert json.loads((run_dir / "model" / "config.json").read_text())["spec_hash"] in card
+    config = json.loads((run_dir / "model" / "config.json").read_text())
+    assert config["spec_hash"] in card
+    # the model directory keeps the spec as authored beside the resolved config.json
+    authored = yaml.safe_load((run_dir / "model" / "spec.yaml").read_text())["model"]
+    assert authored["layers"]["symbols"]["*"] == {"type": "attention", "n_heads": 4}
+    assert config["model"]["layers"]["symbols"]["*"]["head_dim"] == 16
     # the pulled model is the run's model
     loaded = mixstack.from_pretrained("hf://me/x", endpoint=hub.endpoint, cache_dir=tmp_path / "c")
     local = mixstack.from_pretrained(run_dir / "model")
