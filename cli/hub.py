@@ -10,12 +10,19 @@ where it would end up in shell history); it is never printed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.text import Text
 
-from mixstack.cli.main import _handled, _stdout
+
+def _helpers() -> tuple[Any, Any]:
+    """``cli.main``'s error handler and console, imported when a command runs: a
+    module-level import would be circular when ``cli.main`` runs as ``__main__``
+    (``python -m mixstack.cli.main``), since it imports this module to register it."""
+    from mixstack.cli import main
+
+    return main._handled, main._stdout
 
 
 def push(
@@ -33,6 +40,7 @@ def push(
     message: Annotated[str | None, typer.Option("--message", help="commit message")] = None,
 ) -> None:
     """Upload a model directory (config.json, spec.yaml, weights, model card) in one commit."""
+    _handled, _stdout = _helpers()
     with _handled(ctx):
         from mixstack.hub.hub import push as do_push
 
@@ -57,6 +65,7 @@ def pull(
     ] = None,
 ) -> None:
     """Download a model through the Hub cache, check it loads; print the resolved commit."""
+    _handled, _stdout = _helpers()
     with _handled(ctx):
         from mixstack.hub.hub import pull as do_pull
 
