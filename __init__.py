@@ -33,14 +33,16 @@ if TYPE_CHECKING:
     from mixstack.archs.models import MixStackModel
 
 
-def load_spec(source: Any, overrides: Sequence[str] = ()) -> Spec:
-    """Load and validate a spec: a YAML path, ``zoo:NAME``, a dict or a ``Spec``.
+def load_spec(source: Any, overrides: Sequence[str] = (), *, hub: Any = None) -> Spec:
+    """Load and validate a spec: a YAML path, ``zoo:NAME``, ``hf://ORG/NAME[@REV]``, a
+    dict or a ``Spec``. ``hub``: a :class:`mixstack.dsl.hubref.HubOptions` (endpoint,
+    token, cache) for every ``hf://`` reference, ``base:`` entries included.
 
     See :func:`mixstack.dsl.loader.load_spec`.
     """
     from mixstack.dsl.loader import load_spec as _load_spec
 
-    return _load_spec(source, overrides=overrides)
+    return _load_spec(source, overrides=overrides, hub=hub)
 
 
 def build(
@@ -75,24 +77,41 @@ def from_pretrained(
     *,
     device: Any = None,
     dtype: Any = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+    cache_dir: Any = None,
 ) -> MixStackModel:
-    """Load a local model directory (``config.json``, ``spec.yaml``, ``model.safetensors``),
-    or a transformers checkpoint folder (``config.json`` with ``model_type``; see
-    :func:`mixstack.interop.load_transformers` and docs/interop.md).
+    """Load a model directory (``config.json``, ``spec.yaml``, ``model.safetensors``):
+    a local folder, or ``hf://ORG/NAME[@REVISION]`` downloaded through the Hub cache
+    (``revision`` / ``token`` / ``endpoint`` / ``cache_dir``; see :mod:`mixstack.hub.hub`).
+    A transformers checkpoint folder or Hub repository (``config.json`` with
+    ``model_type``) is imported (:func:`mixstack.interop.load_transformers`,
+    docs/interop.md).
 
     Safetensors only, strict: a missing, unexpected or mis-shaped tensor, a spec-hash
     mismatch or ``config.json`` / ``spec.yaml`` disagreeing raise
     :class:`~mixstack.dsl.errors.CheckpointError` naming them. See
     :func:`mixstack.hub.modeldir.load_model_dir`.
     """
-    from mixstack.interop.transformers import is_transformers_dir
-
-    if is_transformers_dir(path):
-        from mixstack.interop.transformers import load_transformers
-
-        return load_transformers(path, device=device, dtype=dtype)
+    from mixstack.dsl.hubref import is_hub_ref
     from mixstack.hub.modeldir import load_model_dir
+    from mixstack.interop.transformers import is_transformers_dir, load_transformers
 
+    if is_hub_ref(path) or any(v is not None for v in (revision, token, endpoint, cache_dir)):
+        from mixstack.hub.hub import from_hub
+
+        return from_hub(
+            path,
+            revision=revision,
+            token=token,
+            endpoint=endpoint,
+            cache_dir=cache_dir,
+            device=device,
+            dtype=dtype,
+        )
+    if is_transformers_dir(path):
+        return load_transformers(path, device=device, dtype=dtype)
     return load_model_dir(path, device=device, dtype=dtype)
 
 
@@ -103,6 +122,54 @@ def export(source: Any, out: Any, *, to: str = "mixstack") -> Any:
     from mixstack.interop.export import export as _export
 
     return _export(source, out, to=to)  # type: ignore[arg-type]
+
+
+def push(
+    model_or_dir: Any,
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    private: bool = False,
+    commit_message: str | None = None,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+) -> Any:
+    """Upload a model, a model directory or a run directory's model to a Hub model
+    repository in one commit (config.json, spec.yaml, weights, model card); returns a
+    :class:`mixstack.hub.hub.PushResult` with the commit sha. See :func:`mixstack.hub.hub.push`.
+    """
+    from mixstack.hub.hub import push as _push
+
+    return _push(
+        model_or_dir,
+        repo_id,
+        revision=revision,
+        private=private,
+        commit_message=commit_message,
+        token=token,
+        endpoint=endpoint,
+    )
+
+
+def pull(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    out: Any = None,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+    cache_dir: Any = None,
+) -> Any:
+    """Download a Hub model repository (safetensors, JSON, YAML, Markdown only) and check
+    it loads; ``out``: also write it there atomically. Returns a
+    :class:`mixstack.hub.hub.Pulled` (local folder, resolved commit). See
+    :func:`mixstack.hub.hub.pull`.
+    """
+    from mixstack.hub.hub import pull as _pull
+
+    return _pull(
+        repo_id, revision=revision, out=out, token=token, endpoint=endpoint, cache_dir=cache_dir
+    )
 
 
 __all__ = [
@@ -117,5 +184,7 @@ __all__ = [
     "export",
     "from_pretrained",
     "load_spec",
+    "pull",
+    "push",
     "registry",
 ]

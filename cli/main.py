@@ -12,8 +12,13 @@
     registry list                   mixers, tasks, metrics and kernel providers, with origin
     zoo list | show NAME            presets shipped in mixstack/zoo (cli/zoo.py)
     bench [--suite S] [--check] ... speed and memory against references (docs/performance.md)
+    push SRC REPO_ID [--revision B] [--private]
+                                    upload a model/run directory to the Hugging Face Hub
+    pull REPO_ID [--revision R] [--out DIR]
+                                    download a Hub model, check it, print the commit
 
-SPEC is a YAML path or ``zoo:NAME``; overrides are dotted ``key.path=value`` pairs
+SPEC is a YAML path, ``zoo:NAME`` or ``hf://ORG/NAME[@REVISION]`` (``--hub-endpoint``
+picks the Hub); overrides are dotted ``key.path=value`` pairs
 (values parsed as YAML). Exit codes: 0 ok, 1 a mixstack error (bad spec, unknown
 backend, plugin failure, unwritable file), 2 bad command-line usage. Errors print as
 one clean red message; ``--debug`` re-raises them with the traceback.
@@ -119,10 +124,17 @@ def _root(
             "--version", help="print the version and exit", is_eager=True, callback=_version
         ),
     ] = False,
+    hub_endpoint: Annotated[
+        str | None,
+        typer.Option("--hub-endpoint", help="Hub URL for hf:// sources, push and pull"),
+    ] = None,
 ) -> None:
     """Build, inspect and compare sequence models made of matrix mixers."""
     ctx.obj = _Options(debug=debug)
     with _handled(ctx):
+        from mixstack.dsl.hubref import HubOptions, set_default_options
+
+        set_default_options(HubOptions(endpoint=hub_endpoint))
         from mixstack.dsl.registry import load_plugin_file
 
         for path in plugin or []:
@@ -447,6 +459,13 @@ def _summary(result: RunResult) -> Table:
         table.add_row("model", f"{result.model_dir}  (mixstack.from_pretrained / mixstack eval)")
     else:
         table.add_row("continue with", f"mixstack train {result.run_dir} --resume")
+    if result.hub is not None:  # run.hub
+        if "error" in result.hub:
+            table.add_row(
+                "hub push FAILED", Text(f"{result.hub['error']}\nretry: {result.hub['retry']}")
+            )
+        else:
+            table.add_row("hub", f"{result.hub['url']} @ {result.hub['commit']}")
     return table
 
 
@@ -613,6 +632,10 @@ app.command()(bench)
 from mixstack.cli.zoo import zoo_app  # noqa: E402  (its commands import this module lazily)
 
 app.add_typer(zoo_app, name="zoo")
+from mixstack.cli import hub as _hub_cli  # noqa: E402  (it imports the helpers above)
+
+app.command("push")(_hub_cli.push)
+app.command("pull")(_hub_cli.pull)
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ table that other code in the process (Hydra) relies on.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import logging
 import os
@@ -45,6 +46,7 @@ from typing import Any
 
 import yaml
 
+from mixstack.dsl import annotations, hubref
 from mixstack.dsl.errors import (
     IssueCollector,
     Path,
@@ -65,8 +67,21 @@ ZOO_PREFIX = "zoo:"
 DICT_ORIGIN = "<dict>"
 
 
+# The Hub options of the load_spec call in progress and the hf:// sources it read
+# (contextvars: `base:` resolution is deep in the recursion, and loads may nest).
+_HUB_OPTIONS: contextvars.ContextVar[hubref.HubOptions | None] = contextvars.ContextVar(
+    "mixstack_hub_options", default=None
+)
+_HUB_SOURCES: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar(
+    "mixstack_hub_sources", default=None
+)
+
+
 def load_spec(
-    source: str | os.PathLike[str] | Mapping[str, Any] | Spec, overrides: Iterable[str] = ()
+    source: str | os.PathLike[str] | Mapping[str, Any] | Spec,
+    overrides: Iterable[str] = (),
+    *,
+    hub: hubref.HubOptions | None = None,
 ) -> Spec:
     """Load and validate a spec.
 
@@ -75,6 +90,12 @@ def load_spec(
     overrides). ``overrides``: ``"key.path=value"`` strings applied after merging.
     Raises :class:`SpecError` listing every problem found; nothing else for bad input.
 
+    ``hf://org/name[@revision]`` (as the source or in ``base:``) reads that Hub model
+    repository's ``spec.yaml`` at the commit its revision resolves to; ``hub`` gives the
+    endpoint, token and cache for every such reference (:mod:`mixstack.dsl.hubref`).
+    The returned spec remembers the authored ``model`` section and the Hub sources
+    (:mod:`mixstack.dsl.annotations`).
+
     A ``Spec`` or a dumped spec is fully resolved: an override on it changes only the
     named value, and context defaults already filled in (``head_dim`` from ``d_model``)
     stay as they are. Override the source YAML to have them derived again.
@@ -82,11 +103,24 @@ def load_spec(
     override_list = [overrides] if isinstance(overrides, str) else list(overrides)
     if isinstance(source, Spec) and not override_list:
         return source
-    issues = IssueCollector()
-    data, prov = _compose_source(source, issues)
-    data, prov = apply_overrides(data, prov, override_list, issues)
-    data, _ = migrate(interpolate(data, prov))
-    spec = validate_spec(data, prov, issues)
+    options = hubref.default_options().merged(hub)
+    options_token = _HUB_OPTIONS.set(options)
+    sources: list[dict[str, Any]] = []
+    sources_token = _HUB_SOURCES.set(sources)
+    try:
+        issues = IssueCollector()
+        data, prov = _compose_source(source, issues)
+        data, prov = apply_overrides(data, prov, override_list, issues)
+        data, _ = migrate(interpolate(data, prov))
+        authored = copy.deepcopy(data.get("model")) if isinstance(data, dict) else None
+        spec = validate_spec(data, prov, issues)
+    finally:
+        _HUB_OPTIONS.reset(options_token)
+        _HUB_SOURCES.reset(sources_token)
+    if isinstance(source, Spec):
+        sources = annotations.hub_sources(source) + sources
+    annotations.attach(spec, hub_sources=sources)
+    annotations.attach(spec.model, authored=authored, hub_sources=sources)
     log.debug("loaded spec %s (pattern %s)", spec.spec_hash[:12], spec.model.layers.pattern)
     return spec
 
@@ -144,18 +178,40 @@ def _resolve_reference(ref: str, base_dir: FilePath, via: str | None) -> tuple[F
     if ref.startswith(ZOO_PREFIX):
         path = _zoo_path(ref[len(ZOO_PREFIX) :].strip(), via)
         return path, str(path)
+    if hubref.is_hub_ref(ref):
+        return _hub_reference(ref, via)
     if "://" in ref:
         raise SpecError(
             SpecIssue(
-                f"cannot load {ref!r}: remote specs are not supported here",
+                f"cannot load {ref!r}: this kind of remote spec is not supported",
                 origin=via or ref,
-                allowed="a path to a YAML file, or zoo:NAME",
+                allowed="a path to a YAML file, zoo:NAME, or hf://ORG/NAME[@REVISION]",
             )
         )
     path = FilePath(ref).expanduser()
     if not path.is_absolute():
         path = base_dir / path
     return path, os.path.normpath(str(path))
+
+
+def _hub_reference(ref: str, via: str | None) -> tuple[FilePath, str]:
+    """Download the ``spec.yaml`` of an ``hf://`` reference; origins name its commit."""
+
+    def error(message: str) -> SpecError:
+        return SpecError(
+            SpecIssue(
+                message,
+                origin=via or ref,
+                allowed="hf://ORG/NAME or hf://ORG/NAME@REVISION of a mixstack model repository",
+            )
+        )
+
+    options = _HUB_OPTIONS.get() or hubref.default_options()
+    path, display, record = hubref.fetch_spec(ref, options, error)
+    sources = _HUB_SOURCES.get()
+    if sources is not None and record not in sources:
+        sources.append(record)
+    return path, display
 
 
 def _compose_source(source: Any, issues: IssueCollector) -> tuple[dict[str, Any], Provenance]:
@@ -169,7 +225,7 @@ def _compose_source(source: Any, issues: IssueCollector) -> tuple[dict[str, Any]
     if isinstance(source, (str, os.PathLike)):
         ref = os.fsdecode(source)
         path, display = _resolve_reference(ref, FilePath.cwd(), None)
-        if not os.path.isabs(ref) and not ref.startswith(ZOO_PREFIX):
+        if not os.path.isabs(ref) and not ref.startswith(ZOO_PREFIX) and "://" not in ref:
             display = ref
         return _compose_file(path, display, (), issues, via=None)
     raise SpecError(

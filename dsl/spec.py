@@ -536,6 +536,19 @@ LOGGER_TYPES: dict[str, type[StrictModel]] = {
 }
 
 
+class HubPushConfig(StrictModel):
+    """``run.hub``: push the model directory to a Hub model repository when the run
+    finishes (endpoint and token come from the environment / ``--hub-endpoint``, never
+    from the spec)."""
+
+    repo_id: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="ORG/NAME of the model repository (created if missing)",
+    )
+    private: bool = Field(False, description="create the repository private")
+    revision: str | None = Field(None, description="branch to push to (null: main)")
+
+
 class RunSpec(StrictModel):
     """How a run executes (not the model's identity; a resumed run may change it)."""
 
@@ -563,6 +576,9 @@ class RunSpec(StrictModel):
     )
     num_workers: int = Field(0, ge=0, description="data loader worker processes")
     deterministic: bool = Field(False, description="torch deterministic algorithms")
+    hub: HubPushConfig | None = Field(
+        None, description="push the trained model to the Hugging Face Hub at the end"
+    )
 
 
 class Spec(StrictModel):

@@ -58,12 +58,22 @@ def config_of(spec: ModelSpec) -> dict[str, Any]:
 
 
 def spec_yaml_text(spec: ModelSpec) -> str:
+    """``spec.yaml``: the model section as authored (bases and overrides merged, defaults
+    not resolved) when the spec was loaded by ``load_spec``, else the resolved one.
+    Loading checks that resolving it gives ``config.json``; ``base:`` on this file (or
+    on ``hf://`` of its repository) re-derives what the author left to defaults."""
+    from mixstack.dsl.annotations import authored
+
+    model = authored(spec)
+    kind = "as authored (defaults resolve to config.json)"
+    if model is None:
+        model, kind = spec.canonical(), "fully resolved, as in config.json"
     header = (
-        f"# mixstack model spec (hash {spec.spec_hash}).\n"
-        "# Generated from config.json, which is the source of truth; load with\n"
-        "# mixstack.load_spec('spec.yaml') or mixstack.from_pretrained(<this folder>).\n"
+        f"# mixstack model spec (hash {spec.spec_hash}), {kind}.\n"
+        "# config.json is the source of truth; load with mixstack.load_spec('spec.yaml')\n"
+        "# or mixstack.from_pretrained(<this folder>).\n"
     )
-    body = {"schema_version": SCHEMA_VERSION, "model": spec.canonical()}
+    body = {"schema_version": SCHEMA_VERSION, "model": model}
     return header + yaml.safe_dump(body, sort_keys=False, default_flow_style=None)
 
 
@@ -113,47 +123,11 @@ def _swap_in(new: Path, target: Path) -> None:
 
 
 def model_card(model: MixStackModel, metrics: dict[str, float] | None = None) -> str:
-    """``README.md``: what the model is, how big, how it did, how to load it."""
-    spec = model.spec
-    report = model.report(seq_len=spec.max_seq_len, dtype=torch.bfloat16)
-    symbols = spec.layers.symbols_in_order
-    ratios = ", ".join(
-        f"`{s}` {spec.layers.symbols[s].type} {symbols.count(s)}/{len(symbols)}"
-        for s in dict.fromkeys(symbols)
-    )
-    lines = [
-        "---",
-        "library_name: mixstack",
-        "tags: [mixstack, sequence-mixers]",
-        "---",
-        "",
-        f"# mixstack {spec.arch} · `{spec.layers.pattern}`",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| pattern | `{spec.layers.pattern}` ({spec.n_layers} layers) |",
-        f"| realized ratios | {ratios} |",
-        f"| d_model / vocab | {spec.d_model} / {spec.total_vocab} |",
-        f"| parameters | {report.total_params:,} |",
-        f"| decode state ({spec.max_seq_len} tokens, bf16) | {report.total_state_bytes:,} bytes |",
-        f"| spec hash | `{spec.spec_hash}` |",
-    ]
-    if metrics:
-        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {name} | {value:.6g} |" for name, value in sorted(metrics.items())]
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```python",
-        "import mixstack",
-        'model = mixstack.from_pretrained("<this folder>")',
-        "```",
-        "",
-        "The architecture is `config.json` (also `spec.yaml`); no custom code is needed.",
-        "",
-    ]
-    return "\n".join(lines)
+    """``README.md``: what the model is, how big, how it did, how to load it
+    (:func:`mixstack.hub.card.render`, a ``huggingface_hub.ModelCard``)."""
+    from mixstack.hub.card import render
+
+    return render(model, metrics)
 
 
 # -- loading ---------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ class RunResult:
     params: int = 0
     backends: dict[str, str] = field(default_factory=dict)
     reason: str | None = None  # why a run finished before max_steps (train.early_stop)
+    hub: dict[str, Any] | None = None  # run.hub: the pushed commit, or the error and a retry
 
 
 def _loggers(spec: Spec, run: RunDir, segment: int) -> list[Any]:
@@ -177,12 +178,14 @@ def fit(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    hub: Any = None,
 ) -> RunResult:
     """Train ``spec`` (which needs a ``train`` section) into the run directory ``out``.
 
     ``resume``: continue the run in ``out`` from its last checkpoint (same model and train
     sections; batches, dropout and the schedule continue exactly). ``overwrite``: replace
-    a run already in ``out``. Returns a :class:`RunResult`.
+    a run already in ``out``. ``hub``: :class:`mixstack.dsl.hubref.HubOptions` for the
+    ``run.hub`` push (endpoint, token). Returns a :class:`RunResult`.
     """
     from mixstack.training.lit import LitModel, TaskData, as_spec
 
@@ -205,6 +208,7 @@ def fit(
         rundir.prepare(run.root, spec, resume=resume, overwrite=overwrite)
         start = rundir.checkpoint_step(run.checkpoint) if resume else 0
         rundir.start_segment(run, spec, start, world_size=trainer.world_size)
+        _record_sources(run, spec)
     began = time.monotonic()
     status = "failed"
     try:
@@ -226,7 +230,35 @@ def fit(
     )
     if trainer.is_global_zero:
         _finish(run, lit, result)
+        if spec.run.hub is not None and result.model_dir is not None:
+            _push(run, spec, result, hub)
     return result
+
+
+def _record_sources(run: RunDir, spec: Spec) -> None:
+    """``hf://`` sources of the spec with their resolved commits, in ``run.json``."""
+    from mixstack.dsl.annotations import hub_sources
+
+    sources = hub_sources(spec)
+    if sources:
+        meta = run.read_metadata()
+        meta["sources"] = sources
+        run.write_metadata(meta)
+
+
+def _push(run: RunDir, spec: Spec, result: RunResult, hub: Any) -> None:
+    """``run.hub``: push the finished run; a failure keeps the run and says how to retry."""
+    from mixstack.hub.hub import push_run
+
+    assert spec.run.hub is not None
+    result.hub = push_run(run.root, spec.run.hub, hub)
+    if "error" in result.hub:
+        log.error(
+            "push to the Hub failed: %s; retry with: %s", result.hub["error"], result.hub["retry"]
+        )
+    meta = run.read_metadata()
+    meta["hub"] = result.hub
+    run.write_metadata(meta)
 
 
 def _train(trainer: Any, lit: Any, data: Any, checkpoint: Path | None) -> str:
