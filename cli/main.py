@@ -11,6 +11,7 @@
     schema [--out FILE]             JSON schema of the spec for editor completion
     registry list                   mixers, tasks, metrics and kernel providers, with origin
     zoo list                        presets shipped in mixstack/zoo
+    grid plan|run|status|report     ablation grids (see mixstack.cli.grid)
 
 SPEC is a YAML path or ``zoo:NAME``; overrides are dotted ``key.path=value`` pairs
 (values parsed as YAML). Exit codes: 0 ok, 1 a mixstack error (bad spec, unknown
@@ -510,6 +511,12 @@ def registry_list(ctx: typer.Context) -> None:
         console = _stdout()
         for table in registry_tables():
             console.print(table)
+
+
+# `mixstack grid ...` (mixstack.ablate); imported here, after the helpers it uses.
+from mixstack.cli.grid import grid_app  # noqa: E402
+
+app.add_typer(grid_app, name="grid")
 
 
 def main() -> None:
