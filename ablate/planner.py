@@ -167,7 +167,9 @@ def _point_problem(
     """The issues of an invalid point, located in the grid file: a summary naming the
     point and its grid values (with their YAML paths), then the spec's own issues."""
     culprits = [s for s in settings if any(s.text in (i.origin or "") for i in exc.issues)]
-    shown = culprits or settings
+    # Without a culprit named by the spec's own issues, axis values first: they are what
+    # differs between this point and its valid neighbours.
+    shown = culprits or sorted(settings, key=lambda s: s.path[0] != "axes")
     lead = shown[0] if shown else None
     values = "; ".join(f"{s.key}={_show(s.value)} ({s.where})" for s in shown)
     first = exc.issues[0] if exc.issues else None
