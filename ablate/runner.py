@@ -230,6 +230,8 @@ def _run_local(root: Path, n: int) -> list[str]:
     for k in range(n):
         log = open(logs / f"worker-{k}.log", "ab")  # noqa: SIM115 (closed below)
         cmd = [sys.executable, "-m", "mixstack.ablate.worker", str(root), "--worker", str(k)]
+        # Share the cores instead of oversubscribing them (each torch would take them all).
+        cmd += ["--threads", str(max(1, (os.cpu_count() or 1) // n))]
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, k))
     errors = []
     try:
