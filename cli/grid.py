@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from mixstack.cli.main import _handled, _quiet_lightning, _stdout, human
+# Import the command module's helpers at call time: under `python -m mixstack.cli.main`
+# that module is `__main__`, and importing it from here at import time would be circular.
+
+
+def _cli() -> Any:
+    from mixstack.cli import main
+
+    return main
+
 
 grid_app = typer.Typer(
     help="Ablation grids: plan, run (locally or via submitit), status, report.",
@@ -34,7 +42,7 @@ def _show(value: object) -> str:
 @grid_app.command("plan")
 def plan_cmd(ctx: typer.Context, grid: GridArg) -> None:
     """Expand and validate every point; print id, overrides, params, FLOPs/token, state."""
-    with _handled(ctx):
+    with _cli()._handled(ctx):
         from mixstack.ablate.planner import plan
 
         p = plan(grid)
@@ -64,12 +72,12 @@ def plan_cmd(ctx: typer.Context, grid: GridArg) -> None:
                 str(pt.seed),
                 "" if pt.lr is None else f"{pt.lr:g}",
                 f"{pt.size.params:,}",
-                human(pt.size.flops_per_token),
-                human(pt.size.state_bytes, "B"),
+                _cli().human(pt.size.flops_per_token),
+                _cli().human(pt.size.state_bytes, "B"),
                 str(pt.steps),
-                human(pt.tokens),
+                _cli().human(pt.tokens),
             )
-        out = _stdout()
+        out = _cli()._stdout()
         out.print(table)
         direction = "higher" if g.mode == "max" else "lower"
         out.print(Text(f"metric: {g.metric} ({direction} is better); base: {g.base}"))
@@ -106,7 +114,7 @@ def run_cmd(
     ] = None,
 ) -> None:
     """Run every point not finished yet (resumable: finished points are skipped)."""
-    with _handled(ctx):
+    with _cli()._handled(ctx):
         import yaml
 
         from mixstack.ablate.runner import GridRunError, run_grid
@@ -117,7 +125,7 @@ def run_cmd(
             if not sep or not key:
                 raise GridRunError(f"--submitit-param {item!r} is not KEY=VALUE")
             params[key.strip()] = yaml.safe_load(value)
-        _quiet_lightning()
+        _cli()._quiet_lightning()
         summary = run_grid(
             grid,
             out,
@@ -127,7 +135,7 @@ def run_cmd(
             cluster=cluster,
             submitit_params=params,
         )
-        console = _stdout()
+        console = _cli()._stdout()
         console.print(_status_table(out))
         counts = ", ".join(f"{k} {v}" for k, v in summary.counts.items() if v)
         console.print(Text(f"grid {out}: {counts}"))
@@ -166,10 +174,10 @@ def _status_table(out: Path) -> Table:
 @grid_app.command("status")
 def status_cmd(ctx: typer.Context, out: DirArg) -> None:
     """Per-point state (pending / running / finished / failed), tries, wall time, errors."""
-    with _handled(ctx):
+    with _cli()._handled(ctx):
         from mixstack.ablate.runner import summarize
 
-        console = _stdout()
+        console = _cli()._stdout()
         console.print(_status_table(out))
         counts = summarize(out).counts
         console.print(Text(", ".join(f"{k} {v}" for k, v in counts.items())))
@@ -184,11 +192,11 @@ def report_cmd(
     ] = None,
 ) -> None:
     """Summary table (Markdown and CSV), per-point and paired-difference CSVs, PNG plots."""
-    with _handled(ctx):
+    with _cli()._handled(ctx):
         from mixstack.ablate.reporting import summary_markdown, tables, write_report
 
         files = write_report(out, dest)
-        console = _stdout()
+        console = _cli()._stdout()
         console.print(Text(summary_markdown(tables(out))), soft_wrap=True)
         for name, path in files.items():
             console.print(Text(f"wrote {path}", style="dim") if name else "")

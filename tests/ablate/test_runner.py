@@ -36,7 +36,16 @@ def _states(out: Path) -> list[str]:
 
 
 def _grid_cmd(path: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "mixstack.cli.main", "grid", "run", str(path), "--out", str(out)]
+    return [
+        sys.executable,
+        "-c",
+        "from mixstack.cli.main import main; main()",
+        "grid",
+        "run",
+        str(path),
+        "--out",
+        str(out),
+    ]
 
 
 @pytest.mark.slow(budget_s=90)
@@ -56,9 +65,7 @@ def test_killed_grid_resumes_without_duplicates(write_grid, tmp_path):
     victim = points[k]["id"]
     # the hook stopped point k+1 at half its steps, with a checkpoint
     assert (gd.run_dir(victim) / "checkpoints" / "last.ckpt").is_file()
-    before = {
-        p["id"]: (gd.run_dir(p["id"]) / "run.json").read_bytes() for p in points[:k]
-    }
+    before = {p["id"]: (gd.run_dir(p["id"]) / "run.json").read_bytes() for p in points[:k]}
     mtimes = {p["id"]: (gd.run_dir(p["id"]) / "run.json").stat().st_mtime_ns for p in points[:k]}
 
     env.pop(KILL_HOOK_ENV)
