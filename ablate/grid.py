@@ -8,8 +8,8 @@
       model.d_model: [32, 64]
       zip:                         # ...and of zip groups (lists of equal length, paired)
         - {model.layers.symbols.M.headdim: [8, 16], model.layers.symbols.M.d_state: [8, 16]}
-    variants:                      # named override sets (optional)
-      attention: {model.layers.pattern: "*-*-"}
+    variants:                      # named override sets (optional); `base:` in one
+      attention: {model.layers.pattern: "*-*-"}   # starts that variant from another spec
       mamba2: {model.layers.pattern: "M-M-"}
     seeds: [0, 1, 2]
     metric: val/accuracy           # direction from the metric registry
@@ -109,6 +109,7 @@ class Match:
 class Variant:
     name: str
     settings: tuple[Setting, ...]
+    base: str | None = None  # a variant may start from its own base spec
 
 
 @dataclass
@@ -348,7 +349,21 @@ class _Reader:
             if not isinstance(name, str) or not re.fullmatch(r"[\w.\-+]+", name):
                 self.add(path, f"variant name {name!r} must be a word", allowed="[A-Za-z0-9_.+-]")
                 continue
-            out.append(Variant(name, self.mapping_settings(settings, path)))
+            base = None
+            if isinstance(settings, dict) and "base" in settings:
+                settings = dict(settings)
+                base = settings.pop("base")
+                if not isinstance(base, str) or not base.strip():
+                    self.add(
+                        (*path, "base"),
+                        "a variant's base must be a spec reference",
+                        value=base,
+                        allowed="a YAML path, zoo:NAME or hf://user/repo",
+                    )
+                    base = None
+                else:
+                    base = self.resolve_base(base.strip())
+            out.append(Variant(name, self.mapping_settings(settings, path), base))
         return tuple(out) or (Variant("", ()),)
 
     def seeds(self, raw: Any) -> tuple[int, ...]:

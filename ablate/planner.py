@@ -135,13 +135,14 @@ class _Resolver:
         self.specs: dict[tuple[str, ...], Spec | SpecError] = {}
         self.sizes: dict[str, Size] = {}
 
-    def spec(self, overrides: list[str]) -> Spec:
+    def spec(self, overrides: list[str], base: str | None = None) -> Spec:
         from mixstack.dsl.loader import load_spec
 
-        key = tuple(overrides)
+        source = base or self.base
+        key = (source, *overrides)
         if key not in self.specs:
             try:
-                self.specs[key] = load_spec(self.base, overrides)
+                self.specs[key] = load_spec(source, overrides)
             except SpecError as exc:
                 self.specs[key] = exc
         found = self.specs[key]
@@ -203,15 +204,15 @@ def plan(grid: Grid | str | Any) -> Plan:
         shared = [*grid.common, *variant.settings, *settings]
         overrides = [s.text for s in shared]
         try:
-            base_spec = resolver.spec(overrides)
+            base_spec = resolver.spec(overrides, variant.base)
             knob, residual = None, None
             if grid.match is not None and not (grid.match.to == variant.name and variant.name):
                 target = _target(grid, grid.match, settings, resolver, targets)
                 knob, residual = solve_knob(
                     grid.match,
                     target,
-                    lambda v, o=overrides: resolver.spec(
-                        [*o, f"{grid.match.knob}={json.dumps(v)}"]
+                    lambda v, o=overrides, b=variant.base: resolver.spec(
+                        [*o, f"{grid.match.knob}={json.dumps(v)}"], b
                     ),  # type: ignore[union-attr]
                     resolver.size,
                     start=_lookup(base_spec, grid.match.knob),
@@ -225,7 +226,7 @@ def plan(grid: Grid | str | Any) -> Plan:
             index = c * per_cell + k
             extra = [*([lr.text] if lr else []), f"train.seed={seed}"]
             try:
-                spec = resolver.spec([*overrides, *extra])
+                spec = resolver.spec([*overrides, *extra], variant.base)
                 spec, steps, tokens, flops = _apply_budget(grid, spec, resolver)
             except SpecError as exc:
                 issues.extend(_point_problem(c * per_cell, total, label, shared, exc))
@@ -319,7 +320,9 @@ def _target(
     key = tuple(s.text for s in settings)
     if key not in cache:
         variant = next(v for v in grid.variants if v.name == match.to)
-        spec = resolver.spec([s.text for s in (*grid.common, *variant.settings, *settings)])
+        spec = resolver.spec(
+            [s.text for s in (*grid.common, *variant.settings, *settings)], variant.base
+        )
         cache[key] = resolver.size(spec).quantity(match.quantity)
     return cache[key]
 

@@ -52,6 +52,7 @@ STATES = ("pending", "running", "finished", "failed")
 # Test hook (never set by users): after this many points are finished, the next point
 # trains to half its steps (a checkpoint), then the worker kills its process group.
 KILL_HOOK_ENV = "MIXSTACK_GRID_TEST_KILL_AFTER"
+DEFAULT_TIMEOUT_MIN = 24 * 60  # a submitit worker's time limit unless given
 
 
 class GridRunError(MixstackError):
@@ -256,6 +257,9 @@ def _run_submitit(root: Path, n: int, cluster: str | None, params: dict[str, Any
             "--executor submitit needs the submitit package: pip install 'mixstack[cluster]'"
         ) from None
     ex = submitit.AutoExecutor(folder=str(root / "submitit"), cluster=cluster)
+    # submitit's defaults (2 minutes locally) would cut a worker that runs many points;
+    # on Slurm, pass the partition's limit (--submitit-param timeout_min=...).
+    params = {"timeout_min": DEFAULT_TIMEOUT_MIN, **params}
     ex.update_parameters(name=f"grid-{root.name}", **params)
     jobs = [ex.submit(work, str(root), k) for k in range(n)]
     errors = []

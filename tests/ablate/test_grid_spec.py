@@ -119,6 +119,6 @@ match: {quantity: params, to: 20000, knob: model.d_model}
     )
     with pytest.raises(SpecError) as exc:
         load_grid(path)
-    assert "grid.yaml:4:43: match.knob: match.knob 'model.d_model' is also set by " in str(
+    assert "grid.yaml:4:44: match.knob: match.knob 'model.d_model' is also set by " in str(
         exc.value
     )

@@ -175,3 +175,17 @@ def test_plan_cli_table(write_grid):
     assert result.exit_code == 1
     assert "is invalid" in result.output and "axes.model.d_model[1]" in result.output
     json.dumps([pt.to_dict() for pt in plan(path).points])  # plain data
+
+
+def test_a_variant_may_start_from_its_own_base(write_grid, tmp_path):
+    (tmp_path / "other.yaml").write_text("base: base.yaml\nmodel: {d_model: 24}\n")
+    grid = """\
+base: base.yaml
+variants:
+  plain: {}
+  other: {base: other.yaml, model.layers.pattern: "M-"}
+metric: val/accuracy
+"""
+    plain, other = plan(write_grid(grid)).points
+    assert plain.spec.model.d_model == 16 and plain.spec.model.layers.pattern == "*-"
+    assert other.spec.model.d_model == 24 and other.spec.model.layers.pattern == "M-"
