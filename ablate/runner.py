@@ -332,6 +332,18 @@ def run_point(gd: GridDir, pid: str, worker: int) -> None:
     try:
         overrides = [f"run.stop_after={max(1, record['steps'] // 2)}"] if kill else []
         spec = load_spec(record["spec"], overrides)
+        meta = run.read_metadata() if resume else {}
+        if meta.get("status") == "finished" and (run.model_dir / "config.json").is_file():
+            # Killed after training ended, before its status said so: nothing to redo.
+            status.update(
+                state="finished",
+                ended=now(),
+                wall_s=None,
+                step=meta.get("step"),
+                params=meta.get("params"),
+            )
+            gd.write_status(pid, status)
+            return
         try:
             result = fit(spec, run.root, resume=resume, overwrite=not resume, progress=False)
         except rundir.RunDirError:

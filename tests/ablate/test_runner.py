@@ -122,6 +122,18 @@ def test_failed_point_is_recorded_and_retried(write_grid, tmp_path, monkeypatch)
     assert _states(out) == ["finished"] * 4
     assert gd.read_status(doomed)["attempts"] == 2
 
+    # killed after training ended but before its status said so: not trained again
+    first = plan.points[0].id
+    run_json = (gd.run_dir(first) / "run.json").read_bytes()
+    status = gd.read_status(first)
+    status["state"] = "running"
+    gd.write_status(first, status)
+    calls.clear()
+    monkeypatch.setattr(run_module, "fit", fit)
+    assert work(out) == 1 and calls == []
+    assert gd.read_status(first)["state"] == "finished"
+    assert (gd.run_dir(first) / "run.json").read_bytes() == run_json
+
 
 def test_second_runner_on_the_same_directory_is_refused(write_grid, tmp_path):
     import fcntl
