@@ -130,7 +130,8 @@ def tables(out: str | os.PathLike[str]) -> GridTables:
                 "flops_per_token": pt["flops_per_token"],
                 "state_bytes": pt["state_bytes"],
                 "steps": pt["steps"],
-                "tokens": pt["tokens"],
+                # tokens trained: the planned ones, fewer when train.early_stop ended the run
+                "tokens": _trained_tokens(pt, status),
                 "train_flops": pt["train_flops"],
                 "wall_s": status.get("wall_s") if status["state"] == "finished" else None,
                 "error": status.get("error"),
@@ -141,6 +142,15 @@ def tables(out: str | os.PathLike[str]) -> GridTables:
     summary = _summary(points, plan)
     differences = _differences(points, plan)
     return GridTables(plan, points, summary, differences, histories)
+
+
+def _trained_tokens(pt: dict[str, Any], status: dict[str, Any]) -> int | None:
+    if status["state"] != "finished":
+        return None
+    step = status.get("step")
+    if not isinstance(step, int) or not pt["steps"]:
+        return pt["tokens"]
+    return pt["tokens"] // pt["steps"] * step
 
 
 def report(out: str | os.PathLike[str]) -> pd.DataFrame:
@@ -196,8 +206,8 @@ def _summary(points: pd.DataFrame, plan: dict[str, Any]) -> pd.DataFrame:
             params=int(first["params"]),
             flops_per_token=float(first["flops_per_token"]),
             state_bytes=int(first["state_bytes"]),
-            tokens=int(group["tokens"].max()),
-            wall_s=float(group["wall_s"].fillna(0).sum()),
+            tokens=float(picked["tokens"].mean()) if len(picked) else math.nan,
+            wall_s=float(group["wall_s"].sum()) if group["wall_s"].notna().any() else math.nan,
         )
         rows.append(row)
     return pd.DataFrame(rows)

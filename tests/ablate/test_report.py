@@ -102,6 +102,8 @@ def test_report_equals_metrics_csv(fake_grid):
         )
         pt = chosen[(row["cell"], 0)][2]
         assert row["params"] == pt["params"] and row["tokens"] == pt["tokens"]
+        walls = t.points[t.points["cell"] == row["cell"]]["wall_s"]
+        assert row["wall_s"] == pytest.approx(sum(walls))
     # the chosen learning rates are the best sub-runs, per cell and seed
     picked = t.points[t.points["chosen"]]
     assert len(picked) == 20
