@@ -16,6 +16,7 @@
                                     upload a model/run directory to the Hugging Face Hub
     pull REPO_ID [--revision R] [--out DIR]
                                     download a Hub model, check it, print the commit
+    grid plan|run|status|report     ablation grids (see mixstack.cli.grid)
 
 SPEC is a YAML path, ``zoo:NAME`` or ``hf://ORG/NAME[@REVISION]`` (``--hub-endpoint``
 picks the Hub); overrides are dotted ``key.path=value`` pairs
@@ -636,6 +637,10 @@ from mixstack.cli import hub as _hub_cli  # noqa: E402  (it imports the helpers 
 
 app.command("push")(_hub_cli.push)
 app.command("pull")(_hub_cli.pull)
+# `mixstack grid ...` (mixstack.ablate); imported here, after the helpers it uses.
+from mixstack.cli.grid import grid_app  # noqa: E402
+
+app.add_typer(grid_app, name="grid")
 
 
 def main() -> None:
