@@ -11,8 +11,8 @@ as in the reference), and each state gets ``1..min(max_out_edges, a)`` outgoing 
 and follows a uniformly chosen outgoing edge at each step; its length is uniform in
 ``1..max_string_len``. (The reference draws ``2..max_num_nodes-1`` states, ``1..max-1``
 edges and lengths ``0..max-1``: exclusive upper bounds and possibly empty strings; the
-bounds here are inclusive and strings are never empty.) Training samples draw their automaton from a finite pool of
-``n_train_automata`` (automaton ``m`` of the pool is a pure function of ``(seed, m)``);
+bounds here are inclusive and strings are never empty.) Training samples draw their
+automaton from a finite pool of ``n_train_automata`` (automaton ``m`` of the pool is a pure function of ``(seed, m)``);
 the validation set uses automata that are not in that pool.
 
 Ids: symbols ``0..n_symbols-1``, the delimiter ``n_symbols``; the task's vocabulary is
