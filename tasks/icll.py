@@ -12,8 +12,9 @@ and follows a uniformly chosen outgoing edge at each step; its length is uniform
 ``1..max_string_len``. (The reference draws ``2..max_num_nodes-1`` states, ``1..max-1``
 edges and lengths ``0..max-1``: exclusive upper bounds and possibly empty strings; the
 bounds here are inclusive and strings are never empty.) Training samples draw their
-automaton from a finite pool of ``n_train_automata`` (automaton ``m`` of the pool is a pure function of ``(seed, m)``);
-the validation set uses automata that are not in that pool.
+automaton from a finite pool of ``n_train_automata`` (automaton ``m`` of the pool is a
+pure function of ``(seed, m)``); the validation set uses automata that are not in that
+pool.
 
 Ids: symbols ``0..n_symbols-1``, the delimiter ``n_symbols``; the task's vocabulary is
 ``n_symbols + 1``. Every next token is a target (the LM loss trains delimiters too).
