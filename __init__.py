@@ -64,17 +64,20 @@ def from_pretrained(
     *,
     device: Any = None,
     dtype: Any = None,
+    allow_unverified: bool = False,
 ) -> MixStackModel:
-    """Load a local model directory (``config.json``, ``spec.yaml``, ``model.safetensors``).
+    """Load a local model directory (``config.json``, ``spec.yaml``, ``model.safetensors``
+    or shards with ``model.safetensors.index.json``).
 
-    Safetensors only, strict: a missing, unexpected or mis-shaped tensor, a spec-hash
-    mismatch or ``config.json`` / ``spec.yaml`` disagreeing raise
-    :class:`~mixstack.dsl.errors.CheckpointError` naming them. See
-    :func:`mixstack.hub.modeldir.load_model_dir`.
+    Safetensors only, strict: a missing, unexpected, mis-shaped or non-float tensor, a
+    spec-hash or data-digest mismatch, NaN / inf weights or ``config.json`` / ``spec.yaml``
+    disagreeing raise :class:`~mixstack.dsl.errors.CheckpointError` naming them, before
+    any tensor is built. Weights without the spec hash or digest are refused unless
+    ``allow_unverified=True``. See :func:`mixstack.hub.modeldir.load_model_dir`.
     """
     from mixstack.hub.modeldir import load_model_dir
 
-    return load_model_dir(path, device=device, dtype=dtype)
+    return load_model_dir(path, device=device, dtype=dtype, allow_unverified=allow_unverified)
 
 
 __all__ = [
