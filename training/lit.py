@@ -13,6 +13,7 @@ they load with ``torch.load(..., weights_only=True)`` and
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,6 +45,12 @@ from mixstack.training.data import (
 from mixstack.training.losses import compute_loss, objective_for
 from mixstack.training.metrics import EvalMetrics
 from mixstack.training.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(MixstackError):
+    """The training loss became NaN or inf under ``train.on_nonfinite: stop``."""
 
 
 def as_spec(spec: Spec | dict[str, Any]) -> Spec:
@@ -117,6 +124,8 @@ class LitModel(L.LightningModule):
         self.total_steps: int | None = None  # set by TaskData (needs the task's size)
         self.last_val_step: int | None = None  # global step of the latest validation
         self._step_losses: list[Tensor] = []  # losses of the current step's micro-batches
+        self._skip_step = False  # train.on_nonfinite: skip_step hit in the current step
+        self.skipped_steps = 0
 
     def forward(self, input_ids: Tensor, seq_idx: Tensor | None = None) -> Tensor:
         model = self._compiled[0] if self._compiled else self.model
@@ -143,15 +152,49 @@ class LitModel(L.LightningModule):
         with self._step_rng(micro * world + self.global_rank):
             logits = self(batch["input_ids"], seq_idx=batch.get("seq_idx"))
         loss = compute_loss(self.objective, logits, batch["labels"])
-        # train/loss is the loss of the whole global batch: the mean over this step's
-        # micro-batches (what the accumulated gradient is the gradient of), averaged over
-        # the processes by sync_dist.
-        self._step_losses.append(loss.detach())
-        if micro == accumulate - 1:
+        finite = self._finite(loss)
+        if finite:
+            # train/loss is the loss of the whole global batch: the mean over this step's
+            # micro-batches (what the accumulated gradient is the gradient of), averaged
+            # over the processes by sync_dist.
+            self._step_losses.append(loss.detach())
+        if micro == accumulate - 1 and self._step_losses:
             step_loss = torch.stack(self._step_losses).mean()
-            self._step_losses.clear()
             self.log("train/loss", step_loss, on_step=True, prog_bar=True, sync_dist=True)
-        return loss
+        if micro == accumulate - 1:
+            self._step_losses.clear()
+        return loss if finite else None  # None: Lightning skips this micro-batch's backward
+
+    def _finite(self, loss: Tensor) -> bool:
+        """Whether the loss is finite on every process; else stop (train.on_nonfinite:
+        stop) or mark the step to be skipped. Every process decides alike (one all-reduce
+        of a flag), so no process waits alone in a collective."""
+        bad = not bool(torch.isfinite(loss.detach()))
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return True
+        if self.train_cfg.on_nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"the training loss is {float(loss.detach())} at optimizer step "
+                f"{self.global_step} (train.on_nonfinite: stop); nothing of this step was "
+                "applied. Lower train.optimizer.lr or set train.grad_clip, or skip such steps "
+                "with train.on_nonfinite=skip_step"
+            )
+        if not self._skip_step:
+            self.skipped_steps += 1
+            log.warning("non-finite training loss at step %d: step skipped", self.global_step)
+        self._skip_step = True
+        return False
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """train.on_nonfinite: skip_step: a step with a non-finite micro-batch applies no
+        update (gradients dropped, so the optimizer skips every parameter)."""
+        if self._skip_step:
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_step = False
+        if self.train_cfg.on_nonfinite == "skip_step":
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         logits = self(batch["input_ids"], seq_idx=batch.get("seq_idx"))
