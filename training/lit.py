@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import lightning.pytorch as L
@@ -166,35 +166,60 @@ class LitModel(L.LightningModule):
         return loss if finite else None  # None: Lightning skips this micro-batch's backward
 
     def _finite(self, loss: Tensor) -> bool:
-        """Whether the loss is finite on every process; else stop (train.on_nonfinite:
-        stop) or mark the step to be skipped. Every process decides alike (one all-reduce
-        of a flag), so no process waits alone in a collective."""
-        bad = not bool(torch.isfinite(loss.detach()))
+        """Whether the loss is finite on every process; else :meth:`_on_nonfinite`."""
+        if self._agreed_finite([loss]):
+            return True
+        self._on_nonfinite(f"the training loss is {float(loss.detach())}")
+        return False
+
+    def _agreed_finite(self, tensors: Iterable[Tensor]) -> bool:
+        """All ``tensors`` finite, decided alike on every process (one all-reduce of a
+        flag), so no process waits alone in a collective."""
+        flags = [torch.isfinite(t.detach()).all() for t in tensors]
+        bad = bool(flags) and not bool(torch.stack(flags).all())  # one device sync
         if self._trainer is not None:
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if not bad:
-            return True
+        return not bad
+
+    def _on_nonfinite(self, what: str) -> None:
+        """train.on_nonfinite: ``stop`` raises; ``skip_step`` marks this step to apply no
+        update (:meth:`on_before_optimizer_step`)."""
         if self.train_cfg.on_nonfinite == "stop":
             raise NonFiniteLossError(
-                f"the training loss is {float(loss.detach())} at optimizer step "
-                f"{self.global_step} (train.on_nonfinite: stop); nothing of this step was "
-                "applied. Lower train.optimizer.lr or set train.grad_clip, or skip such steps "
-                "with train.on_nonfinite=skip_step"
+                f"{what} at optimizer step {self.global_step} (train.on_nonfinite: stop); "
+                "nothing of this step was applied. Lower train.optimizer.lr or set "
+                "train.grad_clip, or skip such steps with train.on_nonfinite=skip_step"
             )
         if not self._skip_step:
             self.skipped_steps += 1
-            log.warning("non-finite training loss at step %d: step skipped", self.global_step)
+            log.warning("%s at step %d: step skipped", what, self.global_step)
         self._skip_step = True
-        return False
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """train.on_nonfinite: skip_step: a step with a non-finite micro-batch applies no
-        update (gradients dropped, so the optimizer skips every parameter)."""
+        """Non-finite gradients count like a non-finite loss (except under 16-mixed, whose
+        grad scaler skips such steps itself); a step to skip applies no update (gradients
+        dropped, so the optimizer skips every parameter)."""
+        if not self._skip_step and self.spec.run.precision != "16-mixed":
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            if not self._agreed_finite(grads):
+                self._on_nonfinite("a gradient is NaN or inf")
         if self._skip_step:
             optimizer.zero_grad(set_to_none=True)
             self._skip_step = False
         if self.train_cfg.on_nonfinite == "skip_step":
             self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The update, then a check that it left every weight finite (an lr too large
+        overflows finite gradients): such a step is never checkpointed or exported, and
+        cannot be skipped after the fact, so the run stops under either policy."""
+        super().optimizer_step(*args, **kwargs)
+        if not self._agreed_finite(self.parameters()):
+            raise NonFiniteLossError(
+                f"the weights became NaN or inf in the update of optimizer step "
+                f"{self.global_step} (finite loss and gradients: the update overflowed); "
+                "lower train.optimizer.lr or set train.grad_clip"
+            )
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         logits = self(batch["input_ids"], seq_idx=batch.get("seq_idx"))
