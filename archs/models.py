@@ -191,8 +191,8 @@ class MixStackModel(nn.Module):
             # The embedding lookup takes int64 / int32 only; uint8, int16, bool or floats
             # would fail deep inside torch (or index wrongly).
             raise _err(
-                f"{what} must hold integer token ids of dtype torch.int64 or torch.int32, "
-                f"got {ids.dtype}; convert with .long()"
+                f"{what} must hold integer token ids, got dtype {ids.dtype}; allowed: "
+                "torch.int64 or torch.int32 (convert with .long())"
             )
         if ids.dim() != rank:
             raise _err(f"{what} must have shape {shape}, got {tuple(ids.shape)}")
