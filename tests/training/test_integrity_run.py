@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import mixstack
@@ -236,6 +236,13 @@ def test_verify_command(tiny_run, tmp_path: Path) -> None:
     result = runner.invoke(app, ["verify", str(folder)])
     assert result.exit_code == 1
     assert "does not match its recorded digest" in result.stderr
+    # Metadata stripped: refused, unless --allow-unverified (then no digest is shown).
+    save_file(load_file(folder / "model.safetensors"), folder / "model.safetensors")
+    result = runner.invoke(app, ["verify", str(folder)])
+    assert result.exit_code == 1 and "unverified weights" in result.stderr
+    result = runner.invoke(app, ["verify", str(folder), "--allow-unverified"])
+    assert result.exit_code == 0, result.output
+    assert "none recorded" in result.stdout
 
 
 CHILD = """
