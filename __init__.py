@@ -81,18 +81,21 @@ def from_pretrained(
     token: str | bool | None = None,
     endpoint: str | None = None,
     cache_dir: Any = None,
+    allow_unverified: bool = False,
 ) -> MixStackModel:
     """Load a model directory (``config.json``, ``spec.yaml``, ``model.safetensors``):
     a local folder, or ``hf://ORG/NAME[@REVISION]`` downloaded through the Hub cache
     (``revision`` / ``token`` / ``endpoint`` / ``cache_dir``; see :mod:`mixstack.hub.hub`).
     A transformers checkpoint folder or Hub repository (``config.json`` with
     ``model_type``) is imported (:func:`mixstack.interop.load_transformers`,
-    docs/interop.md).
+    docs/interop.md). Shards with ``model.safetensors.index.json`` load too;
+    ``allow_unverified``: accept weights without the spec hash and data digest.
 
-    Safetensors only, strict: a missing, unexpected or mis-shaped tensor, a spec-hash
-    mismatch or ``config.json`` / ``spec.yaml`` disagreeing raise
-    :class:`~mixstack.dsl.errors.CheckpointError` naming them. See
-    :func:`mixstack.hub.modeldir.load_model_dir`.
+    Safetensors only, strict: a missing, unexpected, mis-shaped or non-float tensor, a
+    spec-hash or data-digest mismatch, NaN / inf weights or ``config.json`` / ``spec.yaml``
+    disagreeing raise :class:`~mixstack.dsl.errors.CheckpointError` naming them, before
+    any tensor is built. Weights without the spec hash or digest are refused unless
+    ``allow_unverified=True``. See :func:`mixstack.hub.modeldir.load_model_dir`.
     """
     from mixstack.dsl.hubref import is_hub_ref
     from mixstack.hub.modeldir import load_model_dir
@@ -112,7 +115,7 @@ def from_pretrained(
         )
     if is_transformers_dir(path):
         return load_transformers(path, device=device, dtype=dtype)
-    return load_model_dir(path, device=device, dtype=dtype)
+    return load_model_dir(path, device=device, dtype=dtype, allow_unverified=allow_unverified)
 
 
 def export(source: Any, out: Any, *, to: str = "mixstack") -> Any:

@@ -24,7 +24,7 @@ Steps of :func:`build`:
    N(0, std/√(2·n_layer)), which is N(0, std) scaled by 1/√(residual branches) when
    each layer is a mixer plus an MLP.
 5. ``dtype``: :func:`mixstack.blocks.precision.cast_module` (``keep_fp32`` params stay
-   fp32).
+   fp32 under 16-bit dtypes; ``float64`` is fp64 throughout).
 """
 
 from __future__ import annotations
@@ -203,7 +203,8 @@ def build(
             the OS. The seed used is ``model.seed``.
         device: where the weights live (default CPU). ``"meta"`` allocates nothing and
             draws nothing: enough for :meth:`MixStackModel.report`.
-        dtype: cast after init (``keep_fp32`` parameters stay fp32).
+        dtype: cast after init (``keep_fp32`` parameters stay fp32 under bf16 / fp16;
+            ``torch.float64`` casts every floating tensor).
     """
     model_spec, run = _as_spec(spec)
     seed = _check_seed(seed)

@@ -187,8 +187,13 @@ class MixStackModel(nn.Module):
             raise _err(
                 f"{what} must be a torch.Tensor of token ids {shape}, got {type(ids).__name__}"
             )
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise _err(f"{what} must hold integer token ids, got dtype {ids.dtype}")
+        if ids.dtype not in (torch.int64, torch.int32):
+            # The embedding lookup takes int64 / int32 only; uint8, int16, bool or floats
+            # would fail deep inside torch (or index wrongly).
+            raise _err(
+                f"{what} must hold integer token ids, got dtype {ids.dtype}; allowed: "
+                "torch.int64 or torch.int32 (convert with .long())"
+            )
         if ids.dim() != rank:
             raise _err(f"{what} must have shape {shape}, got {tuple(ids.shape)}")
         if ids.numel() == 0:

@@ -31,10 +31,13 @@ def keep_fp32_names(module: nn.Module) -> set[str]:
 
 @torch.no_grad()
 def cast_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast floating parameters and buffers to ``dtype`` in place, except keep_fp32 ones.
+    """Cast floating parameters and buffers to ``dtype`` in place; keep_fp32 ones never go
+    below fp32.
 
-    Those are set to fp32 (so a model built in fp64 and cast to bf16 still keeps them
-    at fp32). Non-floating tensors (ints, complex) are left alone. Returns ``module``.
+    ``keep_fp32`` means "at least fp32": under a 16-bit ``dtype`` those tensors are set to
+    fp32 (so a model built in fp64 and cast to bf16 still keeps them at fp32); under fp32
+    or fp64 they follow ``dtype`` like everything else, so an explicit fp64 model is fp64
+    throughout. Non-floating tensors (ints, complex) are left alone. Returns ``module``.
     """
     if not dtype.is_floating_point:
         raise ValueError(f"cast_module: {dtype} is not a floating dtype")
@@ -45,7 +48,7 @@ def cast_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
                 if tensor is None or not tensor.is_floating_point():
                     continue
                 full = f"{prefix}.{name}" if prefix else name
-                target = torch.float32 if full in keep else dtype
+                target = torch.float32 if full in keep and dtype.itemsize < 4 else dtype
                 if tensor.dtype != target:
                     tensor.data = tensor.data.to(target)
     log.debug("cast %s to %s keeping %d tensors fp32", type(module).__name__, dtype, len(keep))

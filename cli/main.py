@@ -8,6 +8,7 @@
                                     train with Lightning; run directory, model directory
     eval MODEL_DIR [KEY=VALUE...] [--spec SPEC]
                                     metrics of a model directory on a task's validation set
+    verify MODEL_DIR                spec hash, data digests, tensor shapes/dtypes, no NaN
     schema [--out FILE]             JSON schema of the spec for editor completion
     registry list                   mixers, tasks, metrics and kernel providers, with origin
     zoo list | show NAME            presets shipped in mixstack/zoo (cli/zoo.py)
@@ -28,9 +29,10 @@ one clean red message; ``--debug`` re-raises them with the traceback.
 from __future__ import annotations
 
 import json
+import math
 import os
+import secrets
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +44,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from mixstack.cli.verify import AllowUnverified, model_dir_of
+from mixstack.cli.verify import verify as verify_command
 from mixstack.dsl.errors import MixstackError
 
 if TYPE_CHECKING:
@@ -61,6 +65,7 @@ registry_app = typer.Typer(
 app.add_typer(registry_app, name="registry")
 
 EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT-ended command
 
 
 @dataclass
@@ -416,6 +421,12 @@ def _train_source(spec: str, overrides: list[str] | None) -> tuple[str, list[str
     folder = Path(spec)
     if folder.is_dir() and (folder / "spec.yaml").is_file():
         return str(folder / "spec.yaml"), ["run.stop_after=null", *(overrides or [])], folder
+    if folder.is_dir():
+        raise MixstackError(
+            f"{folder} is a directory but not a run directory (it has no spec.yaml); give "
+            "a spec (a YAML file or zoo:NAME), or the directory of a run to continue it "
+            "with --resume"
+        )
     return spec, list(overrides or []), None
 
 
@@ -501,7 +512,15 @@ def train(
             _quiet_lightning()
         from mixstack.training.run import fit
 
-        result = fit(loaded, target, resume=resume, overwrite=overwrite)
+        try:
+            result = fit(loaded, target, resume=resume, overwrite=overwrite)
+        except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into sys.exit(1)
+            from mixstack.training.rundir import resume_hint
+
+            Console(stderr=True, highlight=False).print(
+                Text(f"interrupted: {resume_hint(Path(target))}", style="yellow"), soft_wrap=True
+            )
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         if result.is_global_zero:
             _stdout().print(_summary(result))
 
@@ -522,15 +541,18 @@ def evaluate(
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", min=1, help="validation batch size")
     ] = None,
+    allow_unverified: AllowUnverified = False,
 ) -> None:
-    """Evaluate a model directory on the fixed validation set of a task."""
+    """Evaluate a model directory (or a run directory's model) on a task's validation set;
+    exits 1 if a metric is NaN or infinite."""
     with _handled(ctx):
         from mixstack.hub.modeldir import load_model_dir
         from mixstack.training.evaluate import evaluate as run_eval
         from mixstack.training.evaluate import spec_for
 
-        model = load_model_dir(model_dir)
-        run_spec = model_dir.parent / "spec.yaml"
+        model_dir, found_spec = model_dir_of(model_dir)
+        model = load_model_dir(model_dir, allow_unverified=allow_unverified)
+        run_spec = found_spec or model_dir.parent / "spec.yaml"
         if spec is None and not run_spec.is_file():
             raise MixstackError(
                 f"{model_dir} is not inside a run directory; pass --spec SPEC (a spec with a "
@@ -548,14 +570,23 @@ def evaluate(
         out = _stdout()
         out.print(Text(f"task: {task.type if task else '?'} (from {source})"))
         out.print(table)
+        bad = [f"val/{k} = {v}" for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+            raise MixstackError(
+                f"non-finite metrics ({', '.join(bad)}): the model's outputs overflow or are "
+                "NaN on this task"
+            )
 
 
 # -- schema -----------------------------------------------------------------------------
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file in the same folder and ``os.replace``: never half a file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
+        # 0o666 less the umask, like any other file the user creates (mkstemp's 0600
+        # would make the schema unreadable to the rest of the team).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -641,6 +672,7 @@ app.command("pull")(_hub_cli.pull)
 from mixstack.cli.grid import grid_app  # noqa: E402
 
 app.add_typer(grid_app, name="grid")
+app.command()(verify_command)
 
 
 def main() -> None:

@@ -421,6 +421,11 @@ class TrainSpec(StrictModel):
     early_stop: EarlyStopConfig | None = Field(
         None, description="finish early once a validation metric reaches a threshold"
     )
+    on_nonfinite: Literal["stop", "skip_step"] = Field(
+        "stop",
+        description="a NaN/inf training loss: stop (an error naming the step; the last "
+        "checkpoint is kept) or skip_step (that optimizer step applies no update)",
+    )
 
     @model_validator(mode="after")
     def _has_length(self) -> TrainSpec:
@@ -461,9 +466,26 @@ class TrainSpec(StrictModel):
                 )
             )
         out.extend(self._check_mlm(model))
+        out.extend(self.check_batch_split(1))
         if self.early_stop is not None:
             out.extend(self.early_stop.check(task.type, model.arch))
         return out
+
+    def check_batch_split(self, world_size: int, where: str = "") -> list[Problem]:
+        """``batch_size`` must split evenly into accumulate_grad_batches × processes
+        micro-batches (checked at load, not when training starts)."""
+        parts = self.accumulate_grad_batches * world_size
+        if self.batch_size % parts == 0:
+            return []
+        across = f" × {world_size} processes{where}" if world_size > 1 else ""
+        return [
+            (
+                ("batch_size",),
+                f"batch_size {self.batch_size} does not split into accumulate_grad_batches "
+                f"{self.accumulate_grad_batches}{across} equal micro-batches",
+                f"a multiple of {parts}",
+            )
+        ]
 
     def _check_mlm(self, model: ModelSpec) -> list[Problem]:
         if model.arch != "encoder":

@@ -6,12 +6,20 @@
       config.json         canonical model spec + mixstack_version, schema_version, spec_hash
                           (the one source of truth)
       spec.yaml           the same spec for people (loadable by load_spec; checked equal)
-      model.safetensors   weights, written by safetensors' save_model (tied weights once)
+      model.safetensors   weights (tied weights once), with the spec hash and the sha256 of
+                          its data region in the safetensors metadata; or, with
+                          ``max_shard_size``, model-0000K-of-0000N.safetensors shards and
+                          model.safetensors.index.json (transformers' layout)
       README.md           model card: pattern, ratios, parameters, state size, metrics, hash
 
-Loading reads safetensors only (never a pickle), refuses any missing, unexpected or
-mis-shaped tensor, and checks the spec hash three ways (config.json against its own
-model section, spec.yaml against config.json, the weights' recorded hash). A directory
+Loading reads safetensors only (never a pickle). Before any tensor is built it checks
+(:mod:`mixstack.hub.integrity`) the weights' headers against the model built on the meta
+device (missing, unexpected, mis-shaped or non-float tensors, a stored tied head), the
+spec hash three ways (config.json against its own model section, spec.yaml against
+config.json, the weights' recorded hash) and the data digest of every file; a directory
+without the hash or the digest is refused unless ``allow_unverified=True`` (schema-1
+directories, written before digests existed, load with a warning). Weights holding NaN
+or inf are refused too. docs/model-directory.md describes the format. A directory
 of an older ``schema_version`` is checked with that version's hash rule, then its spec
 is migrated (:mod:`mixstack.dsl.migrations`); the loaded spec has the current hash. It only
 reads: a directory that fails to load is left as it was. Export writes a complete
@@ -24,8 +32,8 @@ import json
 import os
 import secrets
 import shutil
-import stat
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +45,20 @@ from mixstack.archs.models import MixStackModel
 from mixstack.dsl.errors import CheckpointError, MixstackError
 from mixstack.dsl.migrations import SCHEMA_VERSION, spec_hash_of, unsupported_version
 from mixstack.dsl.spec import ModelSpec
+from mixstack.hub import integrity
 
 CONFIG = "config.json"
 SPEC = "spec.yaml"
-WEIGHTS = "model.safetensors"
+WEIGHTS = integrity.WEIGHTS
+INDEX = integrity.INDEX
 CARD = "README.md"
 FILES = (CONFIG, SPEC, WEIGHTS, CARD)
-HASH_KEY = "mixstack.spec_hash"  # in the safetensors metadata (tensor names never have ':')
+HASH_KEY = integrity.SPEC_HASH_KEY  # in the safetensors metadata
+DIGEST_KEY = integrity.DIGEST_KEY
+# Schema versions written before weights carried a data digest (schema 3 is the first
+# whose writer adds one): such a directory loads with a warning instead of being refused
+# (tests/fixtures/modeldir_v1, modeldir_v2).
+PRE_DIGEST_SCHEMAS = frozenset({1, 2})
 PICKLES = ("pytorch_model.bin", "model.pt", "model.ckpt", "model.pth")
 
 
@@ -78,11 +93,18 @@ def spec_yaml_text(spec: ModelSpec) -> str:
 
 
 def save_model_dir(
-    model: MixStackModel, path: str | os.PathLike[str], *, metrics: dict[str, float] | None = None
+    model: MixStackModel,
+    path: str | os.PathLike[str],
+    *,
+    metrics: dict[str, float] | None = None,
+    max_shard_size: int | str | None = None,
 ) -> Path:
-    """Export ``model`` to ``path`` (created, or replaced if it is a model directory)."""
-    from safetensors.torch import save_model
+    """Export ``model`` to ``path`` (created, or replaced if it is a model directory).
 
+    ``max_shard_size``: bytes (or ``"500MB"``, ``"2GB"``, ``"1GiB"``) above which the
+    weights are split into shards with an index; ``None`` (default) writes one file."""
+    if max_shard_size is not None:
+        integrity.parse_size(max_shard_size)  # refuse a bad size before writing anything
     target = Path(path)
     if target.exists() and not _replaceable(target):
         raise CheckpointError(
@@ -96,9 +118,9 @@ def save_model_dir(
     try:
         (tmp / CONFIG).write_text(json.dumps(config_of(spec), indent=2) + "\n", encoding="utf-8")
         (tmp / SPEC).write_text(spec_yaml_text(spec), encoding="utf-8")
-        save_model(model, str(tmp / WEIGHTS), metadata={HASH_KEY: spec.spec_hash})
-        # safetensors creates its file owner-only; give it the mode of the files above.
-        os.chmod(tmp / WEIGHTS, stat.S_IMODE((tmp / CONFIG).stat().st_mode))
+        integrity.save_weights(
+            model, tmp, spec.spec_hash, max_shard_size=max_shard_size, mode_like=tmp / CONFIG
+        )
         (tmp / CARD).write_text(model_card(model, metrics), encoding="utf-8")
         _swap_in(tmp, target)
     except BaseException:
@@ -215,29 +237,30 @@ def _checked_spec(folder: Path) -> tuple[ModelSpec, str]:
 
 
 def check_weights(model: MixStackModel, path: Path, spec_hash: str | None = None) -> None:
-    """Compare the tensors of a safetensors file with ``model`` (names, shapes, hash).
+    """Compare the header of one safetensors file with ``model`` (names, shapes, dtypes,
+    recorded spec hash; default ``model.spec.spec_hash``). Reads no tensor data."""
+    files = integrity.WeightFiles([integrity.read_header(path)], None)
+    _check_headers(model, files, spec_hash or model.spec.spec_hash, str(path))
 
-    ``spec_hash``: the hash the weights must record (default ``model.spec.spec_hash``;
-    a directory of an older schema passes the hash its ``config.json`` recorded)."""
-    spec_hash = spec_hash or model.spec.spec_hash
-    from safetensors import safe_open
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-            metadata = f.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from None
-    saved_hash = metadata.get(HASH_KEY)
-    if saved_hash is not None and saved_hash != spec_hash:
-        raise CheckpointError(
-            f"{path}: the weights were saved for spec {saved_hash[:12]}, but {CONFIG} "
-            f"describes spec {spec_hash[:12]}"
-        )
-    problems = tensor_mismatches(model.state_dict(), shapes)
+def _check_headers(
+    model: MixStackModel, files: integrity.WeightFiles, spec_hash: str, where: str
+) -> None:
+    """Recorded spec hashes (where present) and tensor names / shapes / dtypes."""
+    index_hash = ((files.index or {}).get("metadata") or {}).get(HASH_KEY)
+    recorded = [(str(h.path), h.spec_hash) for h in files.headers]
+    if index_hash is not None:
+        recorded.append((INDEX, index_hash))
+    for path, saved in recorded:
+        if saved is not None and saved != spec_hash:
+            raise CheckpointError(
+                f"{path}: the weights were saved for spec {str(saved)[:12]}, but {CONFIG} "
+                f"describes spec {spec_hash[:12]}"
+            )
+    problems = integrity.header_mismatches(model, files.headers)
     if problems:
         raise CheckpointError(
-            f"{path} does not match the model of {CONFIG}:\n" + "\n".join(problems)
+            f"{where} does not match the model of {CONFIG}:\n" + "\n".join(problems)
         )
 
 
@@ -245,7 +268,8 @@ def tensor_mismatches(
     expected: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]
 ) -> list[str]:
     """Missing / unexpected / mis-shaped tensor lines. Names sharing one tensor (tied
-    weights) need only one of them in the file."""
+    weights) need only one of them in the file. (Loading uses the fuller header check of
+    :func:`mixstack.hub.integrity.header_mismatches`.)"""
     groups: dict[int, list[str]] = {}
     for name, tensor in expected.items():
         groups.setdefault(tensor.data_ptr() if tensor.numel() else id(tensor), []).append(name)
@@ -267,29 +291,93 @@ def tensor_mismatches(
     return out
 
 
+def _unverified(files: integrity.WeightFiles) -> list[str]:
+    """What a weights file lacks of the provenance mixstack writes (hash, digest)."""
+    out = []
+    for header in files.headers:
+        lacks = [key for key in (HASH_KEY, DIGEST_KEY) if key not in header.metadata]
+        if lacks:
+            out.append(f"{header.path.name} has no {' / '.join(lacks)}")
+    return out
+
+
+def _check_provenance(
+    folder: Path, files: integrity.WeightFiles, version: Any, allow_unverified: bool
+) -> None:
+    """Refuse weights without the spec hash or data digest, except a pre-digest schema
+    (the digest alone may be missing: warn) or ``allow_unverified`` (warn)."""
+    lacking = _unverified(files)
+    if not lacking:
+        return
+    no_hash = any(HASH_KEY in line for line in lacking)
+    unknown = ["they are undamaged"] if any(DIGEST_KEY in line for line in lacking) else []
+    unknown = [f"they belong to {CONFIG}"] * no_hash + unknown
+    what = f"{'; '.join(lacking)}: nothing shows that {' or that '.join(unknown)}"
+    if allow_unverified or (version in PRE_DIGEST_SCHEMAS and not no_hash):
+        why = "allow_unverified=True" if allow_unverified else f"schema_version {version}"
+        warnings.warn(
+            f"{folder}: loading unverified weights ({what}); accepted because of {why}. "
+            "Re-export the model to add them.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return
+    raise CheckpointError(
+        f"{folder}: unverified weights ({what}); re-export the model with mixstack, or load "
+        "it anyway with allow_unverified=True (--allow-unverified)"
+    )
+
+
+def verify_weights(
+    folder: Path, spec: ModelSpec, spec_hash: str, *, allow_unverified: bool = False
+) -> integrity.WeightFiles:
+    """Every check that needs no tensor: headers against the model built on the meta
+    device, spec hashes, provenance, data digests. Returns the verified files."""
+    from mixstack.archs.builder import build
+
+    files = integrity.find_weights(folder, PICKLES)
+    meta_model = build(spec, device="meta", seed=0)
+    _check_headers(meta_model, files, spec_hash, f"{folder}: {', '.join(files.names)}")
+    _check_provenance(folder, files, _read_config(folder)["schema_version"], allow_unverified)
+    for header in files.headers:
+        integrity.verify_digest(header, files.index)
+    return files
+
+
+def _check_finite(folder: Path, tensors: dict[str, torch.Tensor], allow: bool) -> None:
+    bad = integrity.non_finite(tensors)
+    if not bad:
+        return
+    message = f"{folder}: weights hold NaN or inf values: {', '.join(bad[:8])}"
+    if not allow:
+        raise CheckpointError(message + " (load anyway with allow_unverified=True)")
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
 def load_model_dir(
     folder: str | os.PathLike[str],
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
+    allow_unverified: bool = False,
 ) -> MixStackModel:
-    """Build the model of a model directory and load its weights strictly."""
-    from safetensors.torch import load_model
+    """Build the model of a model directory and load its weights strictly.
 
+    ``allow_unverified``: load weights that lack the spec hash or data digest, or hold
+    NaN / inf, with a warning instead of a :class:`CheckpointError` (a digest that is
+    present and wrong is always refused)."""
     from mixstack.archs.builder import build
 
     folder = Path(folder)
     spec, recorded_hash = _checked_spec(folder)
-    weights = folder / WEIGHTS
-    if not weights.is_file():
-        pickles = [p for p in PICKLES if (folder / p).exists()]
-        found = (
-            f" (found {', '.join(pickles)}: pickled weights are never loaded)" if pickles else ""
-        )
-        raise CheckpointError(f"{folder}: no {WEIGHTS}{found}; mixstack loads safetensors only")
+    files = verify_weights(folder, spec, recorded_hash, allow_unverified=allow_unverified)
+    tensors = integrity.load_tensors(files)
+    _check_finite(folder, tensors, allow_unverified)
     model = build(spec, seed=0)
-    check_weights(model, weights, recorded_hash)
-    load_model(model, str(weights), strict=True)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    _, aliases = integrity.expected_tensors(model)
+    if unexpected or set(missing) - set(aliases):  # excluded by the header check
+        raise CheckpointError(f"{folder}: weights do not match ({missing}, {unexpected})")
     model.tie_weights()
     if device is not None or dtype is not None:
         from mixstack.archs.builder import parse_dtype
@@ -299,6 +387,26 @@ def load_model_dir(
         if dtype is not None:
             cast_module(model, parse_dtype(dtype))
     return model.eval()
+
+
+def verify_model_dir(
+    folder: str | os.PathLike[str], *, allow_unverified: bool = False
+) -> dict[str, Any]:
+    """The checks of :func:`load_model_dir` on a model directory, for ``mixstack verify``.
+
+    Returns ``{"spec_hash", "files": {name: digest or None}, "tensors", "params"}``; any
+    failure is a :class:`CheckpointError`."""
+    folder = Path(folder)
+    spec, recorded_hash = _checked_spec(folder)
+    files = verify_weights(folder, spec, recorded_hash, allow_unverified=allow_unverified)
+    tensors = integrity.load_tensors(files)
+    _check_finite(folder, tensors, allow_unverified)
+    return {
+        "spec_hash": recorded_hash,
+        "files": {h.path.name: h.digest for h in files.headers},
+        "tensors": len(tensors),
+        "params": sum(t.numel() for t in tensors.values()),
+    }
 
 
 TOKENIZER = "tokenizer.json"

@@ -13,7 +13,8 @@ they load with ``torch.load(..., weights_only=True)`` and
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import lightning.pytorch as L
@@ -44,6 +45,12 @@ from mixstack.training.data import (
 from mixstack.training.losses import compute_loss, objective_for
 from mixstack.training.metrics import EvalMetrics
 from mixstack.training.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(MixstackError):
+    """The training loss became NaN or inf under ``train.on_nonfinite: stop``."""
 
 
 def as_spec(spec: Spec | dict[str, Any]) -> Spec:
@@ -117,6 +124,8 @@ class LitModel(L.LightningModule):
         self.total_steps: int | None = None  # set by TaskData (needs the task's size)
         self.last_val_step: int | None = None  # global step of the latest validation
         self._step_losses: list[Tensor] = []  # losses of the current step's micro-batches
+        self._skip_step = False  # train.on_nonfinite: skip_step hit in the current step
+        self.skipped_steps = 0
 
     def forward(self, input_ids: Tensor, seq_idx: Tensor | None = None) -> Tensor:
         model = self._compiled[0] if self._compiled else self.model
@@ -143,15 +152,74 @@ class LitModel(L.LightningModule):
         with self._step_rng(micro * world + self.global_rank):
             logits = self(batch["input_ids"], seq_idx=batch.get("seq_idx"))
         loss = compute_loss(self.objective, logits, batch["labels"])
-        # train/loss is the loss of the whole global batch: the mean over this step's
-        # micro-batches (what the accumulated gradient is the gradient of), averaged over
-        # the processes by sync_dist.
-        self._step_losses.append(loss.detach())
-        if micro == accumulate - 1:
+        finite = self._finite(loss)
+        if finite:
+            # train/loss is the loss of the whole global batch: the mean over this step's
+            # micro-batches (what the accumulated gradient is the gradient of), averaged
+            # over the processes by sync_dist.
+            self._step_losses.append(loss.detach())
+        if micro == accumulate - 1 and self._step_losses:
             step_loss = torch.stack(self._step_losses).mean()
-            self._step_losses.clear()
             self.log("train/loss", step_loss, on_step=True, prog_bar=True, sync_dist=True)
-        return loss
+        if micro == accumulate - 1:
+            self._step_losses.clear()
+        return loss if finite else None  # None: Lightning skips this micro-batch's backward
+
+    def _finite(self, loss: Tensor) -> bool:
+        """Whether the loss is finite on every process; else :meth:`_on_nonfinite`."""
+        if self._agreed_finite([loss]):
+            return True
+        self._on_nonfinite(f"the training loss is {float(loss.detach())}")
+        return False
+
+    def _agreed_finite(self, tensors: Iterable[Tensor]) -> bool:
+        """All ``tensors`` finite, decided alike on every process (one all-reduce of a
+        flag), so no process waits alone in a collective."""
+        flags = [torch.isfinite(t.detach()).all() for t in tensors]
+        bad = bool(flags) and not bool(torch.stack(flags).all())  # one device sync
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        return not bad
+
+    def _on_nonfinite(self, what: str) -> None:
+        """train.on_nonfinite: ``stop`` raises; ``skip_step`` marks this step to apply no
+        update (:meth:`on_before_optimizer_step`)."""
+        if self.train_cfg.on_nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"{what} at optimizer step {self.global_step} (train.on_nonfinite: stop); "
+                "nothing of this step was applied. Lower train.optimizer.lr or set "
+                "train.grad_clip, or skip such steps with train.on_nonfinite=skip_step"
+            )
+        if not self._skip_step:
+            self.skipped_steps += 1
+            log.warning("%s at step %d: step skipped", what, self.global_step)
+        self._skip_step = True
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Non-finite gradients count like a non-finite loss (except under 16-mixed, whose
+        grad scaler skips such steps itself); a step to skip applies no update (gradients
+        dropped, so the optimizer skips every parameter)."""
+        if not self._skip_step and self.spec.run.precision != "16-mixed":
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            if not self._agreed_finite(grads):
+                self._on_nonfinite("a gradient is NaN or inf")
+        if self._skip_step:
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_step = False
+        if self.train_cfg.on_nonfinite == "skip_step":
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The update, then a check that it left every weight finite (an lr too large
+        overflows finite gradients): such a step is never checkpointed or exported, and
+        cannot be skipped after the fact, so the run stops under either policy."""
+        super().optimizer_step(*args, **kwargs)
+        if not self._agreed_finite(self.parameters()):
+            raise NonFiniteLossError(
+                f"the weights became NaN or inf in the update of optimizer step "
+                f"{self.global_step} (finite loss and gradients: the update overflowed); "
+                "lower train.optimizer.lr or set train.grad_clip"
+            )
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         logits = self(batch["input_ids"], seq_idx=batch.get("seq_idx"))

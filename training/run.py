@@ -187,7 +187,7 @@ def fit(
     a run already in ``out``. ``hub``: :class:`mixstack.dsl.hubref.HubOptions` for the
     ``run.hub`` push (endpoint, token). Returns a :class:`RunResult`.
     """
-    from mixstack.training.lit import LitModel, TaskData, as_spec
+    from mixstack.training.lit import LitModel, NonFiniteLossError, TaskData, as_spec
 
     spec = as_spec(spec)
     launching = rundir.is_launching_process()
@@ -204,21 +204,27 @@ def fit(
     trainer = make_trainer(
         spec, run, segment, lit.total_steps, data.steps_per_epoch, progress=progress
     )
+    existed = run.root.exists()
     if launching:
         rundir.prepare(run.root, spec, resume=resume, overwrite=overwrite)
         start = rundir.checkpoint_step(run.checkpoint) if resume else 0
         rundir.start_segment(run, spec, start, world_size=trainer.world_size)
         _record_sources(run, spec)
     began = time.monotonic()
-    status = "failed"
     try:
         status = _train(trainer, lit, data, run.checkpoint if resume else None)
-    except (KeyboardInterrupt, SystemExit):
-        status = "interrupted"
-        raise
-    finally:
+    except BaseException as exc:
+        interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
         if trainer.is_global_zero:
-            _close_segment(run, segment, status, trainer.global_step, lit)
+            _close_segment(run, segment, "interrupted" if interrupted else "failed", trainer, lit)
+        if launching and not resume and trainer.global_step == 0:
+            # Nothing to resume: leave nothing that blocks running the same command again.
+            rundir.remove_if_unstarted(run, created=not existed)
+        if isinstance(exc, NonFiniteLossError) and launching:
+            raise NonFiniteLossError(f"{exc}\n{_after_nonfinite(run)}") from None
+        raise
+    if trainer.is_global_zero:
+        _close_segment(run, segment, status, trainer, lit)
     result = RunResult(
         run_dir=run.root,
         status=status,
@@ -292,13 +298,27 @@ def _target_reached(trainer: Any) -> bool:
     )
 
 
-def _close_segment(run: RunDir, segment: int, status: str, step: int, lit: Any) -> None:
+def _close_segment(run: RunDir, segment: int, status: str, trainer: Any, lit: Any) -> None:
+    step = trainer.global_step
     meta = run.read_metadata()
     meta["segments"][segment].update({"finished": rundir.now(), "status": status, "end_step": step})
     meta["status"] = status
     meta["step"] = step
     meta["backends"] = lit.model.backends.resolved()
+    if lit.skipped_steps:
+        meta["segments"][segment]["skipped_steps"] = lit.skipped_steps
     run.write_metadata(meta)
+
+
+def _after_nonfinite(run: RunDir) -> str:
+    """Where a run stopped by a non-finite loss stands, and how to go on."""
+    if not run.checkpoint.is_file():
+        return f"no checkpoint had been written in {run.root}; nothing was kept to resume"
+    step = rundir.checkpoint_step(run.checkpoint)
+    return (
+        f"the last good checkpoint, {run.checkpoint} (step {step}), is kept; to go on from it "
+        f"skipping such steps: mixstack train {run.root} --resume train.on_nonfinite=skip_step"
+    )
 
 
 def _finish(run: RunDir, lit: Any, result: RunResult) -> None:
@@ -314,6 +334,10 @@ def _finish(run: RunDir, lit: Any, result: RunResult) -> None:
         val = {k: v for k, v in result.metrics.items() if k.startswith("val/")}
         result.model_dir = save_model_dir(lit.model, run.model_dir, metrics=val)
     meta = run.read_metadata()
+    if result.model_dir is not None:
+        rundir.record_written(
+            meta, {f"{rundir.MODEL_DIR}/{p.name}" for p in result.model_dir.iterdir()}
+        )
     meta.update(
         {
             "metrics": result.metrics,

@@ -25,7 +25,6 @@ import os
 import platform
 import re
 import secrets
-import shutil
 import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -63,6 +62,33 @@ RUN_ENTRIES = frozenset(
 def _is_temporary(name: str) -> bool:
     """A leftover of an interrupted atomic write (``.NAME.*.tmp`` / ``.NAME.*.old``)."""
     return name.startswith(".") and name.endswith((".tmp", ".old"))
+
+
+# ``run.json["written"]``: relative paths of the files the run wrote (its manifest), and
+# folders a logger fills with names we cannot predict (entries ending in "/"); only those
+# may be removed by --overwrite.
+WRITTEN_KEY = "written"
+
+
+def segment_paths(segment: int, logger: str) -> set[str]:
+    """The paths an invocation writes, known before it starts."""
+    paths = {
+        SPEC_FILE,
+        RUN_FILE,
+        METRICS_FILE,
+        CHECKPOINT.as_posix(),
+        f"{LOGS_DIR}/version_{segment}/metrics.csv",
+        f"{LOGS_DIR}/version_{segment}/hparams.yaml",
+    }
+    if logger == "tensorboard":
+        paths.add(f"tensorboard/version_{segment}/")  # event files named by time and host
+    elif logger == "wandb":
+        paths.add("wandb/")
+    return paths
+
+
+def record_written(meta: dict[str, Any], paths: set[str]) -> None:
+    meta[WRITTEN_KEY] = sorted(set(meta.get(WRITTEN_KEY, [])) | paths)
 
 
 class RunDirError(MixstackError):
@@ -148,12 +174,35 @@ class RunDir:
         return self.spec_file.is_file() or self.run_file.is_file()
 
     def foreign_entries(self) -> list[str]:
-        """Names in the directory that a run does not write (a user's own files)."""
-        return sorted(
-            p.name
-            for p in self.root.iterdir()
-            if p.name not in RUN_ENTRIES and not _is_temporary(p.name)
-        )
+        """Files in the directory (at any depth) that this run did not write, by relative
+        path: a user's own files, which --overwrite must never delete. What the run wrote
+        is its manifest (``run.json["written"]``); a run recorded before manifests existed
+        owns the paths every invocation writes (:func:`segment_paths`)."""
+        meta = self.read_metadata()
+        owned = set(meta.get(WRITTEN_KEY, []))
+        for k in range(len(meta.get("segments", []))):
+            owned |= segment_paths(k, "none")
+        folders = tuple(p for p in owned if p.endswith("/"))
+        foreign = []
+        for path in sorted(self.root.rglob("*")):
+            rel = path.relative_to(self.root).as_posix()
+            if path.is_dir() and not path.is_symlink():
+                continue
+            if rel in owned or rel.startswith(folders):
+                continue
+            if any(_is_temporary(part) for part in Path(rel).parts):
+                continue
+            foreign.append(rel)
+        return foreign
+
+    def remove_written(self) -> None:
+        """Delete the files of :meth:`foreign_entries`' complement, then the folders left
+        empty; anything else stays (the caller has refused a directory with foreign files)."""
+        for path in sorted(self.root.rglob("*"), key=lambda p: -len(p.parts)):
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
 
     def read_metadata(self) -> dict[str, Any]:
         if not self.run_file.is_file():
@@ -188,9 +237,9 @@ def check(root: Path, spec: Spec, *, resume: bool, overwrite: bool) -> RunDir:
         foreign = run.foreign_entries()
         if foreign:
             raise RunDirError(
-                f"{run.root} holds files a run does not write ({', '.join(foreign[:8])}"
-                f"{' ...' if len(foreign) > 8 else ''}); --overwrite would delete them: move "
-                "them away or pick another --out"
+                f"{run.root} holds files the run did not write ({', '.join(foreign[:8])}"
+                f"{f' and {len(foreign) - 8} more' if len(foreign) > 8 else ''}); --overwrite "
+                "only removes a run's own files: move them away or pick another --out"
             )
     elif run.root.exists() and (not run.root.is_dir() or any(run.root.iterdir())):
         raise RunDirError(f"{run.root} exists and is not an empty directory or a run directory")
@@ -202,7 +251,7 @@ def prepare(root: Path, spec: Spec, *, resume: bool, overwrite: bool) -> RunDir:
     Launching process only."""
     run = check(root, spec, resume=resume, overwrite=overwrite)
     if not resume and run.holds_run():
-        shutil.rmtree(run.root)
+        run.remove_written()
     run.root.mkdir(parents=True, exist_ok=True)
     write_atomic(run.spec_file, spec.dump())  # on resume: this invocation's run section
     return run
@@ -238,9 +287,18 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(telling or lines or [''])[0]}"
 
 
+# Train settings that change nothing a healthy run computes, so a resumed run may change
+# them (a run stopped by a NaN loss continues with skip_step).
+RESUME_MAY_CHANGE = frozenset({"train.on_nonfinite"})
+
+
 def _check_resumable(run: RunDir, spec: Spec) -> None:
     if not run.spec_file.is_file():
-        raise RunDirError(f"nothing to resume: {run.spec_file} does not exist")
+        what = "does not exist" if not run.root.exists() else "is not a run directory"
+        raise RunDirError(
+            f"nothing to resume: {run.root} {what} (a run directory holds spec.yaml, "
+            "run.json and checkpoints/ from an earlier mixstack train)"
+        )
     if not run.checkpoint.is_file():
         raise RunDirError(
             f"nothing to resume: {run.checkpoint} does not exist (the run stopped before its "
@@ -254,6 +312,7 @@ def _check_resumable(run: RunDir, spec: Spec) -> None:
         p
         for section in ("model", "train")
         for p in _diff(old_data.get(section), new_data.get(section), section)
+        if p not in RESUME_MAY_CHANGE
     ]
     if changed:
         raise RunDirError(
@@ -327,8 +386,41 @@ def start_segment(run: RunDir, spec: Spec, start_step: int, *, world_size: int =
         }
     )
     meta["segments"].append({"start_step": start_step, "started": now(), "world_size": world_size})
+    record_written(meta, segment_paths(len(meta["segments"]) - 1, spec.run.logger.type))
     run.write_metadata(meta)
     return len(meta["segments"]) - 1
+
+
+def remove_if_unstarted(run: RunDir, created: bool) -> bool:
+    """After a new run failed before its first optimizer step: remove what it wrote (and
+    the folder, if this run created it), so the same ``--out`` can be used again at once.
+    Returns whether it did."""
+    if run.checkpoint.is_file() or run.foreign_entries():
+        return False
+    run.remove_written()
+    if created and run.root.is_dir() and not any(run.root.iterdir()):
+        run.root.rmdir()
+    return True
+
+
+def resume_hint(root: Path) -> str:
+    """What to do after an interrupted run: resume from its checkpoint, or start again."""
+    run = RunDir(Path(root))
+    if not run.root.exists() or not run.holds_run():
+        return "it stopped before its first step and left nothing; run the command again"
+    if not run.checkpoint.is_file():
+        return (
+            f"no checkpoint was written yet, so there is nothing to resume in {run.root}; "
+            f"start again with --overwrite --out {run.root}"
+        )
+    try:
+        step = f" (step {checkpoint_step(run.checkpoint)})"
+    except RunDirError:
+        step = ""
+    return (
+        f"the last checkpoint{step} is {run.checkpoint}; continue with: "
+        f"mixstack train {run.root} --resume"
+    )
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -40,7 +40,7 @@ from mixstack.dsl.validate.model import model_section
 from mixstack.dsl.validate.pydantic_errors import pydantic_issues
 from mixstack.dsl.validate.request import LAYER_FORMS, form_conflict, layer_forms
 from mixstack.dsl.validate.run import run_against, run_section
-from mixstack.dsl.validate.train import train_against, train_section
+from mixstack.dsl.validate.train import train_against, train_against_run, train_section
 
 __all__ = ["LAYER_FORMS", "form_conflict", "layer_forms", "pydantic_issues", "validate_spec"]
 
@@ -73,6 +73,8 @@ def document(ck: Checker, data: dict[Any, Any]) -> Spec | None:
         train = train_against(ck, train, model)
     if model is not None and run is not None:
         run_against(ck, run, model)
+    if train is not None and run is not None:
+        train_against_run(ck, train, run)
     if model is None or run is None or ck.issues:
         return None
     return ck.pydantic(Spec, {"model": model, "train": train, "run": run}, ())

@@ -7,7 +7,14 @@ from typing import Any
 
 from mixstack.dsl import registry
 from mixstack.dsl.errors import keys_text
-from mixstack.dsl.spec import OPTIMIZER_TYPES, AdamWConfig, ModelSpec, TaskConfig, TrainSpec
+from mixstack.dsl.spec import (
+    OPTIMIZER_TYPES,
+    AdamWConfig,
+    ModelSpec,
+    RunSpec,
+    TaskConfig,
+    TrainSpec,
+)
 from mixstack.dsl.validate.common import Checker
 
 
@@ -56,3 +63,16 @@ def train_against(ck: Checker, train: TrainSpec, model: ModelSpec) -> TrainSpec 
     for rel, message, allowed in problems:
         ck.add(message, ("train", *rel), allowed=allowed)
     return None if problems else resolved
+
+
+def train_against_run(ck: Checker, train: TrainSpec, run: RunSpec) -> None:
+    """What the run section decides about training that is known at load: with a fixed
+    device count, the batch must split over all processes too."""
+    trainer = run.trainer
+    if trainer.devices == "auto" or train.batch_size % train.accumulate_grad_batches:
+        return  # unknown world size, or already reported by TrainSpec.check
+    devices = trainer.devices if isinstance(trainer.devices, int) else len(trainer.devices)
+    world = devices * trainer.num_nodes
+    where = f" (run.trainer: devices {trainer.devices}, num_nodes {trainer.num_nodes})"
+    for rel, message, allowed in train.check_batch_split(world, where):
+        ck.add(message, ("train", *rel), allowed=allowed)

@@ -213,12 +213,26 @@ def test_overwrite_replaces_a_run_but_never_a_users_files(
 ) -> None:
     out = tmp_path / "run"
     fit_quietly(tiny_spec("train.max_steps=2"), out)
-    (out / "notes.txt").write_text("mine")
+    written = json.loads((out / "run.json").read_text())["written"]
+    assert {
+        "model/model.safetensors",
+        "checkpoints/last.ckpt",
+        "logs/version_0/metrics.csv",
+    } <= set(written)
+    # A user's files anywhere in the run, the folders the run writes included.
+    mine = ["notes.txt", "model/my_eval.json", "checkpoints/best_by_hand.ckpt", "logs/notes.md"]
+    for name in mine:
+        (out / name).write_text("mine")
     before = _tree(out)
-    with pytest.raises(RunDirError, match=r"holds files a run does not write \(notes\.txt\)"):
+    with pytest.raises(RunDirError) as refused:
         fit_quietly(tiny_spec("train.max_steps=2"), out, overwrite=True)
-    assert _tree(out) == before
-    (out / "notes.txt").unlink()
+    assert (
+        "holds files the run did not write (checkpoints/best_by_hand.ckpt, logs/notes.md, "
+        "model/my_eval.json, notes.txt)" in str(refused.value)
+    )
+    assert _tree(out) == before  # nothing deleted
+    for name in mine:
+        (out / name).unlink()
     replaced = fit_quietly(tiny_spec("train.max_steps=3"), out, overwrite=True)
     assert replaced.step == 3
     assert len(json.loads((out / "run.json").read_text())["segments"]) == 1
