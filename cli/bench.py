@@ -18,7 +18,6 @@ from typing import Annotated
 import typer
 from rich.markdown import Markdown
 
-from mixstack.cli.main import _handled, _stdout
 from mixstack.dsl.errors import MixstackError
 
 
@@ -63,6 +62,9 @@ def bench(
     ] = "goal",
 ) -> None:
     """Benchmark mixers, models and decoding against reference implementations."""
+    # at call time: cli.main imports this module to register it (python -m would loop)
+    from mixstack.cli.main import _handled, _stdout
+
     with _handled(ctx):
         import torch
 

@@ -110,9 +110,12 @@ def test_plugin_examples_cover_its_modes(ema_entry: LayerEntry) -> None:
 
 
 @pytest.mark.parametrize(("check", "kwargs"), _contract_checks())
-def test_contract(ema_case, check: Callable[..., None], kwargs: dict[str, Any]) -> None:
+def test_contract(
+    ema_case, check: Callable[..., None], kwargs: dict[str, Any], tmp_path: Path
+) -> None:
     needed = list(inspect.signature(check).parameters)[1:]
-    fixtures = {n: FIXTURES[n] for n in needed if n not in kwargs}  # KeyError: a new fixture
+    available = {**FIXTURES, "tmp_path": tmp_path}
+    fixtures = {n: available[n] for n in needed if n not in kwargs}  # KeyError: a new fixture
     check(ema_case, **kwargs, **fixtures)
 
 

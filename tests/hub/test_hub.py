@@ -126,18 +126,22 @@ def test_pull_out_and_revisions(hub, tmp_path: Path) -> None:
         mixstack.from_pretrained("hf://me/rev@main", revision="v1", **kw)
 
 
-def test_sharded_model_directory_goes_through_as_is(hub, tmp_path: Path) -> None:
-    """Whatever safetensors files and index a model directory holds are pushed and pulled
-    unchanged (the sharded format itself belongs to hub/modeldir.py)."""
+def test_sharded_model_goes_through_bit_identical(hub, tmp_path: Path) -> None:
+    """A model directory sharded by ``save_model_dir(max_shard_size=...)`` (transformers'
+    index layout, a digest per shard) is pushed and pulled file for file and loads to
+    the same tensors and spec hash."""
     model = mixstack.build(CAUSAL, seed=4)
-    folder = save_model_dir(model, tmp_path / "model")
-    extra = {"model.safetensors.index.json": b'{"metadata": {}, "weight_map": {}}\n'}
-    for name, data in extra.items():
-        (folder / name).write_bytes(data)
-    mixstack.push(folder, "me/files", token=hub.token, endpoint=hub.endpoint)
-    pulled = mixstack.pull("me/files", **_kw(hub, tmp_path))
-    for name in ("model.safetensors", "model.safetensors.index.json", "config.json"):
-        assert (pulled.path / name).read_bytes() == (folder / name).read_bytes()
+    folder = save_model_dir(model, tmp_path / "model", max_shard_size=4096)
+    shards = sorted(p.name for p in folder.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and (folder / "model.safetensors.index.json").is_file()
+    mixstack.push(folder, "me/sharded", token=hub.token, endpoint=hub.endpoint)
+    pulled = mixstack.pull("me/sharded", **_kw(hub, tmp_path))
+    for name in [*shards, "model.safetensors.index.json", "config.json", "spec.yaml"]:
+        assert (pulled.path / name).read_bytes() == (folder / name).read_bytes(), name
+    loaded = mixstack.from_pretrained("hf://me/sharded", **_kw(hub, tmp_path))
+    _assert_same_weights(model, loaded)
+    assert loaded.spec.spec_hash == model.spec.spec_hash
+    assert loaded.lm_head.weight is loaded.embedding.weight
 
 
 def test_bad_repositories_give_clear_errors(hub, tmp_path: Path) -> None:

@@ -19,8 +19,7 @@ from mixstack.cli.main import app
 from mixstack.dsl.errors import MixstackError
 from mixstack.hub.modeldir import save_model_dir
 from mixstack.interop.export import export, load_source
-
-from .conftest import import_transformers
+from tests.support.hf_transformers import import_transformers
 
 runner = CliRunner()
 

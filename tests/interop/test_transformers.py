@@ -33,8 +33,7 @@ from mixstack.interop.transformers import (
     load_transformers,
     spec_from_transformers_config,
 )
-
-from .conftest import import_transformers
+from tests.support.hf_transformers import import_transformers
 
 transformers = import_transformers()
 

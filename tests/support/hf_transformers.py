@@ -1,4 +1,5 @@
-"""Importing transformers next to a checkout whose root is the mixstack package.
+"""Importing transformers next to a checkout whose root is the mixstack package (one
+helper for every test that compares against transformers: interop, benchmarks).
 
 ``python -m pytest`` run from the repository root puts the root on ``sys.path``, where
 our ``kernels/`` folder then shadows the Hugging Face ``kernels`` distribution that
@@ -15,7 +16,7 @@ from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]  # tests/support/ -> the checkout
 MODELING = [
     "transformers.integrations.hub_kernels",
     *(f"transformers.models.{m}.modeling_{m}" for m in ("llama", "mamba", "mamba2", "bamba")),
