@@ -4,8 +4,6 @@ comparison with an earlier JSON file (ratios old median / new median per entry).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +32,6 @@ def to_json(
         "entries": [e.as_json() for e in result.entries],
         "ratios": [r.as_json() for r in result.ratios],
     }
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_json(path: Path) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import typer
 from rich.markdown import Markdown
 
 from mixstack.dsl.errors import MixstackError
+from mixstack.training.rundir import write_atomic
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -96,8 +97,8 @@ def bench(
         text = report.markdown(data, comparison)
         import json
 
-        report.write_atomic(out / "bench.json", json.dumps(data, indent=2) + "\n")
-        report.write_atomic(out / "bench.md", text)
+        write_atomic(out / "bench.json", json.dumps(data, indent=2) + "\n")
+        write_atomic(out / "bench.md", text)
         written = [] if check else report.plots(data, out)
         console.print(Markdown(text))
         console.print(

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,6 +45,7 @@ from rich.text import Text
 from mixstack.cli.verify import AllowUnverified, model_dir_of
 from mixstack.cli.verify import verify as verify_command
 from mixstack.dsl.errors import MixstackError
+from mixstack.training.rundir import write_atomic
 
 if TYPE_CHECKING:
     from mixstack.archs.report import LayerRow, Report
@@ -579,20 +578,6 @@ def evaluate(
 
 
 # -- schema -----------------------------------------------------------------------------
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and ``os.replace``: never half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        # 0o666 less the umask, like any other file the user creates (mkstemp's 0600
-        # would make the schema unreadable to the rest of the team).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @app.command()
@@ -610,6 +595,8 @@ def schema(
         if out is None:
             typer.echo(text, nl=False)
         else:
+            if not out.parent.is_dir():  # a typo in the folder: say so, create nothing
+                raise FileNotFoundError(f"folder {out.parent} does not exist (--out {out})")
             write_atomic(out, text)
             _stdout().print(Text(f"wrote {out}"))
 
