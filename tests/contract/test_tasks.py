@@ -124,6 +124,57 @@ def check_icll(cfg: Any, ids: list[int], labels: list[int], seq_idx: Any) -> Non
     assert len({t for t in tokens if t != delimiter}) <= (cfg.alphabet_size or cfg.max_states)
 
 
+def _listops_depth(tokens: list[int], c: int) -> int:
+    depth = deepest = 0
+    for t in tokens:
+        depth += (c <= t < c + 4) - (t == c + 4)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _listops_eval(tokens: list[int], c: int, max_args: int) -> int:
+    """Parse ListOps tokens (values 0..C-1, [MAX [MIN [MED [SM = C..C+3, ] = C+4) back into
+    a tree, recursively, and evaluate it."""
+
+    def parse(i: int) -> tuple[Any, int]:  # (tree, next index)
+        if tokens[i] < c:
+            return tokens[i], i + 1
+        assert c <= tokens[i] < c + 4, f"an operator or a value at {i}, got {tokens[i]}"
+        op, args, i = tokens[i] - c, [], i + 1
+        while tokens[i] != c + 4:
+            arg, i = parse(i)
+            args.append(arg)
+        assert 2 <= len(args) <= max_args
+        return (op, args), i + 1
+
+    def value(tree: Any) -> int:
+        if isinstance(tree, int):
+            return tree
+        op, args = tree
+        vals = sorted(value(a) for a in args)
+        if op == 2:  # MED as numpy: the mean of the middle two, truncated
+            n = len(vals)
+            return vals[n // 2] if n % 2 else int((vals[n // 2 - 1] + vals[n // 2]) / 2)
+        return [max(vals), min(vals), None, sum(vals) % c][op]
+
+    tree, end = parse(0)
+    assert end == len(tokens), "one expression, nothing after it"
+    assert not isinstance(tree, int) and len(tree[1]) >= 2, "an operator at the root"
+    return value(tree)
+
+
+def check_listops(cfg: Any, ids: list[int], labels: Any, seq_idx: Any) -> None:
+    c = cfg.n_classes
+    lm = isinstance(labels, list)
+    body = [t for t in ids if t != c + 5]  # padding (on the left only)
+    assert ids[len(ids) - len(body) :] == body, "left padding"
+    if lm:
+        assert body[-1] == c + 6 and labels[:-1] == [IGNORE_INDEX] * (len(ids) - 1)
+        body, labels = body[:-1], labels[-1]
+    assert cfg.min_length <= len(body) and _listops_depth(body, c) <= cfg.max_depth
+    assert labels == _listops_eval(body, c, cfg.max_args)
+
+
 def check_parity(cfg: Any, ids: list[int], labels: list[int], seq_idx: Any) -> None:
     assert labels == [IGNORE_INDEX] * (len(ids) - 1) + [sum(ids[:-1]) % 2]
 
@@ -135,6 +186,7 @@ EVALUATORS: dict[str, Callable[..., None]] = {
     "majority": check_majority,
     "text": check_text,
     "icll": check_icll,
+    "listops": check_listops,
     "test_parity": check_parity,
 }
 
