@@ -11,6 +11,7 @@ a plugin would), which runs through the same tests and through ``load_spec``.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -175,6 +176,21 @@ def check_listops(cfg: Any, ids: list[int], labels: Any, seq_idx: Any) -> None:
     assert labels == _listops_eval(body, c, cfg.max_args)
 
 
+def check_passkey(cfg: Any, ids: list[int], labels: list[int], seq_idx: Any) -> None:
+    """The key is read back from the needle sentence(s) by a regular expression; the
+    question comes last and the scored targets are the key's digits after it."""
+    text = bytes(ids).decode("ascii")
+    found = re.findall(r"The pass key is (\d+)\. Remember it\. (\d+) is the pass key\.", text)
+    assert len(found) == (2 if cfg.read_twice else 1) and len({k for f in found for k in f}) == 1
+    key = found[0][0]
+    assert len(key) == cfg.n_digits and text.endswith(
+        "What is the pass key? The pass key is " + key
+    )
+    assert text.count("What is the pass key?") == (2 if cfg.read_twice else 1)
+    n = len(ids)
+    assert labels == [IGNORE_INDEX] * (n - len(key) - 1) + list(key.encode()) + [IGNORE_INDEX]
+
+
 def check_parity(cfg: Any, ids: list[int], labels: list[int], seq_idx: Any) -> None:
     assert labels == [IGNORE_INDEX] * (len(ids) - 1) + [sum(ids[:-1]) % 2]
 
@@ -187,6 +203,7 @@ EVALUATORS: dict[str, Callable[..., None]] = {
     "text": check_text,
     "icll": check_icll,
     "listops": check_listops,
+    "passkey": check_passkey,
     "test_parity": check_parity,
 }
 
