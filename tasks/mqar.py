@@ -35,17 +35,33 @@ class MQARTask(GeneratedTaskConfig):
         0.01, gt=0, le=1, description="query gap g drawn with probability ∝ a·(g+1)^(a-1)"
     )
     random_non_queries: bool = Field(True, description="fill other positions with random ids")
+    read_twice: bool = Field(
+        False,
+        description="JRT prompting: pairs, queries, pairs, queries again; only the second "
+        "queries are scored (each copy is seq_len // 2 long)",
+    )
 
     @classmethod
     def examples(cls) -> list[MQARTask]:
         return [
             cls(n_pairs=4, seq_len=32, vocab_size=64, val_size=8),
             cls(n_pairs=3, seq_len=13, vocab_size=10, random_non_queries=False, val_size=8),
+            cls(n_pairs=4, seq_len=65, vocab_size=64, read_twice=True, val_size=8),
         ]
 
     def check(self, model: ModelSpec) -> list[Problem]:
         out = super().check(model)
-        if 4 * self.n_pairs > self.seq_len:
+        if self.read_twice and 8 * self.n_pairs > self.seq_len:
+            out.append(
+                (
+                    ("n_pairs",),
+                    f"{self.n_pairs} pairs read twice need seq_len >= 8·n_pairs = "
+                    f"{8 * self.n_pairs} (two copies of pairs and queries), "
+                    f"seq_len is {self.seq_len}",
+                    f"n_pairs <= {self.seq_len // 8}",
+                )
+            )
+        elif 4 * self.n_pairs > self.seq_len:
             out.append(
                 (
                     ("n_pairs",),
@@ -107,6 +123,21 @@ def mqar_sample(
     return {"input_ids": inputs, "labels": labels}
 
 
+def read_twice(sample: Sample, seq_len: int) -> Sample:
+    """JRT prompting ("Just read twice", Arora et al. 2024) of a sample of
+    ``seq_len // 2`` positions: the same inputs twice, scored only in the second copy (the
+    first copy's queries come without answers, so the second reading of the context knows
+    what will be asked). An odd ``seq_len`` ends with one unscored 0. Example, MQAR n=2::
+
+        inputs  1 5 3 6 3 0 1 0 | 1 5 3 6 3 0 1 0      labels  - - - - - - - - | - - - - 6 - 5 -
+    """
+    half = sample["input_ids"].shape[0]
+    extra = seq_len - 2 * half
+    inputs = torch.cat([sample["input_ids"], sample["input_ids"], torch.zeros(extra).long()])
+    labels = torch.cat([ignored(half), sample["labels"], ignored(extra)])
+    return {"input_ids": inputs, "labels": labels}
+
+
 def rows_all_correct(logits: Tensor, labels: Tensor) -> tuple[Tensor]:
     """``(B,)`` 1.0 where every scored position of the row is predicted right
     (``logits (B, L, V)``, ``labels (B, L)``)."""
@@ -136,11 +167,12 @@ class MQAR(GeneratedTask):
 
     def sample(self, split: Split, step: int, index: int) -> Sample:
         cfg = self.cfg
-        return mqar_sample(
+        sample = mqar_sample(
             n_pairs=cfg.n_pairs,
-            seq_len=cfg.seq_len,
+            seq_len=cfg.seq_len // 2 if cfg.read_twice else cfg.seq_len,
             vocab_size=cfg.vocab_size,
             power_a=cfg.power_a,
             random_non_queries=cfg.random_non_queries,
             generator=self.generator(split, step, index),
         )
+        return read_twice(sample, cfg.seq_len) if cfg.read_twice else sample

@@ -11,6 +11,7 @@ a plugin would), which runs through the same tests and through ``load_spec``.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -83,6 +84,11 @@ def _scored(labels: list[int]) -> list[int]:
 
 def check_mqar(cfg: Any, ids: list[int], labels: list[int], seq_idx: Any) -> None:
     n = cfg.n_pairs
+    if cfg.read_twice:  # the first half again, scored the second time only
+        half = len(ids) // 2
+        assert ids[:half] == ids[half : 2 * half] and ids[2 * half :] in ([], [0])
+        assert set(labels[:half] + labels[2 * half :]) == {IGNORE_INDEX}
+        ids, labels = ids[half : 2 * half], labels[half : 2 * half]
     table = dict(zip(ids[0 : 2 * n : 2], ids[1 : 2 * n : 2], strict=True))  # key -> value
     queries = _scored(labels)
     assert sorted(ids[t] for t in queries) == sorted(table), "every key is queried once"
@@ -124,6 +130,72 @@ def check_icll(cfg: Any, ids: list[int], labels: list[int], seq_idx: Any) -> Non
     assert len({t for t in tokens if t != delimiter}) <= (cfg.alphabet_size or cfg.max_states)
 
 
+def _listops_depth(tokens: list[int], c: int) -> int:
+    depth = deepest = 0
+    for t in tokens:
+        depth += (c <= t < c + 4) - (t == c + 4)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _listops_eval(tokens: list[int], c: int, max_args: int) -> int:
+    """Parse ListOps tokens (values 0..C-1, [MAX [MIN [MED [SM = C..C+3, ] = C+4) back into
+    a tree, recursively, and evaluate it."""
+
+    def parse(i: int) -> tuple[Any, int]:  # (tree, next index)
+        if tokens[i] < c:
+            return tokens[i], i + 1
+        assert c <= tokens[i] < c + 4, f"an operator or a value at {i}, got {tokens[i]}"
+        op, args, i = tokens[i] - c, [], i + 1
+        while tokens[i] != c + 4:
+            arg, i = parse(i)
+            args.append(arg)
+        assert 2 <= len(args) <= max_args
+        return (op, args), i + 1
+
+    def value(tree: Any) -> int:
+        if isinstance(tree, int):
+            return tree
+        op, args = tree
+        vals = sorted(value(a) for a in args)
+        if op == 2:  # MED as numpy: the mean of the middle two, truncated
+            n = len(vals)
+            return vals[n // 2] if n % 2 else int((vals[n // 2 - 1] + vals[n // 2]) / 2)
+        return [max(vals), min(vals), None, sum(vals) % c][op]
+
+    tree, end = parse(0)
+    assert end == len(tokens), "one expression, nothing after it"
+    assert not isinstance(tree, int) and len(tree[1]) >= 2, "an operator at the root"
+    return value(tree)
+
+
+def check_listops(cfg: Any, ids: list[int], labels: Any, seq_idx: Any) -> None:
+    c = cfg.n_classes
+    lm = isinstance(labels, list)
+    body = [t for t in ids if t != c + 5]  # padding (on the left only)
+    assert ids[len(ids) - len(body) :] == body, "left padding"
+    if lm:
+        assert body[-1] == c + 6 and labels[:-1] == [IGNORE_INDEX] * (len(ids) - 1)
+        body, labels = body[:-1], labels[-1]
+    assert cfg.min_length <= len(body) and _listops_depth(body, c) <= cfg.max_depth
+    assert labels == _listops_eval(body, c, cfg.max_args)
+
+
+def check_passkey(cfg: Any, ids: list[int], labels: list[int], seq_idx: Any) -> None:
+    """The key is read back from the needle sentence(s) by a regular expression; the
+    question comes last and the scored targets are the key's digits after it."""
+    text = bytes(ids).decode("ascii")
+    found = re.findall(r"The pass key is (\d+)\. Remember it\. (\d+) is the pass key\.", text)
+    assert len(found) == (2 if cfg.read_twice else 1) and len({k for f in found for k in f}) == 1
+    key = found[0][0]
+    assert len(key) == cfg.n_digits and text.endswith(
+        "What is the pass key? The pass key is " + key
+    )
+    assert text.count("What is the pass key?") == (2 if cfg.read_twice else 1)
+    n = len(ids)
+    assert labels == [IGNORE_INDEX] * (n - len(key) - 1) + list(key.encode()) + [IGNORE_INDEX]
+
+
 def check_parity(cfg: Any, ids: list[int], labels: list[int], seq_idx: Any) -> None:
     assert labels == [IGNORE_INDEX] * (len(ids) - 1) + [sum(ids[:-1]) % 2]
 
@@ -135,6 +207,8 @@ EVALUATORS: dict[str, Callable[..., None]] = {
     "majority": check_majority,
     "text": check_text,
     "icll": check_icll,
+    "listops": check_listops,
+    "passkey": check_passkey,
     "test_parity": check_parity,
 }
 
