@@ -78,7 +78,7 @@ class TokenizerInfo:
     eos_id: int | None
 
 
-def _load_tokenizer(
+def open_tokenizer(
     tokenizer: str | Path, special_ids: dict[str, int] | None
 ) -> tuple[Any, TokenizerInfo]:
     """``(tokenizer, info)`` for ``"byte"`` or a ``tokenizer.json`` path (or its folder)."""
@@ -137,7 +137,7 @@ def prepare_shards(
         raise ShardError("data prepare: train.task.files is empty; name the corpus files")
     out = Path(out).expanduser()
     _check_target(out, overwrite)
-    tok, info = _load_tokenizer(tokenizer, special_ids)
+    tok, info = open_tokenizer(tokenizer, special_ids)
     docs = read_documents(files, documents)
     if not any(text for _, text in docs):
         raise ShardError(
