@@ -50,10 +50,16 @@ def tokenizer_train(
 def data_prepare(
     ctx: typer.Context,
     spec: Annotated[str, typer.Argument(help="YAML path or zoo:NAME", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="folder for the shards")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="folder for the shards [train.task.shards]")
+    ] = None,
     tokenizer: Annotated[
-        str, typer.Option("--tokenizer", help="'byte', or a tokenizer.json (or its folder)")
-    ] = "byte",
+        str | None,
+        typer.Option(
+            "--tokenizer",
+            help="'byte', or a tokenizer.json (or its folder) [train.task.tokenizer]",
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="replace an existing shard folder")
     ] = False,
@@ -77,6 +83,8 @@ def data_prepare(
             raise MixstackError(
                 f"train.task: data prepare reads a text task, got type {task.type!r}"
             )
+        if out is None and task.shards is None:
+            raise MixstackError("data prepare: give --out DIR or set train.task.shards")
         began = time.perf_counter()
         with (
             resources.as_file(resources.files("mixstack.tasks") / BUNDLED) as bundled,
@@ -97,8 +105,8 @@ def data_prepare(
 
             folder = prepare_shards(
                 task.files or [bundled],
-                out,
-                tokenizer=tokenizer,
+                out if out is not None else task.shards,
+                tokenizer=tokenizer if tokenizer is not None else task.tokenizer,
                 special_ids=loaded.model.special_ids,
                 documents=task.documents,
                 overwrite=overwrite,

@@ -70,8 +70,8 @@ class TextTask(TaskConfig):
     )
     shards: str | None = Field(
         None,
-        description="a folder from `mixstack data prepare` to read instead of files "
-        "(made with the same tokenizer)",
+        description="a folder from `mixstack data prepare` (made from files with the same "
+        "tokenizer), read instead of the files when set",
     )
 
     @classmethod
@@ -80,8 +80,6 @@ class TextTask(TaskConfig):
 
     def check(self, model: ModelSpec) -> list[Problem]:
         out = super().check(model)
-        if self.shards is not None and self.files:
-            out.append((("shards",), "give files or shards, not both", "one of them"))
         if self.tokenizer != "byte":
             if model.special_tokens:
                 out.append(

@@ -122,10 +122,47 @@ def test_mismatches_are_refused(tmp_path: Path, bpe: tuple[list[Path], Path, int
         make_task(spec.train, spec.model)
     with pytest.raises(SpecError, match="special tokens come from it"):
         _spec({**base, "files": [str(f) for f in files]}, size, ["eos"])
-    with pytest.raises(SpecError, match="give files or shards, not both"):
-        _spec({**base, "files": [str(files[0])], "shards": "x"}, size, [])
     other = train_bpe(files[:2], 280, tmp_path / "other")
     shards = prepare_shards(files, tmp_path / "s", tokenizer=other)
     spec = _spec({**base, "shards": str(shards)}, size, [])
     with pytest.raises(MixstackError, match="made with another tokenizer"):
         make_task(spec.train, spec.model)
+
+
+def test_prepare_writes_the_specs_shards_with_its_tokenizer(
+    tmp_path: Path, bpe: tuple[list[Path], Path, int]
+) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from mixstack.cli.main import app
+
+    files, path, size = bpe
+    task = {"type": "text", "seq_len": 16, "files": [str(f) for f in files]}
+    task_tok = {**task, "tokenizer": str(path.parent)}
+    model = {
+        "vocab_size": size,
+        "special_tokens": [],
+        "max_seq_len": 64,
+        "d_model": 16,
+        "layers": {"pattern": "-", "symbols": {"-": {"type": "mlp", "hidden": 16}}},
+    }
+    spec_file = tmp_path / "lm.yaml"
+    shards = tmp_path / "sh"
+    body = {"model": model, "train": {"task": {**task_tok, "shards": str(shards)}, "max_steps": 1}}
+    spec_file.write_text(yaml.safe_dump(body))
+    runner = CliRunner()
+    result = runner.invoke(app, ["data", "prepare", str(spec_file)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {shards}" in result.output
+    with_shards = mixstack.load_spec(spec_file)
+    from_files = _spec(task_tok, size, [])
+    _same(
+        _rows(make_task(with_shards.train, with_shards.model)),
+        _rows(make_task(from_files.train, from_files.model)),
+    )
+    body["train"]["task"] = task_tok
+    spec_file.write_text(yaml.safe_dump(body))
+    result = runner.invoke(app, ["data", "prepare", str(spec_file)])
+    assert result.exit_code == 1
+    assert "give --out DIR or set train.task.shards" in result.output
