@@ -660,6 +660,11 @@ from mixstack.cli.grid import grid_app  # noqa: E402
 
 app.add_typer(grid_app, name="grid")
 app.command()(verify_command)
+# `mixstack tokenizer train` / `mixstack data prepare` (mixstack.data)
+from mixstack.cli.data import data_app, tokenizer_app  # noqa: E402
+
+app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(data_app, name="data")
 
 
 def main() -> None:

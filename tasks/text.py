@@ -9,6 +9,11 @@ first), so rows are packed across documents: ``seq_idx`` gives each position's
 document (0, 1, ... within the row) and a label that belongs to the next document is
 ignored. Training rows start at offsets drawn from ``(seed, step, index)``;
 validation rows are the consecutive windows of the validation part.
+
+With ``tokenizer: PATH`` (a ``tokenizer.json``) the documents are that tokenizer's ids
+and its own eos ends each one; ``shards: DIR`` reads a stream prepared once by
+``mixstack data prepare`` (:mod:`mixstack.data.shards`, memory-mapped) instead of the
+files, packed the same way. See docs/data.md#training-on-shards.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -58,6 +63,16 @@ class TextTask(TaskConfig):
     val_size: int | None = Field(
         None, ge=1, description="validation rows (consecutive, fixed); null: all of them"
     )
+    tokenizer: str = Field(
+        "byte",
+        description="'byte' (ids are the UTF-8 bytes), or a tokenizer.json (or its folder); "
+        "with a tokenizer model.special_tokens must be [] and model.vocab_size its size",
+    )
+    shards: str | None = Field(
+        None,
+        description="a folder from `mixstack data prepare` (made from files with the same "
+        "tokenizer), read instead of the files when set",
+    )
 
     @classmethod
     def examples(cls) -> list[TextTask]:
@@ -65,7 +80,17 @@ class TextTask(TaskConfig):
 
     def check(self, model: ModelSpec) -> list[Problem]:
         out = super().check(model)
-        if model.vocab_size < 256:
+        if self.tokenizer != "byte":
+            if model.special_tokens:
+                out.append(
+                    (
+                        ("tokenizer",),
+                        f"with a tokenizer the special tokens come from it, but "
+                        f"model.special_tokens is {list(model.special_tokens)}",
+                        "model.special_tokens: []",
+                    )
+                )
+        elif model.vocab_size < 256:
             out.append(
                 (
                     ("type",),
@@ -140,37 +165,122 @@ class ByteText(Task):
 
     def __init__(self, cfg: TextTask, seed: int, model: ModelSpec) -> None:
         super().__init__(cfg, seed, model)
-        docs = split_documents(read_sources(cfg.files), cfg.documents)
-        tokens, doc_ids = encode(docs, model.special_ids.get("eos"))
-        n_train = round(tokens.numel() * (1 - cfg.val_fraction))
-        self.train_tokens, self.train_docs = tokens[:n_train], doc_ids[:n_train]
-        self.val_tokens, self.val_docs = tokens[n_train:], doc_ids[n_train:]
+        self._shards: Any = None  # mixstack.data.shards.TokenShards when cfg.shards is set
+        tokenizer = None if cfg.tokenizer == "byte" else _model_tokenizer(cfg, model)
+        if cfg.shards is not None:
+            self._shards = _open_shards(cfg, model, tokenizer)
+            n_total = len(self._shards)
+        else:
+            docs = split_documents(read_sources(cfg.files), cfg.documents)
+            if tokenizer is None:
+                tokens, doc_ids = encode(docs, model.special_ids.get("eos"))
+            else:
+                tokens, doc_ids = encode_with(tokenizer, docs)
+            n_total = tokens.numel()
+        n_train = round(n_total * (1 - cfg.val_fraction))
+        self._n_train, self._n_val = n_train, n_total - n_train
+        if self._shards is None:
+            self.train_tokens, self.train_docs = tokens[:n_train], doc_ids[:n_train]
+            self.val_tokens, self.val_docs = tokens[n_train:], doc_ids[n_train:]
         self._check_sizes()
+
+    def _window(self, split: Split, start: int) -> Sample:
+        """The row at ``start`` of the split's part of the stream (memory or shards)."""
+        L = self.cfg.seq_len
+        if self._shards is not None:
+            return shard_window(self._shards, start + (0 if split == "train" else self._n_train), L)
+        if split == "train":
+            return window(self.train_tokens, self.train_docs, start, L)
+        return window(self.val_tokens, self.val_docs, start, L)
 
     def _check_sizes(self) -> None:
         need = self.cfg.seq_len + 1
-        for what, stream in (("training", self.train_tokens), ("validation", self.val_tokens)):
-            if stream.numel() < need:
+        for what, n in (("training", self._n_train), ("validation", self._n_val)):
+            if n < need:
                 raise MixstackError(
-                    f"train.task: the {what} part of the text has {stream.numel()} tokens, "
+                    f"train.task: the {what} part of the text has {n} tokens, "
                     f"fewer than seq_len + 1 = {need}; use more text, a shorter seq_len or "
                     f"another val_fraction (now {self.cfg.val_fraction})"
                 )
 
     @property
     def val_size(self) -> int:
-        rows = (self.val_tokens.numel() - 1) // self.cfg.seq_len
+        rows = (self._n_val - 1) // self.cfg.seq_len
         return rows if self.cfg.val_size is None else min(rows, self.cfg.val_size)
 
     @property
     def epoch_size(self) -> int:
         """Rows in one pass over the training text (rows start at random offsets)."""
-        return max(1, (self.train_tokens.numel() - 1) // self.cfg.seq_len)
+        return max(1, (self._n_train - 1) // self.cfg.seq_len)
 
     def sample(self, split: Split, step: int, index: int) -> Sample:
         L = self.cfg.seq_len
         if split == "val":
-            return window(self.val_tokens, self.val_docs, index * L, L)
-        high = self.train_tokens.numel() - L  # starts 0..N-L-1 leave L + 1 tokens
+            return self._window(split, index * L)
+        high = self._n_train - L  # starts 0..N-L-1 leave L + 1 tokens
         start = int(torch.randint(high, (1,), generator=self.generator(split, step, index)))
-        return window(self.train_tokens, self.train_docs, start, L)
+        return self._window(split, start)
+
+
+def _model_tokenizer(cfg: TextTask, model: ModelSpec) -> Any:
+    """The task's tokenizer.json, checked against the model's vocabulary."""
+    from mixstack.data.shards import open_tokenizer
+
+    tokenizer, info = open_tokenizer(cfg.tokenizer, None)
+    if info.size != model.vocab_size:
+        raise MixstackError(
+            f"train.task.tokenizer: {cfg.tokenizer!r} has {info.size} ids but "
+            f"model.vocab_size is {model.vocab_size}; set model.vocab_size: {info.size}"
+        )
+    return tokenizer
+
+
+def encode_with(tokenizer: Any, docs: list[bytes]) -> tuple[Tensor, Tensor]:
+    """Documents -> ``(tokens (N,), doc (N,))`` with a tokenizer; its eos ends each one."""
+    eos = tokenizer.eos_token_id
+    tokens, doc_ids = [], []
+    for d, data in enumerate(docs):
+        ids = tokenizer.encode(data.decode("utf-8")) + ([] if eos is None else [eos])
+        tokens.append(torch.tensor(ids, dtype=torch.long))
+        doc_ids.append(torch.full((len(ids),), d, dtype=torch.long))
+    if not tokens:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat(tokens), torch.cat(doc_ids)
+
+
+def _open_shards(cfg: TextTask, model: ModelSpec, tokenizer: Any) -> Any:
+    """Open ``cfg.shards``, refusing shards made with another tokenizer than the model's."""
+    from mixstack.data.shards import TokenShards, sha256_file
+
+    shards = TokenShards(cfg.shards or "")
+    made = shards.tokenizer
+    where = f"train.task.shards: {cfg.shards!r}"
+    if cfg.tokenizer == "byte":
+        eos = model.special_ids.get("eos")
+        if made["kind"] != "byte" or made["eos_id"] != eos:
+            raise MixstackError(
+                f"{where} was made with {made['kind']} tokens (eos id {made['eos_id']}) but "
+                f"the model reads bytes with eos id {eos}; prepare the shards again with "
+                f"this spec, or set train.task.tokenizer"
+            )
+    else:
+        path = Path(cfg.tokenizer).expanduser()
+        path = path / "tokenizer.json" if path.is_dir() else path
+        if made["sha256"] != sha256_file(path):
+            raise MixstackError(
+                f"{where} was made with another tokenizer (sha256 {made['sha256']}) than "
+                f"train.task.tokenizer {cfg.tokenizer!r}; prepare them again with it"
+            )
+    return shards
+
+
+def shard_window(shards: Any, start: int, seq_len: int) -> Sample:
+    """One packed row from ``seq_len + 1`` tokens at ``start`` of a shard folder's stream;
+    the document of each position comes from the document table's start column."""
+    import numpy as np
+
+    stop = start + seq_len + 1
+    toks = torch.from_numpy(shards.tokens(start, stop))  # (L + 1,) int64
+    firsts = shards.table[:, 0]  # (D,) first token of each document
+    docs = np.searchsorted(firsts, np.arange(start, stop), side="right") - 1
+    return window(toks, torch.from_numpy(docs.astype(np.int64)), 0, seq_len)
