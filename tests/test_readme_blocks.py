@@ -1,7 +1,8 @@
 """Every shell and Python block of README.md runs as written on a CPU.
 
-The README's ```bash and ```python blocks are extracted and run, section by section
-(one test per ``###``/``##`` heading that holds a runnable block), in a temporary
+The README's ```bash and ```python blocks are extracted and run in groups (each shell
+block starts one, named after its heading; a Python block joins the group before it in
+its section, whose files it reads), each group in a fresh temporary
 directory that stands for the repository root: ``examples/`` is linked into it, and
 the ```yaml blocks whose first line names a file (``# my_arch.yaml``, or
 ``# my_arch.yaml (continued)`` to append) are written there first. ``mixstack`` in a
@@ -141,6 +142,19 @@ def test_markers_name_known_reasons() -> None:
     # a plain `needs:` without the leading `#` would run; check none slipped through
     text = README.read_text(encoding="utf-8")
     assert len(re.findall(r"needs:", text)) == len(marked) + text.count("`# needs:")
+
+
+def test_marked_lines_and_only_they_are_left_out() -> None:
+    """The filter itself: marked lines become no-ops, every other line stays as written."""
+    assert marker_reasons("make test  # needs: network (pip), long (the suite)") == [
+        "network",
+        "long",
+    ]
+    assert marker_reasons("mixstack eval runs/x  # the metrics") is None
+    bash = "mixstack a\nmixstack b  # needs: gpu (8 GPUs)\nmixstack c\n"
+    assert runnable(bash, "bash") == "mixstack a\n:\nmixstack c\n"
+    python = "if x:\n    y = f()  # needs: hub\nz = 1\n"
+    assert runnable(python, "python") == "if x:\n    pass\nz = 1\n"
 
 
 def test_yaml_blocks_name_their_file() -> None:
