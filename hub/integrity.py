@@ -357,6 +357,11 @@ def expected_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], d
     return stored, aliases
 
 
+def mismatch_lines(groups: list[tuple[str, list[str]]]) -> list[str]:
+    """``"  missing (2): a, b"``: one line per non-empty group of tensor names."""
+    return [f"  {label} ({len(names)}): {', '.join(names)}" for label, names in groups if names]
+
+
 def header_mismatches(model: torch.nn.Module, headers: list[Header]) -> list[str]:
     """Lines naming missing / unexpected / mis-shaped / wrongly typed tensors, comparing
     the headers with ``model`` (typically on the meta device). A tied alias (``lm_head``
@@ -378,15 +383,14 @@ def header_mismatches(model: torch.nn.Module, headers: list[Header]) -> list[str
         elif DTYPES[entry.dtype][1] != tensor.is_floating_point():
             kind = "floating point" if tensor.is_floating_point() else "integer"
             retyped.append(f"{name} (file {entry.dtype}, model expects {kind})")
-    out = []
-    for label, names in (
-        ("missing", missing),
-        ("unexpected", unexpected),
-        ("mis-shaped", misshaped),
-        ("wrong dtype", retyped),
-    ):
-        if names:
-            out.append(f"  {label} ({len(names)}): {', '.join(names)}")
+    out = mismatch_lines(
+        [
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("mis-shaped", misshaped),
+            ("wrong dtype", retyped),
+        ]
+    )
     for name in tied:
         out.append(
             f"  {name} is stored, but the model ties it to {aliases[name]} "

@@ -264,33 +264,6 @@ def _check_headers(
         )
 
 
-def tensor_mismatches(
-    expected: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]
-) -> list[str]:
-    """Missing / unexpected / mis-shaped tensor lines. Names sharing one tensor (tied
-    weights) need only one of them in the file. (Loading uses the fuller header check of
-    :func:`mixstack.hub.integrity.header_mismatches`.)"""
-    groups: dict[int, list[str]] = {}
-    for name, tensor in expected.items():
-        groups.setdefault(tensor.data_ptr() if tensor.numel() else id(tensor), []).append(name)
-    missing = [names[0] for names in groups.values() if not any(n in shapes for n in names)]
-    unexpected = sorted(set(shapes) - set(expected))
-    misshaped = [
-        f"{n} (file {list(shapes[n])}, model {list(expected[n].shape)})"
-        for n in expected
-        if n in shapes and tuple(expected[n].shape) != shapes[n]
-    ]
-    out = []
-    for label, names in (
-        ("missing", missing),
-        ("unexpected", unexpected),
-        ("mis-shaped", misshaped),
-    ):
-        if names:
-            out.append(f"  {label} ({len(names)}): {', '.join(names)}")
-    return out
-
-
 def _unverified(files: integrity.WeightFiles) -> list[str]:
     """What a weights file lacks of the provenance mixstack writes (hash, digest)."""
     out = []

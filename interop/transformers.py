@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from mixstack.dsl.errors import CheckpointError, MixstackError
+from mixstack.hub.integrity import mismatch_lines
 
 FAMILIES = ("llama", "mamba", "mamba2", "bamba", "nemotron_h")
 CONFIG = "config.json"
@@ -774,8 +775,8 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 def mismatches(
     expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], rename: Any = None
 ) -> list[str]:
-    """Missing / unexpected / mis-shaped lines (by name: models on the meta device share
-    one data pointer, so :func:`mixstack.hub.modeldir.tensor_mismatches` cannot group)."""
+    """Missing / unexpected / mis-shaped lines, by (renamed) name, in the format of
+    :func:`mixstack.hub.integrity.header_mismatches`."""
     rename = rename or (lambda k: k)
     missing = [rename(k) for k in expected if k not in got]
     unexpected = sorted(rename(k) for k in got if k not in expected)
@@ -784,15 +785,9 @@ def mismatches(
         for k, shape in expected.items()
         if k in got and tuple(got[k]) != tuple(shape)
     ]
-    out = []
-    for label, names in (
-        ("missing", missing),
-        ("unexpected", unexpected),
-        ("mis-shaped", misshaped),
-    ):
-        if names:
-            out.append(f"  {label} ({len(names)}): {', '.join(names)}")
-    return out
+    return mismatch_lines(
+        [("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)]
+    )
 
 
 def load_transformers(
