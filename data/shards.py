@@ -81,20 +81,26 @@ class TokenizerInfo:
 def open_tokenizer(
     tokenizer: str | Path, special_ids: dict[str, int] | None
 ) -> tuple[Any, TokenizerInfo]:
-    """``(tokenizer, info)`` for ``"byte"`` or a ``tokenizer.json`` path (or its folder)."""
+    """``(tokenizer, info)`` for ``"byte"``, a ``tokenizer.json`` path (or its folder) or a
+    Hub id (downloaded into the huggingface_hub cache when missing); a non-byte tokenizer
+    must name an eos token (:mod:`mixstack.data.tokenizer_ref`)."""
+    from mixstack.data import tokenizer_ref
     from mixstack.generation.tokenizers import ByteTokenizer, HFTokenizer
 
     if str(tokenizer) == "byte":
         byte = ByteTokenizer(special_ids)
         largest = max([255, *byte.special_ids.values()])
         return byte, TokenizerInfo("byte", None, largest + 1, byte.eos_token_id)
-    path = Path(tokenizer).expanduser()
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        raise ShardError(f"tokenizer {str(tokenizer)!r}: no such file ({path.resolve()})")
+    try:
+        path = tokenizer_ref.locate(str(tokenizer), download=True)
+    except tokenizer_ref.TokenizerRefError as exc:
+        raise ShardError(str(exc)) from None
+    assert path is not None
+    found = tokenizer_ref.facts(path)
+    eos = tokenizer_ref.require_eos(str(tokenizer), found)
     hf = HFTokenizer.from_file(path)
-    return hf, TokenizerInfo("tokenizer.json", sha256_file(path), hf.vocab_size, hf.eos_token_id)
+    hf.eos_token_id = eos
+    return hf, TokenizerInfo("tokenizer.json", sha256_file(path), found.size, eos)
 
 
 def read_documents(files: Sequence[str | Path], documents: str) -> list[tuple[int, str]]:

@@ -10,7 +10,7 @@ document (0, 1, ... within the row) and a label that belongs to the next documen
 ignored. Training rows start at offsets drawn from ``(seed, step, index)``;
 validation rows are the consecutive windows of the validation part.
 
-With ``tokenizer: PATH`` (a ``tokenizer.json``) the documents are that tokenizer's ids
+With ``tokenizer: PATH`` (a ``tokenizer.json``) or a Hub id the documents are that tokenizer's ids
 and its own eos ends each one; ``shards: DIR`` reads a stream prepared once by
 ``mixstack data prepare`` (:mod:`mixstack.data.shards`, memory-mapped) instead of the
 files, packed the same way. See docs/data.md#training-on-shards.
@@ -65,7 +65,8 @@ class TextTask(TaskConfig):
     )
     tokenizer: str = Field(
         "byte",
-        description="'byte' (ids are the UTF-8 bytes), or a tokenizer.json (or its folder); "
+        description="'byte' (ids are the UTF-8 bytes), a tokenizer.json (or its folder), or "
+        "a Hub id hf://ORG/NAME[@REV] (its tokenizer.json, through the huggingface_hub cache); "
         "with a tokenizer model.special_tokens must be [] and model.vocab_size its size",
     )
     shards: str | None = Field(
@@ -81,6 +82,7 @@ class TextTask(TaskConfig):
     def check(self, model: ModelSpec) -> list[Problem]:
         out = super().check(model)
         if self.tokenizer != "byte":
+            out.extend(self._tokenizer_problems(model))
             if model.special_tokens:
                 out.append(
                     (
@@ -100,6 +102,22 @@ class TextTask(TaskConfig):
                 )
             )
         return out
+
+    def _tokenizer_problems(self, model: ModelSpec) -> list[Problem]:
+        """The tokenizer against the model when it is on disk already (a local file, or a
+        Hub id in the cache); an uncached Hub id is checked before step 0."""
+        from mixstack.data import tokenizer_ref
+
+        try:
+            path = tokenizer_ref.locate(self.tokenizer, download=False)
+            if path is None:
+                return []
+            found = tokenizer_ref.facts(path)
+            tokenizer_ref.require_eos(self.tokenizer, found)
+        except MixstackError as exc:
+            return [(("tokenizer",), str(exc), "'byte', a tokenizer.json or hf://ORG/NAME")]
+        problem = vocab_problem(self.tokenizer, found.size, model)
+        return [] if problem is None else [problem]
 
 
 def bundled_corpus() -> bytes:
@@ -166,9 +184,11 @@ class ByteText(Task):
     def __init__(self, cfg: TextTask, seed: int, model: ModelSpec) -> None:
         super().__init__(cfg, seed, model)
         self._shards: Any = None  # mixstack.data.shards.TokenShards when cfg.shards is set
-        tokenizer = None if cfg.tokenizer == "byte" else _model_tokenizer(cfg, model)
+        tokenizer, self.tokenizer_json = None, None
+        if cfg.tokenizer != "byte":
+            tokenizer, self.tokenizer_json = _model_tokenizer(cfg, model)
         if cfg.shards is not None:
-            self._shards = _open_shards(cfg, model, tokenizer)
+            self._shards = _open_shards(cfg, model, self.tokenizer_json)
             n_total = len(self._shards)
         else:
             docs = split_documents(read_sources(cfg.files), cfg.documents)
@@ -222,17 +242,38 @@ class ByteText(Task):
         return self._window(split, start)
 
 
-def _model_tokenizer(cfg: TextTask, model: ModelSpec) -> Any:
-    """The task's tokenizer.json, checked against the model's vocabulary."""
+def _model_tokenizer(cfg: TextTask, model: ModelSpec) -> tuple[Any, Path]:
+    """The task's tokenizer (a Hub id is downloaded now when the cache lacks it) and its
+    ``tokenizer.json``, checked against the model's vocabulary."""
     from mixstack.data.shards import open_tokenizer
 
     tokenizer, info = open_tokenizer(cfg.tokenizer, None)
-    if info.size != model.vocab_size:
-        raise MixstackError(
-            f"train.task.tokenizer: {cfg.tokenizer!r} has {info.size} ids but "
-            f"model.vocab_size is {model.vocab_size}; set model.vocab_size: {info.size}"
-        )
-    return tokenizer
+    problem = vocab_problem(cfg.tokenizer, info.size, model)
+    if problem is not None:
+        raise MixstackError(f"train.task.tokenizer: {problem[1]}; {problem[2]}")
+    return tokenizer, tokenizer_path(cfg.tokenizer)
+
+
+def tokenizer_path(text: str) -> Path:
+    """The ``tokenizer.json`` a non-byte ``tokenizer:`` names (downloaded if needed)."""
+    from mixstack.data.tokenizer_ref import locate
+
+    path = locate(text, download=True)
+    assert path is not None
+    return path
+
+
+def vocab_problem(text: str, size: int, model: ModelSpec) -> Problem | None:
+    """``model.vocab_size`` against a tokenizer of ``size`` ids (the embedding itself is
+    padded to ``pad_vocab_multiple`` rows by the model, not by the spec)."""
+    if size == model.vocab_size:
+        return None
+    return (
+        ("tokenizer",),
+        f"tokenizer {text!r} has {size} ids but model.vocab_size is {model.vocab_size}",
+        f"model.vocab_size: {size} (the embedding is padded to a multiple of "
+        f"model.pad_vocab_multiple = {model.pad_vocab_multiple} by itself)",
+    )
 
 
 def encode_with(tokenizer: Any, docs: list[bytes]) -> tuple[Tensor, Tensor]:
@@ -248,7 +289,7 @@ def encode_with(tokenizer: Any, docs: list[bytes]) -> tuple[Tensor, Tensor]:
     return torch.cat(tokens), torch.cat(doc_ids)
 
 
-def _open_shards(cfg: TextTask, model: ModelSpec, tokenizer: Any) -> Any:
+def _open_shards(cfg: TextTask, model: ModelSpec, tokenizer_json: Path | None) -> Any:
     """Open ``cfg.shards``, refusing shards made with another tokenizer than the model's."""
     from mixstack.data.shards import TokenShards, sha256_file
 
@@ -264,9 +305,7 @@ def _open_shards(cfg: TextTask, model: ModelSpec, tokenizer: Any) -> Any:
                 f"this spec, or set train.task.tokenizer"
             )
     else:
-        path = Path(cfg.tokenizer).expanduser()
-        path = path / "tokenizer.json" if path.is_dir() else path
-        if made["sha256"] != sha256_file(path):
+        if tokenizer_json is None or made["sha256"] != sha256_file(tokenizer_json):
             raise MixstackError(
                 f"{where} was made with another tokenizer (sha256 {made['sha256']}) than "
                 f"train.task.tokenizer {cfg.tokenizer!r}; prepare them again with it"

@@ -117,9 +117,13 @@ def test_byte_shards_give_the_rows_of_the_files(tmp_path: Path) -> None:
 def test_mismatches_are_refused(tmp_path: Path, bpe: tuple[list[Path], Path, int]) -> None:
     files, path, size = bpe
     base = {"type": "text", "seq_len": 16, "tokenizer": str(path)}
-    spec = _spec({**base, "files": [str(f) for f in files]}, size + 1, [])
-    with pytest.raises(MixstackError, match=f"has {size} ids but model.vocab_size is {size + 1}"):
-        make_task(spec.train, spec.model)
+    # a local tokenizer is checked when the spec loads: a located error with both numbers
+    with pytest.raises(SpecError) as caught:
+        _spec({**base, "files": [str(f) for f in files]}, size + 1, [])
+    text = str(caught.value)
+    assert "train.task.tokenizer" in text and "1 problem" in text
+    assert f"has {size} ids but model.vocab_size is {size + 1}" in text
+    assert f"model.vocab_size: {size}" in text
     with pytest.raises(SpecError, match="special tokens come from it"):
         _spec({**base, "files": [str(f) for f in files]}, size, ["eos"])
     other = train_bpe(files[:2], 280, tmp_path / "other")
@@ -166,3 +170,20 @@ def test_prepare_writes_the_specs_shards_with_its_tokenizer(
     result = runner.invoke(app, ["data", "prepare", str(spec_file)])
     assert result.exit_code == 1
     assert "give --out DIR or set train.task.shards" in result.output
+
+
+def test_a_tokenizer_without_eos_is_named_in_the_error(
+    tmp_path: Path, bpe: tuple[list[Path], Path, int]
+) -> None:
+    files, path, size = bpe
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "tokenizer.json").write_bytes(path.read_bytes())  # no tokenizer_config.json
+    base = {"type": "text", "seq_len": 16, "tokenizer": str(bare)}
+    with pytest.raises(SpecError) as caught:
+        _spec({**base, "files": [str(f) for f in files]}, size, [])
+    assert "train.task.tokenizer" in str(caught.value)
+    assert "names no eos token (it has no specials; absent: bos, eos, pad)" in str(caught.value)
+    with pytest.raises(MixstackError, match="names no eos token"):
+        prepare_shards(files, tmp_path / "s", tokenizer=bare)
+    assert not (tmp_path / "s").exists()
