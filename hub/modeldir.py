@@ -53,6 +53,9 @@ WEIGHTS = integrity.WEIGHTS
 INDEX = integrity.INDEX
 CARD = "README.md"
 FILES = (CONFIG, SPEC, WEIGHTS, CARD)
+TOKENIZER = "tokenizer.json"  # optional: the run's tokenizer (text task with one)
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_KEY = "tokenizer"  # config.json: {"file", "sha256"}, beside "model"
 HASH_KEY = integrity.SPEC_HASH_KEY  # in the safetensors metadata
 DIGEST_KEY = integrity.DIGEST_KEY
 # Schema versions written before weights carried a data digest (schema 3 is the first
@@ -98,11 +101,15 @@ def save_model_dir(
     *,
     metrics: dict[str, float] | None = None,
     max_shard_size: int | str | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Export ``model`` to ``path`` (created, or replaced if it is a model directory).
 
     ``max_shard_size``: bytes (or ``"500MB"``, ``"2GB"``, ``"1GiB"``) above which the
-    weights are split into shards with an index; ``None`` (default) writes one file."""
+    weights are split into shards with an index; ``None`` (default) writes one file.
+    ``tokenizer``: a ``tokenizer.json`` stored beside the weights (with the
+    ``tokenizer_config.json`` / ``special_tokens_map.json`` next to it, which name its
+    special tokens); ``config.json`` records its sha256 (see :func:`check_tokenizer`)."""
     if max_shard_size is not None:
         integrity.parse_size(max_shard_size)  # refuse a bad size before writing anything
     target = Path(path)
@@ -116,7 +123,10 @@ def save_model_dir(
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
     tmp.mkdir()
     try:
-        (tmp / CONFIG).write_text(json.dumps(config_of(spec), indent=2) + "\n", encoding="utf-8")
+        config = config_of(spec)
+        if tokenizer is not None:
+            config[TOKENIZER_KEY] = _copy_tokenizer(Path(tokenizer), tmp)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / SPEC).write_text(spec_yaml_text(spec), encoding="utf-8")
         integrity.save_weights(
             model, tmp, spec.spec_hash, max_shard_size=max_shard_size, mode_like=tmp / CONFIG
@@ -127,6 +137,47 @@ def save_model_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _copy_tokenizer(source: Path, folder: Path) -> dict[str, str]:
+    """Copy ``tokenizer.json`` (and its special-token configs) into ``folder``; the record
+    ``config.json`` keeps (outside ``model``: the spec hash does not depend on it)."""
+    from mixstack.data.shards import sha256_file
+
+    if not source.is_file():
+        raise CheckpointError(f"tokenizer {source} is not a file; nothing was exported")
+    shutil.copyfile(source, folder / TOKENIZER)
+    for name in TOKENIZER_SIDE_FILES:
+        if (source.parent / name).is_file():
+            shutil.copyfile(source.parent / name, folder / name)
+    return {"file": TOKENIZER, "sha256": sha256_file(folder / TOKENIZER)}
+
+
+def check_tokenizer(folder: str | os.PathLike[str]) -> Path | None:
+    """The ``tokenizer.json`` of a model directory whose ``config.json`` records one,
+    after checking its sha256 against the record; None when none is recorded (a
+    ``tokenizer.json`` put there by hand is then used unchecked)."""
+    from mixstack.data.shards import sha256_file
+
+    folder = Path(folder)
+    record = _read_config(folder).get(TOKENIZER_KEY)
+    if record is None:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        raise CheckpointError(f"{folder / CONFIG}: {TOKENIZER_KEY!r} is not {{file, sha256}}")
+    path = folder / TOKENIZER
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder}: {CONFIG} records a {TOKENIZER} (sha256 {record['sha256']}) but the "
+            f"file is missing; restore it or re-export the model"
+        )
+    digest = sha256_file(path)
+    if digest != record["sha256"]:
+        raise CheckpointError(
+            f"{path}: sha256 {digest} but {CONFIG} records {record['sha256']}; the tokenizer "
+            f"was replaced or damaged (the model was trained with the recorded one)"
+        )
+    return path
 
 
 def _replaceable(path: Path) -> bool:
@@ -343,6 +394,7 @@ def load_model_dir(
 
     folder = Path(folder)
     spec, recorded_hash = _checked_spec(folder)
+    check_tokenizer(folder)
     files = verify_weights(folder, spec, recorded_hash, allow_unverified=allow_unverified)
     tensors = integrity.load_tensors(files)
     _check_finite(folder, tensors, allow_unverified)
@@ -371,6 +423,7 @@ def verify_model_dir(
     failure is a :class:`CheckpointError`."""
     folder = Path(folder)
     spec, recorded_hash = _checked_spec(folder)
+    check_tokenizer(folder)
     files = verify_weights(folder, spec, recorded_hash, allow_unverified=allow_unverified)
     tensors = integrity.load_tensors(files)
     _check_finite(folder, tensors, allow_unverified)
@@ -382,16 +435,20 @@ def verify_model_dir(
     }
 
 
-TOKENIZER = "tokenizer.json"
-
-
 def load_tokenizer(folder: str | os.PathLike[str]) -> Any:
     """The tokenizer of a model directory (a ``mixstack.generation.tokenizers`` object):
     its ``tokenizer.json`` read with the ``tokenizers`` library when present (checked
-    to fit the model's vocabulary), else byte-level for a 256-byte vocabulary, else
-    None (the model then works on ids only)."""
+    against the sha256 ``config.json`` records, and to fit the model's vocabulary;
+    eos from ``tokenizer_config.json`` or ``special_tokens_map.json``), else byte-level
+    for a 256-byte vocabulary, else None (the model then works on ids only)."""
     from mixstack.generation.tokenizers import tokenizer_for
 
     folder = Path(folder)
+    check_tokenizer(folder)
     path = folder / TOKENIZER
-    return tokenizer_for(read_spec(folder), path if path.is_file() else None)
+    tokenizer = tokenizer_for(read_spec(folder), path if path.is_file() else None)
+    if path.is_file() and getattr(tokenizer, "eos_token_id", None) is None:
+        from mixstack.data.tokenizer_ref import special_ids
+
+        tokenizer.eos_token_id = special_ids(path, tokenizer._tokenizer)["eos"]
+    return tokenizer

@@ -321,6 +321,17 @@ def _after_nonfinite(run: RunDir) -> str:
     )
 
 
+def _task_tokenizer(spec: Spec) -> Path | None:
+    """The ``tokenizer.json`` the run's task reads (text with a tokenizer), stored in the
+    model directory so generation and evaluation decode with it."""
+    tokenizer = getattr(spec.train.task if spec.train else None, "tokenizer", "byte")
+    if not isinstance(tokenizer, str) or tokenizer == "byte":
+        return None
+    from mixstack.tasks.text import tokenizer_path
+
+    return tokenizer_path(tokenizer)
+
+
 def _finish(run: RunDir, lit: Any, result: RunResult) -> None:
     """Merge the metrics, export the model (finished runs), complete ``run.json``."""
     from mixstack.hub.modeldir import save_model_dir
@@ -332,7 +343,9 @@ def _finish(run: RunDir, lit: Any, result: RunResult) -> None:
     result.backends = lit.model.backends.resolved()
     if result.status == "finished":
         val = {k: v for k, v in result.metrics.items() if k.startswith("val/")}
-        result.model_dir = save_model_dir(lit.model, run.model_dir, metrics=val)
+        result.model_dir = save_model_dir(
+            lit.model, run.model_dir, metrics=val, tokenizer=_task_tokenizer(lit.spec)
+        )
     meta = run.read_metadata()
     if result.model_dir is not None:
         rundir.record_written(

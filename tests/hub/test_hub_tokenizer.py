@@ -89,6 +89,12 @@ def test_hub_tokenizer_is_fetched_once_then_read_from_the_cache(
         assert torch.equal(a["labels"], b["labels"])
 
 
+def _size(path: Path) -> int:
+    from tokenizers import Tokenizer
+
+    return int(Tokenizer.from_file(str(path)).get_vocab_size())
+
+
 def _parts(spec: Any) -> tuple[Any, Any]:
     return spec.train, spec.model
 
@@ -101,3 +107,22 @@ def test_unknown_hub_tokenizer_and_missing_path_are_clear(endpoint: Any, tmp_pat
         make_task(spec.train, spec.model)
     with pytest.raises(SpecError, match=r"train\.task\.tokenizer[\s\S]*no such file"):
         _spec(str(tmp_path / "none" / "tokenizer.json"), files, 300)
+
+
+def test_push_and_pull_carry_the_tokenizer(hub: Any, tmp_path: Path) -> None:
+    from mixstack.archs.builder import build
+    from mixstack.hub.modeldir import load_tokenizer, save_model_dir
+
+    text = tmp_path / "a.txt"
+    text.write_text(" ".join(random.Random(2).choices(WORDS, k=200)), encoding="utf-8")
+    tok = train_bpe([text], 280, tmp_path / "tok")
+    spec = _spec(str(tok), [text], _size(tok))
+    folder = save_model_dir(build(spec.model, seed=0), tmp_path / "model", tokenizer=tok)
+    kw = {"token": hub.token, "endpoint": hub.endpoint, "cache_dir": tmp_path / "cache"}
+    mixstack.push(folder, "me/withtok", token=hub.token, endpoint=hub.endpoint)
+    pulled = mixstack.pull("me/withtok", out=tmp_path / "pulled", **kw)
+    out = Path(pulled.path)
+    assert (out / "tokenizer.json").read_bytes() == tok.read_bytes()
+    assert (out / "tokenizer_config.json").is_file()
+    loaded = load_tokenizer(out)
+    assert loaded.decode(loaded.encode("日本 café")) == "日本 café" and loaded.eos_token_id == 2
