@@ -2,7 +2,9 @@
 modelling (:mod:`mixstack.data`).
 
     tokenizer train FILES --vocab-size N --out DIR   byte-level BPE -> DIR/tokenizer.json
-    data prepare SPEC --out DIR [--tokenizer PATH]   the spec's text task, tokenised once
+    data prepare SPEC --out DIR [--tokenizer PATH]   the spec's text task (files, or
+                                                     sources with mixing weights and a
+                                                     validation split), tokenised once
                                                      into memory-mapped shards
 
 The commands import :mod:`mixstack.cli.main`'s helpers inside their functions (main
@@ -67,8 +69,9 @@ def data_prepare(
         list[str] | None, typer.Argument(help="dotted overrides", show_default=False)
     ] = None,
 ) -> None:
-    """Tokenise the spec's text task (train.task.files, or the bundled corpus when empty;
-    train.task.documents) into token shards."""
+    """Tokenise the spec's text task (train.task.sources and val_sources, else
+    train.task.files, or the bundled corpus when both are empty; train.task.documents)
+    into token shards."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mixstack.cli.main import _handled, _load, human
@@ -103,15 +106,29 @@ def data_prepare(
                 rate = tokens / max(time.perf_counter() - began, 1e-9)
                 bar.update(job, completed=done, total=total, rate=f"{human(rate)} tokens/s")
 
-            folder = prepare_shards(
-                task.files or [bundled],
-                out if out is not None else task.shards,
-                tokenizer=tokenizer if tokenizer is not None else task.tokenizer,
-                special_ids=loaded.model.special_ids,
-                documents=task.documents,
-                overwrite=overwrite,
-                progress=progress,
-            )
+            target = out if out is not None else task.shards
+            chosen = tokenizer if tokenizer is not None else task.tokenizer
+            if task.sources:  # mixed sources with a validation split: parts in the manifest
+                from mixstack.data.corpus import prepare_corpus
+
+                folder = prepare_corpus(
+                    task,
+                    target,
+                    tokenizer=chosen,
+                    special_ids=loaded.model.special_ids,
+                    overwrite=overwrite,
+                    progress=progress,
+                )
+            else:
+                folder = prepare_shards(
+                    task.files or [bundled],
+                    target,
+                    tokenizer=chosen,
+                    special_ids=loaded.model.special_ids,
+                    documents=task.documents,
+                    overwrite=overwrite,
+                    progress=progress,
+                )
         shards = TokenShards(folder)
         seconds = time.perf_counter() - began
         typer.echo(

@@ -104,18 +104,17 @@ def open_tokenizer(
 
 
 def read_documents(files: Sequence[str | Path], documents: str) -> list[tuple[int, str]]:
-    """``(source index, text)`` per document: each whole file (empty ones kept, so
-    document ``i`` is file ``i``), or each file's non-empty paragraphs."""
+    """``(source index, text)`` per document: each whole file, or each file's paragraphs;
+    empty ones dropped (an empty file, a blank paragraph), as the text task's file
+    reader does."""
     from mixstack.data.bpe import read_texts
     from mixstack.tasks.text import split_documents
 
     texts = read_texts(files, what="train.task.files")
-    if documents == "file":
-        return [(i, text) for i, (_, text) in enumerate(texts)]
     out = []
     for i, (name, text) in enumerate(texts):
-        paragraphs = split_documents([(name, text.encode("utf-8"))], "paragraph")
-        out += [(i, p.decode("utf-8")) for p in paragraphs]
+        pieces = split_documents([(name, text.encode("utf-8"))], documents)
+        out += [(i, p.decode("utf-8")) for p in pieces]
     return out
 
 
@@ -133,10 +132,9 @@ def prepare_shards(
     """Tokenise ``files`` once into the shard folder ``out`` (see the module docstring).
 
     ``tokenizer``: ``"byte"`` (ids 0..255, specials from ``special_ids`` as a byte-level
-    spec numbers them) or a ``tokenizer.json``. An existing non-empty ``out`` is replaced
-    only with ``overwrite`` and only when it is a shard folder.
+    spec numbers them), a ``tokenizer.json`` or a Hub id. An existing non-empty ``out`` is
+    replaced only with ``overwrite`` and only when it is a shard folder.
     """
-    np = _np()
     if shard_tokens < 1:
         raise ShardError(f"shard_tokens must be >= 1, got {shard_tokens}")
     if not files:
@@ -145,11 +143,38 @@ def prepare_shards(
     _check_target(out, overwrite)
     tok, info = open_tokenizer(tokenizer, special_ids)
     docs = read_documents(files, documents)
-    if not any(text for _, text in docs):
+    if not docs:
         raise ShardError(
             f"data prepare: the corpus has no documents ({len(files)} file(s), "
             f"documents: {documents}); every file is empty or blank"
         )
+    sources = []
+    for name in files:
+        path = Path(name).expanduser()
+        sources.append(
+            {"file": str(name), "sha256": sha256_file(path), "bytes": path.stat().st_size}
+        )
+    return write_shards(
+        out, tok, info, docs, sources, {"documents_from": documents}, shard_tokens, progress
+    )
+
+
+def write_shards(
+    out: Path,
+    tok: Any,
+    info: TokenizerInfo,
+    docs: list[tuple[int, str]],
+    sources: list[dict[str, Any]],
+    extra: dict[str, Any],
+    shard_tokens: int = SHARD_TOKENS,
+    progress: Progress | None = None,
+    parts: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Write ``docs`` (``(source index, text)`` in stream order) as a shard folder at
+    ``out`` (checked by the caller), atomically. ``sources[i]`` describes source ``i``
+    (its document, token and byte totals are added); ``parts`` (document ranges) get
+    their token ranges and are recorded."""
+    np = _np()
     dtype = np.dtype(dtype_for(info.size - 1)).newbyteorder("<")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
@@ -157,7 +182,11 @@ def prepare_shards(
     try:
         table, shards = _write_stream(tmp, tok, info, docs, dtype, shard_tokens, progress)
         np.save(tmp / DOCUMENTS, table, allow_pickle=False)
-        manifest = _manifest(files, info, dtype, table, shards, documents)
+        manifest = _manifest(sources, info, dtype, table, shards, extra)
+        if parts is not None:
+            from mixstack.data.corpus import token_parts
+
+            manifest["parts"] = token_parts(parts, table[:, 0].tolist(), int(table[:, 1].sum()))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _swap_in(tmp, out)
     except BaseException:
@@ -228,21 +257,19 @@ def _write_stream(
 
 
 def _manifest(
-    files: Sequence[str | Path],
+    sources: list[dict[str, Any]],
     info: TokenizerInfo,
     dtype: Any,
     table: Any,
     shards: list[tuple[str, int]],
-    documents: str,
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
-    sources = []
-    for i, name in enumerate(files):
+    described = []
+    for i, source in enumerate(sources):
         rows = table[table[:, 3] == i]
-        sources.append(
+        described.append(
             {
-                "file": str(name),
-                "sha256": sha256_file(Path(name).expanduser()),
-                "bytes": Path(name).expanduser().stat().st_size,
+                **source,
                 "documents": int(rows.shape[0]),
                 "tokens": int(rows[:, 1].sum()),
                 "document_bytes": int(rows[:, 2].sum()),
@@ -253,14 +280,14 @@ def _manifest(
         "version": VERSION,
         "dtype": dtype.name,
         "byteorder": "little",
-        "documents_from": documents,
+        **extra,
         "tokenizer": {
             "kind": info.kind,
             "sha256": info.sha256,
             "size": info.size,
             "eos_id": info.eos_id,
         },
-        "sources": sources,
+        "sources": described,
         "documents": int(table.shape[0]),
         "tokens": int(table[:, 1].sum()),
         "shards": [{"file": name, "tokens": int(n)} for name, n in shards],
@@ -340,6 +367,13 @@ class TokenShards:
     @property
     def num_documents(self) -> int:
         return int(self.table.shape[0])
+
+    @property
+    def parts(self) -> list[dict[str, Any]] | None:
+        """Token ranges of the training sources and of validation (a folder prepared
+        from ``train.task.sources``), or None (from ``files``: one stream)."""
+        parts = self.manifest.get("parts")
+        return None if parts is None else [dict(p) for p in parts]
 
     @property
     def tokenizer(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from mixstack.data.corpus import TextSource, weight_problems
 from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.registry import register_task
 from mixstack.dsl.spec import ModelSpec, Problem, TaskConfig
@@ -58,7 +59,11 @@ class TextTask(TaskConfig):
         "file", description="a document is a whole file, or a paragraph (blank-line separated)"
     )
     val_fraction: float = Field(
-        0.1, gt=0, lt=1, description="last fraction of the bytes, for validation"
+        0.1,
+        gt=0,
+        lt=1,
+        description="for validation: the last fraction of the tokens (files), or the share "
+        "of each source's documents carved by hash (sources without val_sources)",
     )
     val_size: int | None = Field(
         None, ge=1, description="validation rows (consecutive, fixed); null: all of them"
@@ -68,6 +73,15 @@ class TextTask(TaskConfig):
         description="'byte' (ids are the UTF-8 bytes), a tokenizer.json (or its folder), or "
         "a Hub id hf://ORG/NAME[@REV] (its tokenizer.json, through the huggingface_hub cache); "
         "with a tokenizer model.special_tokens must be [] and model.vocab_size its size",
+    )
+    sources: list[TextSource] = Field(
+        default_factory=list,
+        description="corpus sources (local text / JSON lines / Parquet files, Hub datasets) "
+        "mixed by weight; instead of files",
+    )
+    val_sources: list[TextSource] = Field(
+        default_factory=list,
+        description="validation sources (with sources); empty: carved from sources by hash",
     )
     shards: str | None = Field(
         None,
@@ -81,6 +95,7 @@ class TextTask(TaskConfig):
 
     def check(self, model: ModelSpec) -> list[Problem]:
         out = super().check(model)
+        out.extend(self._source_problems())
         if self.tokenizer != "byte":
             out.extend(self._tokenizer_problems(model))
             if model.special_tokens:
@@ -101,6 +116,15 @@ class TextTask(TaskConfig):
                     "model.vocab_size >= 256",
                 )
             )
+        return out
+
+    def _source_problems(self) -> list[Problem]:
+        out: list[Problem] = []
+        if self.sources and self.files:
+            out.append((("sources",), "give files or sources, not both", "one of them"))
+        if self.val_sources and not self.sources:
+            out.append((("val_sources",), "val_sources need sources (training)", None))
+        out += [(path, message, None) for path, message in weight_problems(self.sources)]
         return out
 
     def _tokenizer_problems(self, model: ModelSpec) -> list[Problem]:
@@ -187,35 +211,71 @@ class ByteText(Task):
         tokenizer, self.tokenizer_json = None, None
         if cfg.tokenizer != "byte":
             tokenizer, self.tokenizer_json = _model_tokenizer(cfg, model)
+        parts: list[dict[str, Any]] | None = None
         if cfg.shards is not None:
             self._shards = _open_shards(cfg, model, self.tokenizer_json)
             n_total = len(self._shards)
+            parts = _shard_parts(cfg, self._shards)
         else:
-            docs = split_documents(read_sources(cfg.files), cfg.documents)
+            corpus = None
+            if cfg.sources:
+                from mixstack.data.corpus import gather
+
+                corpus = gather(
+                    cfg.sources,
+                    cfg.val_sources,
+                    documents=cfg.documents,
+                    val_fraction=cfg.val_fraction,
+                )
+                docs = [text.encode("utf-8") for _, text in corpus.docs]
+            else:
+                docs = split_documents(read_sources(cfg.files), cfg.documents)
             if tokenizer is None:
                 tokens, doc_ids = encode(docs, model.special_ids.get("eos"))
             else:
                 tokens, doc_ids = encode_with(tokenizer, docs)
             n_total = tokens.numel()
-        n_train = round(n_total * (1 - cfg.val_fraction))
-        self._n_train, self._n_val = n_train, n_total - n_train
-        if self._shards is None:
+            self._tokens, self._docs = tokens, doc_ids
+            if corpus is not None:
+                from mixstack.data.corpus import token_parts
+
+                counts = torch.bincount(doc_ids, minlength=len(docs))  # (D,)
+                starts = (torch.cumsum(counts, 0) - counts).tolist()
+                parts = token_parts(corpus.parts, starts, n_total)
+        if parts is None:  # files: the last val_fraction of the stream validates
+            n_train = round(n_total * (1 - cfg.val_fraction))
+            self._train_parts, self._val_part = [(0, n_train)], (n_train, n_total)
+            self._weights = [1.0]
+        else:
+            from mixstack.data.corpus import weights_of
+
+            self._train_parts = [(p["start"], p["stop"]) for p in parts if p["split"] == "train"]
+            (self._val_part,) = [(p["start"], p["stop"]) for p in parts if p["split"] == "val"]
+            self._weights = weights_of(cfg.sources)
+        self._n_train = sum(hi - lo for lo, hi in self._train_parts)
+        self._n_val = self._val_part[1] - self._val_part[0]
+        if self._shards is None and parts is None:
+            n_train = self._train_parts[0][1]
             self.train_tokens, self.train_docs = tokens[:n_train], doc_ids[:n_train]
             self.val_tokens, self.val_docs = tokens[n_train:], doc_ids[n_train:]
         self._check_sizes()
 
-    def _window(self, split: Split, start: int) -> Sample:
-        """The row at ``start`` of the split's part of the stream (memory or shards)."""
+    def _window(self, start: int) -> Sample:
+        """The row at ``start`` of the whole stream (memory or shards)."""
         L = self.cfg.seq_len
         if self._shards is not None:
-            return shard_window(self._shards, start + (0 if split == "train" else self._n_train), L)
-        if split == "train":
-            return window(self.train_tokens, self.train_docs, start, L)
-        return window(self.val_tokens, self.val_docs, start, L)
+            return shard_window(self._shards, start, L)
+        return window(self._tokens, self._docs, start, L)
 
     def _check_sizes(self) -> None:
         need = self.cfg.seq_len + 1
-        for what, n in (("training", self._n_train), ("validation", self._n_val)):
+        sized = [("training", self._n_train), ("validation", self._n_val)]
+        if len(self._train_parts) > 1 or self.cfg.sources:
+            sized = [
+                (f"source {i} (train.task.sources[{i}]) training", hi - lo)
+                for i, (lo, hi) in enumerate(self._train_parts)
+            ] + sized[1:]
+        for what, n in sized:
             if n < need:
                 raise MixstackError(
                     f"train.task: the {what} part of the text has {n} tokens, "
@@ -236,10 +296,17 @@ class ByteText(Task):
     def sample(self, split: Split, step: int, index: int) -> Sample:
         L = self.cfg.seq_len
         if split == "val":
-            return self._window(split, index * L)
-        high = self._n_train - L  # starts 0..N-L-1 leave L + 1 tokens
-        start = int(torch.randint(high, (1,), generator=self.generator(split, step, index)))
-        return self._window(split, start)
+            return self._window(self._val_part[0] + index * L)
+        g = self.generator(split, step, index)
+        k = 0
+        if len(self._train_parts) > 1:  # a source by weight, from the same generator
+            u = float(torch.rand((), generator=g))
+            cumulative = torch.tensor(self._weights, dtype=torch.float64).cumsum(0)
+            k = min(int((cumulative <= u).sum()), len(self._train_parts) - 1)
+        lo, hi = self._train_parts[k]
+        # starts lo..hi-L-1 leave L + 1 tokens inside the source's part
+        start = lo + int(torch.randint(hi - lo - L, (1,), generator=g))
+        return self._window(start)
 
 
 def _model_tokenizer(cfg: TextTask, model: ModelSpec) -> tuple[Any, Path]:
@@ -311,6 +378,28 @@ def _open_shards(cfg: TextTask, model: ModelSpec, tokenizer_json: Path | None) -
                 f"train.task.tokenizer {cfg.tokenizer!r}; prepare them again with it"
             )
     return shards
+
+
+def _shard_parts(cfg: TextTask, shards: Any) -> list[dict[str, Any]] | None:
+    """The shards' parts, which must match how the task reads its corpus."""
+    from mixstack.data.corpus import check_shard_sources
+
+    parts = shards.parts
+    where = f"train.task.shards: {cfg.shards!r}"
+    if parts is None and cfg.sources:
+        raise MixstackError(
+            f"{where} were prepared from train.task.files (one stream) but the task reads "
+            f"sources; prepare them again with this spec"
+        )
+    if parts is not None and not cfg.sources:
+        made = [s["source"] for s in shards.manifest["sources"]]
+        raise MixstackError(
+            f"{where} were prepared from sources {made} but the task sets none; copy them "
+            f"to train.task.sources (and val_sources)"
+        )
+    if parts is not None:
+        check_shard_sources(cfg, shards.manifest, where)
+    return parts
 
 
 def shard_window(shards: Any, start: int, seq_len: int) -> Sample:
