@@ -1,26 +1,59 @@
-"""A run over token shards (`train.task.shards`) stopped inside an epoch and resumed
-equals the uninterrupted run: weights and the metric history."""
+"""Runs over token shards (`train.task.shards`) prepared from two mixed sources (a text
+file by paragraphs and a JSON lines file, weights 0.7 / 0.3, validation carved by
+hash): stopped inside an epoch and resumed equals the uninterrupted run, and two DDP
+processes equal one process on the same global batch (weights and metric history)."""
 
 from __future__ import annotations
 
+import copy
+import csv
+import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
-from mixstack.data.shards import prepare_shards
+import mixstack
+from mixstack.data.corpus import prepare_corpus
 from mixstack.tasks import make_task
 from mixstack.tasks.text import bundled_corpus
 
 
-@pytest.mark.slow(budget_s=60)
-def test_shard_run_resumes_inside_an_epoch(tiny_spec, fit_quietly, tmp_path: Path) -> None:
+def _mixed(tmp_path: Path) -> dict[str, Any]:
+    """The text task over shards of two sources (written here) and the shards."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(bundled_corpus()[:3000])
+    lines = tmp_path / "more.jsonl"
+    rows = [{"text": p} for p in bundled_corpus()[3000:6000].decode(errors="ignore").split(". ")]
+    lines.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     shards = tmp_path / "shards"
+    return {
+        "type": "text",
+        "seq_len": 16,
+        "documents": "paragraph",
+        "val_fraction": 0.2,
+        "val_size": 4,
+        "sources": [{"path": str(corpus), "weight": 0.7}, {"path": str(lines), "weight": 0.3}],
+        "shards": str(shards),
+    }
+
+
+def _prepare(spec: Any) -> None:
+    task = spec.train.task
+    prepare_corpus(task, task.shards, tokenizer="byte", special_ids=spec.model.special_ids)
+
+
+@pytest.mark.slow(budget_s=60)
+def test_shard_run_resumes_inside_an_epoch(tiny_spec, fit_quietly, tmp_path: Path) -> None:
+    task = _mixed(tmp_path)
     text = [
-        f"train.task={{type: text, seq_len: 16, val_fraction: 0.2, val_size: 4, shards: {shards}}}",
+        f"train.task={json.dumps(task)}",
         "model.vocab_size=256",
         "model.max_seq_len=16",
         "train.max_steps=null",
@@ -30,7 +63,7 @@ def test_shard_run_resumes_inside_an_epoch(tiny_spec, fit_quietly, tmp_path: Pat
         "train.val_every=4",
     ]
     spec = tiny_spec(*text)
-    prepare_shards([corpus], shards, special_ids=spec.model.special_ids, documents="paragraph")
+    _prepare(spec)
     per_epoch = math.ceil(make_task(spec.train, spec.model).epoch_size / 64)
     assert per_epoch >= 2
     whole = fit_quietly(spec, tmp_path / "whole")
@@ -42,3 +75,46 @@ def test_shard_run_resumes_inside_an_epoch(tiny_spec, fit_quietly, tmp_path: Pat
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
     history = [(tmp_path / run / "metrics.csv").read_text() for run in ("whole", "parts")]
     assert history[0] == history[1]
+
+
+@pytest.mark.slow(budget_s=60)
+def test_two_processes_over_mixed_shards_match_one(
+    tiny_data: dict, fit_quietly, tmp_path: Path
+) -> None:
+    """As tests/training/test_cli_train.py's DDP test, over the mixed shards: one process
+    with 4 micro-batches against a `mixstack train` subprocess on two CPU processes
+    with 2 micro-batches each."""
+    data = copy.deepcopy(tiny_data)
+    data["model"].update({"vocab_size": 256, "max_seq_len": 16, "special_tokens": ["eos"]})
+    data["train"].update({"task": _mixed(tmp_path), "max_steps": 2, "val_every": 2})
+    spec_file = tmp_path / "mixed.yaml"
+    spec_file.write_text(yaml.safe_dump(data))
+    spec = mixstack.load_spec(spec_file)
+    _prepare(spec)
+    single = fit_quietly(
+        mixstack.load_spec(spec_file, ["train.accumulate_grad_batches=4"]), tmp_path / "single"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    command = [
+        sys.executable, "-m", "mixstack.cli.main", "train", str(spec_file),
+        "run.trainer.accelerator=cpu", "run.trainer.devices=2", "run.trainer.strategy=ddp",
+        "--out", str(tmp_path / "ddp"),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    segments = json.loads((tmp_path / "ddp" / "run.json").read_text())["segments"]
+    assert [s["world_size"] for s in segments] == [2]
+
+    def losses(run_dir: Path) -> list[float]:
+        with (run_dir / "metrics.csv").open() as f:
+            return [float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]]
+
+    one, two = losses(single.run_dir), losses(tmp_path / "ddp")
+    assert len(one) == len(two) == 2
+    assert two == pytest.approx(one, abs=1e-5)
+    wa = load_file(single.run_dir / "model" / "model.safetensors")
+    wb = load_file(tmp_path / "ddp" / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-5
