@@ -2,18 +2,20 @@
 
 A shard folder holds::
 
-    manifest.json       format, dtype, tokenizer (kind, sha256, size, eos id), the source
-                        files with their sha256 and byte counts, per-source document,
-                        token and byte totals, the shard files with their token counts
+    manifest.json       format, dtype, tokenizer (kind, sha256, size, eos id), the sources
+                        with their sha256 and byte counts, per-source document, token
+                        and byte totals, the shard files with their token counts; from
+                        a task's ``sources`` also ``parts`` (token ranges of each
+                        training source and of validation, :mod:`mixstack.data.corpus`)
     documents.npy       int64 (D, 4): per document its first token in the stream, its
                         token count (the trailing eos included), its UTF-8 byte count and
                         the index of its source file (saved without pickle)
     shard-00000.bin ... the token stream, raw little-endian uint16 (largest id, specials
                         included, below 65,536) or uint32, cut every ``shard_tokens``
 
-The stream is the documents one after another, each followed by the tokenizer's ``eos``
-id when it has one. A document never loses bytes: ``decode(tokens of document d)`` is
-its text (specials skipped). The folder is written in a temporary sibling and renamed
+The stream is the documents one after another (empty ones dropped), each followed by
+the tokenizer's ``eos`` id when it has one. A document never loses bytes:
+``decode(tokens of document d)`` is its text (specials skipped). The folder is written in a temporary sibling and renamed
 into place, so a failed run leaves nothing behind and an old folder stays whole.
 """
 

@@ -13,7 +13,10 @@ validation rows are the consecutive windows of the validation part.
 With ``tokenizer: PATH`` (a ``tokenizer.json``) or a Hub id the documents are that tokenizer's ids
 and its own eos ends each one; ``shards: DIR`` reads a stream prepared once by
 ``mixstack data prepare`` (:mod:`mixstack.data.shards`, memory-mapped) instead of the
-files, packed the same way. See docs/data.md#training-on-shards.
+files, packed the same way. ``sources`` (text / JSON lines / Parquet files, Hub
+datasets; :mod:`mixstack.data.corpus`) replace ``files``: each training source is its
+own part of the stream, a training row draws its source by weight and then its start,
+and validation is ``val_sources`` or a hash carve. See docs/data.md#training-on-shards.
 """
 
 from __future__ import annotations

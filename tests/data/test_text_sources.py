@@ -256,3 +256,31 @@ def test_shards_from_other_sources_or_files_are_refused(
     files = _spec({"files": [str(root / "a.txt")], "shards": str(folder)})
     with pytest.raises(MixstackError, match="but the task sets none"):
         make_task(files.train, files.model)
+
+
+def test_a_hub_dataset_source_goes_through_load_dataset(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """No network in tests: `datasets.load_dataset` is replaced by a recorder returning
+    an in-memory table, so what the source asks for (id, config, split, revision) and how
+    its column becomes documents are checked."""
+    import datasets
+
+    calls = []
+    texts = ["first document é", "", "second 日本 document", "third one"] * 5
+
+    def fake(path: str, name: Any = None, **kw: Any) -> Any:
+        calls.append((path, name, kw))
+        return datasets.Dataset.from_dict({"content": texts, "n": list(range(len(texts)))})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    source = {"dataset": "me/corpus", "name": "en", "split": "train[:50%]", "revision": "v1"}
+    spec = _spec({"sources": [{**source, "text_field": "content"}], "val_fraction": 0.5})
+    task = make_task(spec.train, spec.model)
+    assert calls[0] == ("me/corpus", "en", {"split": "train[:50%]", "revision": "v1"})
+    kept = [t for t in texts if t]
+    train = [t for t in kept if not _carved(t, 0.5)]
+    want = [b for t in train for b in [*t.encode("utf-8"), EOS]]
+    assert task._tokens[: len(want)].tolist() == want
+    with pytest.raises(SpecError, match="`format` applies to a local `path`"):
+        _spec({"sources": [{"dataset": "me/corpus", "format": "jsonl"}]})
