@@ -15,8 +15,9 @@ A shard folder holds::
 
 The stream is the documents one after another (empty ones dropped), each followed by
 the tokenizer's ``eos`` id when it has one. A document never loses bytes:
-``decode(tokens of document d)`` is its text (specials skipped). The folder is written in a temporary sibling and renamed
-into place, so a failed run leaves nothing behind and an old folder stays whole.
+``decode(tokens of document d)`` is its text (specials skipped). The folder is written
+in a temporary sibling and renamed into place, so a failed run leaves nothing behind
+and an old folder stays whole.
 """
 
 from __future__ import annotations
