@@ -2,7 +2,7 @@
 modelling (:mod:`mixstack.data`).
 
     tokenizer train FILES --vocab-size N --out DIR   byte-level BPE -> DIR/tokenizer.json
-    data prepare SPEC --out DIR [--tokenizer PATH]   the spec's text task (files, or
+    data prepare SPEC --out DIR [--tokenizer TOK]    the spec's text task (files, or
                                                      sources with mixing weights and a
                                                      validation split), tokenised once
                                                      into memory-mapped shards
@@ -59,7 +59,8 @@ def data_prepare(
         str | None,
         typer.Option(
             "--tokenizer",
-            help="'byte', or a tokenizer.json (or its folder) [train.task.tokenizer]",
+            help="'byte', a tokenizer.json (or its folder), or a Hub id hf://ORG/NAME "
+            "[train.task.tokenizer]",
         ),
     ] = None,
     overwrite: Annotated[
