@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.mixstack-installed
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): one per core; `make test PYTEST_WORKERS=0` runs in-process.
+PYTEST_WORKERS ?= auto
 # What `make test` adds: every optional integration (not `cuda`, which builds CUDA
 # sources), so that no test is skipped for a missing package. `make demo` does without.
 EXTRAS := dev,interop,data,eval,cluster
@@ -33,7 +35,7 @@ demo: venv
 	$(BIN)/mixstack train zoo:mqar-tiny --out runs/demo --overwrite
 
 test: $(EXTRAS_STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

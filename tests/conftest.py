@@ -27,6 +27,21 @@ settings.register_profile("dev", deadline=None, max_examples=30)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
+def _share_cores_between_xdist_workers() -> None:
+    """Under `pytest -n N` each worker (and the subprocesses its tests start) gets an equal
+    share of the cores: N workers each running torch on every core oversubscribe the CPU
+    and run slower than one process would."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+_share_cores_between_xdist_workers()
+
+
 @pytest.fixture(autouse=True)
 def _reset_torch_defaults():
     dtype = torch.get_default_dtype()
