@@ -31,6 +31,13 @@ from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.registry import register_task
 from mixstack.dsl.spec import ModelSpec, Problem, TaskConfig
 from mixstack.tasks.base import IGNORE_INDEX, Sample, Split, Task
+from mixstack.tasks.bytecount import (
+    BITS_PER_BYTE,
+    TARGET_BYTES,
+    byte_table,
+    target_bytes,
+    tokenizer_table,
+)
 
 BUNDLED = "corpus.txt"
 _PARAGRAPH_BREAK = re.compile(rb"\n[ \t\r]*\n")
@@ -157,7 +164,7 @@ def window(tokens: Tensor, docs: Tensor, start: int, seq_len: int) -> Sample:
     return {"input_ids": toks[:-1].clone(), "labels": labels, "seq_idx": seq_idx}
 
 
-@register_task(TextTask)
+@register_task(TextTask, metrics=[BITS_PER_BYTE])
 class ByteText(Task):
     """Byte-level LM over local files (see the module docstring)."""
 
@@ -183,6 +190,7 @@ class ByteText(Task):
             self.train_tokens, self.train_docs = tokens[:n_train], doc_ids[:n_train]
             self.val_tokens, self.val_docs = tokens[n_train:], doc_ids[n_train:]
         self._check_sizes()
+        self._token_bytes = _bytes_per_id(tokenizer, model)
 
     def _window(self, split: Split, start: int) -> Sample:
         """The row at ``start`` of the split's part of the stream (memory or shards)."""
@@ -216,10 +224,19 @@ class ByteText(Task):
     def sample(self, split: Split, step: int, index: int) -> Sample:
         L = self.cfg.seq_len
         if split == "val":
-            return self._window(split, index * L)
+            row = self._window(split, index * L)
+            row[TARGET_BYTES] = target_bytes(row["labels"], self._token_bytes)  # bits_per_byte
+            return row
         high = self._n_train - L  # starts 0..N-L-1 leave L + 1 tokens
         start = int(torch.randint(high, (1,), generator=self.generator(split, step, index)))
         return self._window(split, start)
+
+
+def _bytes_per_id(tokenizer: Any, model: ModelSpec) -> Tensor:
+    """``(total_vocab,)``: the UTF-8 bytes each id spells (:mod:`mixstack.tasks.bytecount`)."""
+    if tokenizer is None:
+        return byte_table(model.total_vocab)
+    return tokenizer_table(tokenizer, model.total_vocab)
 
 
 def _model_tokenizer(cfg: TextTask, model: ModelSpec) -> Any:
