@@ -13,8 +13,8 @@ import torch
 import mixstack
 from mixstack.data.bpe import train_bpe
 from mixstack.tasks import make_task
-from mixstack.tasks.bytecount import byte_level_alphabet, tokenizer_table
 from mixstack.tasks.base import IGNORE_INDEX
+from mixstack.tasks.bytecount import byte_level_alphabet, tokenizer_table
 from mixstack.training.evaluate import evaluate
 
 UNICODE = ["the", "cat", "café", "日本語", "🎉", "naïve", "\n", " ", "\t", "Ωmega", "x\r\ny"]
