@@ -204,6 +204,8 @@ class Scorer:
         max_new = min(
             int(gen_kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)), self.max_length - 1
         )
+        if max_new < 1:  # nothing may be generated (max_gen_toks 0, or a 1-token window)
+            return ""
         ids = self.encode(context) or [self._prefix()]
         ids = ids[-(self.max_length - max_new) :]  # keep the prompt and new tokens in one window
         sample = bool(gen_kwargs.get("do_sample", False))

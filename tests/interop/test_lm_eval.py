@@ -72,21 +72,21 @@ def _logprobs(model, ids: list[int]) -> torch.Tensor:
         return torch.log_softmax(model(torch.tensor([ids])).double()[0], dim=-1)
 
 
-def _reference_ll(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+def _reference_ll(model, ctx: list[int], cont: list[int], width: int = W) -> tuple[float, bool]:
     """Score the continuation from the last window of W + 1 tokens (one full forward);
     what that window cannot reach is scored the same way with the sequence cut before
     the window's first scored token."""
     if not cont:
         return 0.0, True
     seq = ctx + cont
-    window = seq[-(W + 1) :]
-    n = min(len(cont), W)
+    window = seq[-(width + 1) :]
+    n = min(len(cont), width)
     logp = _logprobs(model, window[:-1])
     targets = window[-n:]
     rows = logp[-n:]
     total = sum(float(rows[i, t]) for i, t in enumerate(targets))
     greedy = all(int(rows[i].argmax()) == t for i, t in enumerate(targets))
-    rest_total, rest_greedy = _reference_ll(model, ctx, cont[: len(cont) - n])
+    rest_total, rest_greedy = _reference_ll(model, ctx, cont[: len(cont) - n], width)
     return total + rest_total, greedy and rest_greedy
 
 
@@ -227,8 +227,41 @@ def test_registered_name_and_bad_input(model_dir: Path, tmp_path: Path) -> None:
         Scorer(lm.scorer.model, ByteTokenizer(), max_length=99)
     with pytest.raises(MixstackError, match=r"unsupported generation arguments \['beams'\]"):
         lm.scorer.generate_until("x", {"until": ["."], "beams": 2})
+    assert lm.scorer.generate_until("x", {"until": ["."], "max_gen_toks": 0}) == ""
     with pytest.raises(MixstackError, match="'auto' is not supported"):
         cls(pretrained=str(model_dir), batch_size="auto")
+
+
+def test_bpe_tokenizer_pairs_split_after_the_contexts_tokens(tmp_path: Path) -> None:
+    from mixstack.data.bpe import train_bpe
+    from mixstack.generation.tokenizers import HFTokenizer
+
+    (tmp_path / "a.txt").write_text(TEXT * 3, encoding="utf-8")
+    tok = HFTokenizer.from_file(train_bpe([tmp_path / "a.txt"], 300, tmp_path / "tok"))
+    spec = mixstack.load_spec(
+        {
+            "model": {
+                "vocab_size": tok.vocab_size,
+                "special_tokens": [],
+                "max_seq_len": 16,
+                "d_model": 16,
+                "layers": {"pattern": "*-", "symbols": {"-": {"type": "mlp", "hidden": 16}}},
+            }
+        }
+    )
+    model = mixstack.build(spec.model, seed=3).eval()
+    scorer = Scorer(model, tok, batch_size=2)
+    assert scorer.prefix_id == tok.eos_token_id == 2  # <eos> of the trained BPE
+    pairs = [("", "mixstack builds"), ("a tiny model ", "learns this"), (TEXT[:90], TEXT[90:])]
+    got = scorer.loglikelihood(pairs)
+    for (context, continuation), (total, _) in zip(pairs, got, strict=True):
+        stripped = context.rstrip()
+        whole = tok.encode(context + continuation)
+        ctx = tok.encode(stripped) if context else [2]
+        cont = whole[len(ctx) :] if context else tok.encode(continuation)
+        ref, _ = _reference_ll(model, ctx, cont, width=16)
+        assert total == pytest.approx(ref, rel=1e-5, abs=1e-4), (context, continuation)
+    assert len(tok.encode(TEXT[90:])) > 16  # the last continuation needs several windows
 
 
 def test_window_chunks_cover_every_target_once() -> None:
