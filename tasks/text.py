@@ -14,6 +14,10 @@ With ``tokenizer: PATH`` (a ``tokenizer.json``) the documents are that tokenizer
 and its own eos ends each one; ``shards: DIR`` reads a stream prepared once by
 ``mixstack data prepare`` (:mod:`mixstack.data.shards`, memory-mapped) instead of the
 files, packed the same way. See docs/data.md#training-on-shards.
+
+Validation rows also hold ``target_bytes (L,)``, the UTF-8 bytes each scored target
+spells, for the ``bits_per_byte`` metric (:mod:`mixstack.tasks.bytecount`,
+docs/data.md#bits-per-byte-and-perplexity).
 """
 
 from __future__ import annotations
