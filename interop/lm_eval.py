@@ -163,13 +163,16 @@ class Scorer:
         return self.prefix_id
 
     def pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """``(context ids, continuation ids)`` as lm-eval splits them."""
-        if not context:
-            return [self._prefix()], self.encode(continuation)
+        """``(context ids, continuation ids)`` as lm-eval splits them; a context with no
+        tokens (empty, or only whitespace, which moves to the continuation) is the prefix
+        token, so the first continuation token is predicted from something."""
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole, ctx = self.encode(context + continuation), self.encode(context)
+        ctx = self.encode(context) if context else []
+        if not ctx:
+            return [self._prefix()], self.encode(continuation)
+        whole = self.encode(context + continuation)
         return ctx, whole[len(ctx) :]
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:

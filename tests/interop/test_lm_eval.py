@@ -92,6 +92,7 @@ def _reference_ll(model, ctx: list[int], cont: list[int], width: int = W) -> tup
 
 CASES = [
     ("", "mixstack builds"),  # empty context: conditioned on eos
+    ("  ", "mixstack"),  # only whitespace: it moves to the continuation, eos is the context
     ("mixstack builds ", "sequence models"),  # the trailing space moves to the continuation
     (TEXT[:60], TEXT[60:75]),  # context + continuation cross max_seq_len
     (TEXT[:30], TEXT[30:100]),  # the continuation alone is longer than max_seq_len
@@ -105,15 +106,15 @@ def test_loglikelihood_equals_full_forwards(scorer: Scorer) -> None:
     for (context, continuation), (total, greedy) in zip(CASES, got, strict=True):
         stripped = context.rstrip()
         moved = context[len(stripped) :]
-        ctx = list(stripped.encode()) if context else [EOS]
+        ctx = list(stripped.encode()) if stripped else [EOS]
         cont = list((moved + continuation).encode())
         ref_total, ref_greedy = _reference_ll(scorer.model, ctx, cont)
         assert total == pytest.approx(ref_total, rel=1e-5, abs=1e-4), (context, continuation)
         assert greedy == ref_greedy, (context, continuation)
     # the model memorised the text: continuations read with a long context are greedy
-    # (the first targets of a disjoint window see little context: case 3 need not be)
-    assert [g for _, g in got[1:3]] == [True, True] and not got[4][1] and not got[5][1]
-    assert got[1][0] > -2.0 and got[4][0] < -20.0
+    # (the first targets of a disjoint window see little context: case 4 need not be)
+    assert [g for _, g in got[2:4]] == [True, True] and not got[5][1] and not got[6][1]
+    assert got[2][0] > -2.0 and got[5][0] < -20.0
     # batch size changes nothing
     one = Scorer(scorer.model, scorer.tokenizer, batch_size=1).loglikelihood(CASES)
     assert [t for t, _ in one] == pytest.approx([t for t, _ in got], rel=1e-5, abs=1e-5)
