@@ -665,6 +665,10 @@ from mixstack.cli.data import data_app, tokenizer_app  # noqa: E402
 
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(data_app, name="data")
+# `mixstack lm-eval MODEL --tasks ...` (mixstack.interop.lm_eval)
+from mixstack.cli.lmeval import lm_eval_command  # noqa: E402
+
+app.command("lm-eval")(lm_eval_command)
 
 
 def main() -> None:

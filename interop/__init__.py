@@ -7,6 +7,8 @@ spec (the pattern a person would write), the weights get our state-dict keys, an
 whatever the mapping cannot express is refused with every such field named at once.
 :mod:`mixstack.interop.export` turns a run directory or a model directory into a model
 directory (``--to mixstack``) or a transformers checkpoint (``--to transformers``).
+:mod:`mixstack.interop.lm_eval` scores a model directory for lm-evaluation-harness
+(``mixstack lm-eval``; lm_eval is imported by its functions only).
 
 Nothing here imports ``transformers``: both directions read and write the files
 themselves, so the optional extra is needed only by the tests that compare with it.

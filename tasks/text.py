@@ -17,6 +17,10 @@ files, packed the same way. ``sources`` (text / JSON lines / Parquet files, Hub
 datasets; :mod:`mixstack.data.corpus`) replace ``files``: each training source is its
 own part of the stream, a training row draws its source by weight and then its start,
 and validation is ``val_sources`` or a hash carve. See docs/data.md#training-on-shards.
+
+Validation rows also hold ``target_bytes (L,)``, the UTF-8 bytes each scored target
+spells, for the ``bits_per_byte`` metric (:mod:`mixstack.tasks.bytecount`,
+docs/data.md#bits-per-byte-and-perplexity).
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ from mixstack.dsl.errors import MixstackError
 from mixstack.dsl.registry import register_task
 from mixstack.dsl.spec import ModelSpec, Problem, TaskConfig
 from mixstack.tasks.base import IGNORE_INDEX, Sample, Split, Task
+from mixstack.tasks.bytecount import (
+    BITS_PER_BYTE,
+    TARGET_BYTES,
+    byte_table,
+    target_bytes,
+    tokenizer_table,
+)
 
 BUNDLED = "corpus.txt"
 _PARAGRAPH_BREAK = re.compile(rb"\n[ \t\r]*\n")
@@ -202,7 +213,7 @@ def window(tokens: Tensor, docs: Tensor, start: int, seq_len: int) -> Sample:
     return {"input_ids": toks[:-1].clone(), "labels": labels, "seq_idx": seq_idx}
 
 
-@register_task(TextTask)
+@register_task(TextTask, metrics=[BITS_PER_BYTE])
 class ByteText(Task):
     """Byte-level LM over local files (see the module docstring)."""
 
@@ -262,6 +273,7 @@ class ByteText(Task):
             self.train_tokens, self.train_docs = tokens[:n_train], doc_ids[:n_train]
             self.val_tokens, self.val_docs = tokens[n_train:], doc_ids[n_train:]
         self._check_sizes()
+        self._token_bytes = _bytes_per_id(tokenizer, model)
 
     def _window(self, start: int) -> Sample:
         """The row at ``start`` of the whole stream (memory or shards)."""
@@ -299,7 +311,9 @@ class ByteText(Task):
     def sample(self, split: Split, step: int, index: int) -> Sample:
         L = self.cfg.seq_len
         if split == "val":
-            return self._window(self._val_part[0] + index * L)
+            row = self._window(self._val_part[0] + index * L)
+            row[TARGET_BYTES] = target_bytes(row["labels"], self._token_bytes)  # bits_per_byte
+            return row
         g = self.generator(split, step, index)
         k = 0
         if len(self._train_parts) > 1:  # a source by weight, from the same generator
@@ -310,6 +324,13 @@ class ByteText(Task):
         # starts lo..hi-L-1 leave L + 1 tokens inside the source's part
         start = lo + int(torch.randint(hi - lo - L, (1,), generator=g))
         return self._window(start)
+
+
+def _bytes_per_id(tokenizer: Any, model: ModelSpec) -> Tensor:
+    """``(total_vocab,)``: the UTF-8 bytes each id spells (:mod:`mixstack.tasks.bytecount`)."""
+    if tokenizer is None:
+        return byte_table(model.total_vocab)
+    return tokenizer_table(tokenizer, model.total_vocab)
 
 
 def _model_tokenizer(cfg: TextTask, model: ModelSpec) -> tuple[Any, Path]:

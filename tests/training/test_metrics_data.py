@@ -35,8 +35,8 @@ def _batches(sizes: list[int], vocab: int, seed: int = 0):
 def test_lm_metrics_are_token_weighted_and_ppl_is_exp_loss() -> None:
     batches = _batches([12, 3, 7], vocab=9)
     metrics = EvalMetrics(registry.task_metrics("text", "causal_lm"), 9)
-    for logits, labels in batches:
-        metrics.update(logits, labels)
+    for logits, labels in batches:  # the text task's bits_per_byte reads target_bytes
+        metrics.update(logits, labels, {"target_bytes": (labels != IGNORE_INDEX).long()})
     got = metrics.compute()
     nll, correct, count = 0.0, 0, 0
     for logits, labels in batches:
@@ -50,8 +50,9 @@ def test_lm_metrics_are_token_weighted_and_ppl_is_exp_loss() -> None:
     assert got["accuracy"] == pytest.approx(correct / count)
     assert got["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
     assert got["ppl"] == pytest.approx(math.exp(got["loss"]), rel=1e-5)
+    assert got["bits_per_byte"] == pytest.approx(nll / (math.log(2) * count), rel=1e-5)
     metrics.reset()
-    metrics.update(*batches[0])
+    metrics.update(*batches[0], {"target_bytes": (batches[0][1] != IGNORE_INDEX).long()})
     assert metrics.compute()["accuracy"] != pytest.approx(got["accuracy"])
 
 
