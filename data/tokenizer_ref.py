@@ -32,6 +32,10 @@ class TokenizerRefError(MixstackError):
     """A ``tokenizer:`` value that names nothing usable."""
 
 
+class MissingTokenizerFile(TokenizerRefError):
+    """A ``tokenizer:`` path with no file there (yet)."""
+
+
 @dataclass(frozen=True)
 class TokenizerRef:
     """What a ``tokenizer:`` value names: ``kind`` is ``byte``, ``path`` or ``hub``."""
@@ -64,7 +68,7 @@ def parse_tokenizer(text: str) -> TokenizerRef:
         if path.is_file():
             return TokenizerRef(text, "path", path=path)
         if _looks_like_path(text):
-            raise TokenizerRefError(
+            raise MissingTokenizerFile(
                 f"tokenizer {text!r}: no such file ({path.resolve()}); give 'byte', a "
                 f"{TOKENIZER_JSON} (or its folder), or a Hub id hf://ORG/NAME"
             )

@@ -143,7 +143,8 @@ class TextTask(TaskConfig):
 
     def _tokenizer_problems(self, model: ModelSpec) -> list[Problem]:
         """The tokenizer against the model when it is on disk already (a local file, or a
-        Hub id in the cache); an uncached Hub id is checked before step 0."""
+        Hub id in the cache); an uncached Hub id or a file not made yet is checked before
+        step 0."""
         from mixstack.data import tokenizer_ref
 
         try:
@@ -152,6 +153,10 @@ class TextTask(TaskConfig):
                 return []
             found = tokenizer_ref.facts(path)
             tokenizer_ref.require_eos(self.tokenizer, found)
+        except tokenizer_ref.MissingTokenizerFile:
+            # Not made yet (a spec may name the tokenizer an earlier step trains, as `files`
+            # may name data to come): checked when the task is built, before step 0.
+            return []
         except MixstackError as exc:
             return [(("tokenizer",), str(exc), "'byte', a tokenizer.json or hf://ORG/NAME")]
         problem = vocab_problem(self.tokenizer, found.size, model)
