@@ -223,3 +223,25 @@ def test_a_missing_source_fails_before_the_run_writes(tmp_path: Path, fit_quietl
     with pytest.raises(CheckpointError, match="absent does not exist"):
         fit_quietly(spec, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_train_summary_shows_the_keys(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from mixstack.cli.main import _summary
+    from mixstack.training.run import RunResult
+
+    record = {
+        "source": "/x/model",
+        "loaded": 11,
+        "new": 2,
+        "refused": 0,
+        "loaded_keys": [f"k{i}" for i in range(11)],
+        "new_keys": ["classifier.weight", "classifier.bias"],
+    }
+    result = RunResult(tmp_path, "finished", 2, 2, 0.5, init_from=record)
+    console = Console(width=200, record=True)
+    console.print(_summary(result))
+    text = console.export_text()
+    # 11 loaded keys are more than are listed; 2 new ones are named
+    assert "/x/model: 11 loaded, 2 new (classifier.weight, classifier.bias), 0 refused" in text
