@@ -245,3 +245,17 @@ def test_the_train_summary_shows_the_keys(tmp_path: Path) -> None:
     text = console.export_text()
     # 11 loaded keys are more than are listed; 2 new ones are named
     assert "/x/model: 11 loaded, 2 new (classifier.weight, classifier.bias), 0 refused" in text
+
+
+def test_an_mlm_encoder_initialises_a_classifier(tmp_path: Path) -> None:
+    """Phase 1 under objective mlm (an encoder, '=' as the mask id, so the vocabulary is
+    the classifier's): everything but the LM head carries over."""
+    encoder = _spec("encoder", "mlm", mlm={"mask_id": 16})
+    source = mixstack.build(encoder, seed=4)
+    folder = save_model_dir(source, tmp_path / "mlm")
+    target = mixstack.build(_spec("classifier"), seed=2)
+    report = init_from(target, folder)
+    assert sorted(report.new) == ["classifier.bias", "classifier.weight"]
+    state, src = target.state_dict(), source.state_dict()
+    assert sorted(report.loaded) == sorted(k for k in state if not k.startswith("classifier."))
+    assert all(torch.equal(state[k], src[k]) for k in report.loaded)
