@@ -465,6 +465,10 @@ def _summary(result: RunResult) -> Table:
         table.add_row(name, value)
     table.add_row("parameters", f"{result.params:,}")
     table.add_row("backends", ", ".join(f"{k}: {v}" for k, v in result.backends.items()) or "-")
+    if result.init_from is not None:  # train.init_from
+        from mixstack.training.init_from import describe
+
+        table.add_row("init_from", f"{result.init_from['source']}: {describe(result.init_from)}")
     table.add_row("run directory", str(result.run_dir))
     if result.model_dir is not None:
         table.add_row("model", f"{result.model_dir}  (mixstack.from_pretrained / mixstack eval)")

@@ -277,7 +277,24 @@ def _compose_file(
                 allowed="a mapping with a `model:` section (and optional train, run, base)",
             )
         )
+    _anchor_paths(data, path.parent)
     return _compose_data(data, prov, path.parent, (*chain, key), issues)
+
+
+# Spec values that name files and are relative to the spec file that sets them (a base
+# file's value to the base file), so a spec runs the same from any working directory.
+FILE_VALUES: tuple[tuple[str, str], ...] = (("train", "init_from"),)
+
+
+def _anchor_paths(data: dict[str, Any], base_dir: FilePath) -> None:
+    """Make the relative :data:`FILE_VALUES` of one file's data absolute (in place)."""
+    for section, key in FILE_VALUES:
+        part = data.get(section)
+        value = part.get(key) if isinstance(part, dict) else None
+        if isinstance(value, str) and value and "://" not in value:
+            path = FilePath(value).expanduser()
+            if not path.is_absolute():
+                part[key] = str((base_dir / path).resolve())
 
 
 def _base_entries(data: dict[str, Any], prov: Provenance) -> list[tuple[str, str | None]]:

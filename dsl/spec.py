@@ -418,6 +418,14 @@ class TrainSpec(StrictModel):
     )
     log_every: int = Field(10, ge=1, description="log training metrics every this many steps")
     mlm: MLMConfig = Field(default_factory=MLMConfig)
+    init_from: str | None = Field(
+        None,
+        min_length=1,
+        description="start from the weights of a model directory, or of a run directory's "
+        "model (relative to the spec file that sets it): tensors matched by key and shape, "
+        "the head (lm_head / classifier) new, any other mismatch refused; not applied when "
+        "resuming",
+    )
     early_stop: EarlyStopConfig | None = Field(
         None, description="finish early once a validation metric reaches a threshold"
     )

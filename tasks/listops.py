@@ -15,6 +15,14 @@ Token ids (``C = n_classes``, 10 in LRA):
 An expression is left-padded to ``seq_len`` so that it ends at the last position: a
 causal classifier pooling the ``last`` position, and a ``causal_lm`` reading ``=``, have
 seen the whole expression.
+
+``objective`` picks what is scored. ``label`` (the task proper): the value, as the class
+of a ``classifier`` or the token after ``=`` of a ``causal_lm``. ``lm`` and ``mlm`` use
+the expressions alone, without their values, for self-pretraining (phase 1 of
+``train.init_from``, see docs/self-pretraining.md): ``lm`` trains a ``causal_lm`` on
+next-token prediction over the expression (padding not scored), ``mlm`` an ``encoder``
+on masked tokens (``train.mlm``; no ``=`` is written, so its id ``C+6`` can serve as
+``train.mlm.mask_id`` and the vocabulary stays that of the classifier).
 """
 
 from __future__ import annotations
@@ -51,8 +59,14 @@ def query_id(n_classes: int) -> int:
 class ListOpsTask(GeneratedTaskConfig):
     """ListOps: nested MAX/MIN/MED/SUM_MOD lists; the label is the expression's value."""
 
-    archs: ClassVar[tuple[str, ...]] = ("classifier", "causal_lm")
+    archs: ClassVar[tuple[str, ...]] = ("classifier", "causal_lm", "encoder")
     type: Literal["listops"] = "listops"
+    objective: Literal["label", "lm", "mlm"] = Field(
+        "label",
+        description="label: the value (classifier class, or the token after '=' of a "
+        "causal_lm); lm: next-token over the expression (causal_lm); mlm: masked tokens of "
+        "the expression (encoder). lm / mlm use no labels: self-pretraining",
+    )
     n_classes: int = Field(
         10, ge=2, description="values 0..C-1 (operands and labels; SM is the sum mod C); LRA: 10"
     )
@@ -83,17 +97,32 @@ class ListOpsTask(GeneratedTaskConfig):
 
     def max_tokens(self, model: ModelSpec) -> int:
         """The longest expression a sample holds (one position less for ``=`` in an LM)."""
-        return self.seq_len - (model.arch == "causal_lm")
+        return self.seq_len - self.writes_query(model)
+
+    def writes_query(self, model: ModelSpec) -> bool:
+        """Whether samples end with ``=`` (the label objective of a ``causal_lm``)."""
+        return model.arch == "causal_lm" and self.objective == "label"
 
     def check(self, model: ModelSpec) -> list[Problem]:
         out = super().check(model)
-        need = self.n_classes + (7 if model.arch == "causal_lm" else 6)
+        archs = {"label": ("classifier", "causal_lm"), "lm": ("causal_lm",), "mlm": ("encoder",)}
+        if model.arch not in archs[self.objective]:
+            fits = [o for o, a in archs.items() if model.arch in a]
+            return [
+                (
+                    ("objective",),
+                    f"objective {self.objective} trains arch {' or '.join(archs[self.objective])}"
+                    f", the model is arch {model.arch}",
+                    f"objective {' or '.join(fits)} for arch {model.arch}",
+                )
+            ]
+        need = self.n_classes + (7 if self.writes_query(model) else 6)
         if model.vocab_size < need:
             out.append(
                 (
                     ("n_classes",),
                     f"{self.n_classes} values, 4 operators, ']', padding"
-                    f"{' and =' if model.arch == 'causal_lm' else ''} need vocab_size >= "
+                    f"{' and =' if self.writes_query(model) else ''} need vocab_size >= "
                     f"{need}, the model's is {model.vocab_size}",
                     f"<= {model.vocab_size - need + self.n_classes}",
                 )
@@ -295,13 +324,13 @@ class ListOps(GeneratedTask):
 
     def __init__(self, cfg: Any, seed: int, model: ModelSpec) -> None:
         super().__init__(cfg, seed, model)
-        self.lm = model.arch == "causal_lm"
-        # one class per sample for a classifier; a scored '=' position for a causal_lm
-        self.kind = "lm" if self.lm else "classification"
+        self.lm = cfg.writes_query(model)
+        # one class per sample for a classifier; scored token positions otherwise
+        self.kind = "classification" if model.arch == "classifier" else "lm"
 
     def sample(self, split: Split, step: int, index: int) -> Sample:
         cfg = self.cfg
-        return listops_sample(
+        sample = listops_sample(
             seq_len=cfg.seq_len,
             n_classes=cfg.n_classes,
             max_depth=cfg.max_depth,
@@ -311,3 +340,12 @@ class ListOps(GeneratedTask):
             lm=self.lm,
             generator=self.generator(split, step, index),
         )
+        if cfg.objective == "label":
+            return sample
+        ids = sample["input_ids"]
+        labels = ignored(cfg.seq_len)
+        if cfg.objective == "lm":  # (L,): labels[t] = ids[t+1] inside the expression
+            inside = ids[:-1] != pad_id(cfg.n_classes)
+            labels[:-1] = torch.where(inside, ids[1:], labels[:-1])
+        # mlm: the masked-LM corruption of training.data sets the labels
+        return {"input_ids": ids, "labels": labels}

@@ -46,6 +46,7 @@ class RunResult:
     backends: dict[str, str] = field(default_factory=dict)
     reason: str | None = None  # why a run finished before max_steps (train.early_stop)
     hub: dict[str, Any] | None = None  # run.hub: the pushed commit, or the error and a retry
+    init_from: dict[str, Any] | None = None  # train.init_from: loaded / new keys (this call)
 
 
 def _loggers(spec: Spec, run: RunDir, segment: int) -> list[Any]:
@@ -199,6 +200,8 @@ def fit(
         segment = _current_segment(run)
     # Everything that can fail on user input (task files, loggers, strategy) before any write.
     lit = LitModel(spec)
+    # Before anything is written; never on resume, whose checkpoint holds the weights.
+    init = _init_from(spec, lit) if not resume else None
     data = TaskData(spec, lit)
     assert lit.total_steps is not None
     trainer = make_trainer(
@@ -210,6 +213,10 @@ def fit(
         start = rundir.checkpoint_step(run.checkpoint) if resume else 0
         rundir.start_segment(run, spec, start, world_size=trainer.world_size)
         _record_sources(run, spec)
+        if init is not None:
+            meta = run.read_metadata()
+            meta["init_from"] = init
+            run.write_metadata(meta)
     began = time.monotonic()
     try:
         status = _train(trainer, lit, data, run.checkpoint if resume else None)
@@ -233,12 +240,24 @@ def fit(
         elapsed_s=time.monotonic() - began,
         is_global_zero=trainer.is_global_zero,
         reason=_target_text(spec) if _target_reached(trainer) else None,
+        init_from=init,
     )
     if trainer.is_global_zero:
         _finish(run, lit, result)
         if spec.run.hub is not None and result.model_dir is not None:
             _push(run, spec, result, hub)
     return result
+
+
+def _init_from(spec: Spec, lit: Any) -> dict[str, Any] | None:
+    """``train.init_from``: load the source's matching weights into the fresh model;
+    returns the ``run.json`` record (:mod:`mixstack.training.init_from`)."""
+    source = spec.train.init_from if spec.train else None
+    if source is None:
+        return None
+    from mixstack.training.init_from import init_from
+
+    return init_from(lit.model, source).record()
 
 
 def _record_sources(run: RunDir, spec: Spec) -> None:

@@ -135,9 +135,13 @@ def test_impossible_configurations_are_refused(
     assert f"train.task.{path}" in str(err.value) and words in str(err.value)
 
 
-def test_the_task_is_refused_for_an_encoder() -> None:
-    with pytest.raises(SpecError, match="listops"):
+def test_the_label_objective_is_refused_for_an_encoder() -> None:
+    """An encoder trains ListOps only under objective mlm (self-pretraining)."""
+    with pytest.raises(SpecError) as err:
         _spec("encoder", {"type": "listops", "seq_len": 32})
+    text = str(err.value)
+    assert "train.task.objective" in text and "the model is arch encoder" in text
+    assert "objective mlm for arch encoder" in text
 
 
 def test_min_length_at_the_fullest_tree_is_reached() -> None:
