@@ -258,6 +258,10 @@ def test_shipped_passkey_grid_plans() -> None:
     import mixstack.ablate as ab
 
     plan = ab.plan(ROOT / "examples" / "grids" / "passkey_dstate.yaml")
-    cells = {(p.variant, p.axes.get("model.layers.symbols.M.d_state")) for p in plan.points}
-    assert ("attention", None) in cells
-    assert {d for v, d in cells if v.startswith("mamba2")} >= {4, 16}
+    cells = {(p.variant, p.axes["model.layers.symbols.M.d_state"]) for p in plan.points}
+    assert cells == {("attention", 4), ("attention", 16), ("mamba2", 4), ("mamba2", 16)}
+    for p in plan.points:
+        task = p.spec.train.task
+        assert (task.type, task.seq_len, p.spec.model.max_seq_len) == ("passkey", 256, 256)
+        kinds = {c.type for c in p.spec.model.layer_configs()}
+        assert kinds == ({"attention", "mlp"} if p.variant == "attention" else {"mamba2", "mlp"})
