@@ -439,7 +439,9 @@ def plot_heatmap(
     n = len(series)
     cols = min(n, 3)
     nrows = math.ceil(n / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False, layout="constrained"
+    )
     image = None
     for ax, (label, s) in zip(axes.flat, series.items(), strict=False):
         image = ax.imshow(s["values"], vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
@@ -451,7 +453,8 @@ def plot_heatmap(
         for i, line in enumerate(s["values"]):
             for j, v in enumerate(line):
                 text = "refused" if math.isnan(v) else f"{v:.2f}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w")
+                shade = "k" if v > 0.6 else "w"  # readable on viridis' yellow end
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color=shade)
         if s["train_len"] in s["lengths"]:
             j = s["lengths"].index(s["train_len"])
             ax.add_patch(
