@@ -39,18 +39,18 @@ LENGTHS = [112, 144]
 DEPTHS = [0.0, 1.0]
 
 
+def raw_model(pattern: str, max_seq_len: int = MSL) -> dict[str, Any]:
+    return {
+        "vocab_size": 256,
+        "max_seq_len": max_seq_len,
+        "d_model": 16,
+        "init": {"std": 0.3},  # spread logits: the losses differ between cells
+        "layers": {"pattern": pattern, "symbols": SYMBOLS},
+    }
+
+
 def model_spec(pattern: str, max_seq_len: int = MSL) -> ModelSpec:
-    return load_spec(
-        {
-            "model": {
-                "vocab_size": 256,
-                "max_seq_len": max_seq_len,
-                "d_model": 16,
-                "init": {"std": 0.3},  # spread logits: the losses differ between cells
-                "layers": {"pattern": pattern, "symbols": SYMBOLS},
-            }
-        }
-    ).model
+    return load_spec({"model": raw_model(pattern, max_seq_len)}).model
 
 
 def same_weights_longer(model: MixStackModel, max_seq_len: int) -> MixStackModel:
@@ -79,11 +79,18 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def reference(model: MixStackModel, length: int, depth: float, seed: int = 0) -> dict[str, float]:
+    return reference_for(model, length, depth, seed=seed, val_size=3)
+
+
+def reference_for(
+    model: MixStackModel, length: int, depth: float, *, val_size: int, seed: int = 0
+) -> dict[str, float]:
     """One cell evaluated the ordinary way (training.evaluate), on a model built long
     enough when the length passes max_seq_len."""
     if length > model.spec.max_seq_len:
         model = same_weights_longer(model, length)
-    task = {"type": "passkey", "seq_len": length, "depth": depth, "val_size": 3, "n_digits": 3}
+    task = {"type": "passkey", "seq_len": length, "depth": depth, "val_size": val_size}
+    task["n_digits"] = 3
     train = {"task": task, "max_steps": 1, "seed": seed}
     return evaluate(model, spec_for(model, train))
 
@@ -265,3 +272,51 @@ def test_shipped_passkey_grid_plans() -> None:
         assert (task.type, task.seq_len, p.spec.model.max_seq_len) == ("passkey", 256, 256)
         kinds = {c.type for c in p.spec.model.layer_configs()}
         assert kinds == ({"attention", "mlp"} if p.variant == "attention" else {"mamba2", "mlp"})
+
+
+def test_grid_directory_sweep(tmp_path: Path) -> None:
+    """A grid directory as written by the runner (plan and point files from
+    ``prepare``), each point's run holding a model: every finished point is swept with
+    its variant, axis and seed columns; the pending one is left out; attention's cell
+    past max_seq_len is a refused row."""
+    from mixstack.ablate.runner import GridDir, prepare
+
+    base = tmp_path / "base.yaml"
+    task = {"type": "passkey", "seq_len": 112, "n_digits": 3, "val_size": 2}
+    base.write_text(
+        yaml.safe_dump({"model": raw_model("*-"), "train": {"task": task, "max_steps": 5}})
+    )
+    grid = {
+        "base": str(base),
+        "axes": {"model.d_model": [16, 24]},
+        "variants": {"att": {"model.layers.pattern": "*-"}, "rec": {"model.layers.pattern": "Mw-"}},
+        "metric": "val/passkey_exact",
+    }
+    out = tmp_path / "grid"
+    plan = prepare(grid, out, retry_failed=False)
+    gd = GridDir(out)
+    models = {}
+    for i, pt in enumerate(plan.points):
+        if pt.variant == "rec" and pt.axes["model.d_model"] == 24:
+            continue  # stays pending
+        model = build(pt.spec.model, seed=i).eval()
+        save_model_dir(model, gd.run_dir(pt.id) / "model")
+        (gd.run_dir(pt.id) / "spec.yaml").write_text(pt.spec.dump())
+        gd.write_status(pt.id, {"id": pt.id, "state": "finished"})
+        models[pt.id] = model
+    result = runner.invoke(
+        app, ["eval", str(out), "--lengths", "112,144", "--depths", "0.5", "--out", str(out / "e")]
+    )
+    assert result.exit_code == 0, result.output
+    rows = read_csv(out / "e" / "eval.csv")
+    assert list(rows[0])[:6] == ["model", "variant", "model.d_model", "seed", "point", "length"]
+    assert {r["point"] for r in rows} == set(models)
+    for row in rows:
+        assert row["train_len"] == "112"
+        model = models[row["point"]]
+        assert int(row["model.d_model"]) == model.spec.d_model
+        if row["variant"] == "att" and row["length"] == "144":
+            assert row["status"] == "refused" and row["loss"] == "nan"
+            continue
+        want = reference_for(model, int(row["length"]), 0.5, val_size=2)
+        assert float(row["loss"]) == pytest.approx(want["loss"], rel=1e-4)
