@@ -55,6 +55,17 @@ def train_for(
         if lengths:
             train["task"]["seq_len"] = max(lengths)  # each cell sets its own length
     assert train is not None
+    shown = f"--task {task}" + (f" over {source}" if source else "") if task else str(source)
+    return _with_overrides(model, train, overrides, lengths), train_len, shown
+
+
+def _with_overrides(
+    model: MixStackModel, train: dict[str, Any], overrides: list[str], lengths: list[int] | None
+) -> dict[str, Any]:
+    """``train`` with the overrides applied, validated against the model (its
+    ``max_seq_len`` raised to the longest swept length, which only the task sees)."""
+    from mixstack.dsl.loader import load_spec
+
     model_section = dict(model.spec.canonical())
     model_section["max_seq_len"] = max([model.spec.max_seq_len, *(lengths or [])])
     try:
@@ -63,9 +74,7 @@ def train_for(
         if not lengths:
             raise
         raise MixstackError(f"--lengths {max(lengths)}: {exc}") from None
-    assert loaded.train is not None
-    shown = f"--task {task}" + (f" over {source}" if source else "") if task else str(source)
-    return loaded.to_dict()["train"], train_len, shown
+    return loaded.to_dict()["train"]
 
 
 def _sweep_models(
@@ -84,13 +93,15 @@ def _sweep_models(
     models: list[SweepModel] = []
     for path in sources:
         if is_grid_dir(path):
-            if spec is not None or overrides:
+            if spec is not None:
                 raise MixstackError(
                     f"{path} is a grid directory: each point is evaluated on its own spec's "
-                    "task; --spec and KEY=VALUE overrides apply to model directories only "
-                    "(--task still replaces the task)"
+                    "task; --spec applies to model directories only (--task and KEY=VALUE "
+                    "overrides apply to every point)"
                 )
-            models += models_from_grid(path, task=task, allow_unverified=allow_unverified)
+            for point in models_from_grid(path, task=task, allow_unverified=allow_unverified):
+                point.train = _with_overrides(point.model, point.train, overrides, lengths)
+                models.append(point)
             continue
         model_dir, found_spec = model_dir_of(path)
         model = load_model_dir(model_dir, allow_unverified=allow_unverified)

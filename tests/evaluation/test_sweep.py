@@ -282,7 +282,7 @@ def test_grid_directory_sweep(tmp_path: Path) -> None:
     from mixstack.ablate.runner import GridDir, prepare
 
     base = tmp_path / "base.yaml"
-    task = {"type": "passkey", "seq_len": 112, "n_digits": 3, "val_size": 2}
+    task = {"type": "passkey", "seq_len": 112, "n_digits": 3, "val_size": 4}
     base.write_text(
         yaml.safe_dump({"model": raw_model("*-"), "train": {"task": task, "max_steps": 5}})
     )
@@ -305,7 +305,11 @@ def test_grid_directory_sweep(tmp_path: Path) -> None:
         gd.write_status(pt.id, {"id": pt.id, "state": "finished"})
         models[pt.id] = model
     result = runner.invoke(
-        app, ["eval", str(out), "--lengths", "112,144", "--depths", "0.5", "--out", str(out / "e")]
+        app,
+        [
+            *["eval", str(out), "--lengths", "112,144", "--depths", "0.5"],
+            *["--out", str(out / "e"), "train.task.val_size=2"],  # the override: every point
+        ],
     )
     assert result.exit_code == 0, result.output
     rows = read_csv(out / "e" / "eval.csv")
