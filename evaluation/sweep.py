@@ -21,6 +21,7 @@ import csv
 import io
 import math
 import os
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -453,7 +454,7 @@ def plot_heatmap(
         for i, line in enumerate(s["values"]):
             for j, v in enumerate(line):
                 text = "refused" if math.isnan(v) else f"{v:.2f}"
-                shade = "k" if v > 0.6 else "w"  # readable on viridis' yellow end
+                shade = "k" if math.isnan(v) or v > 0.6 else "w"  # readable on yellow/blank
                 ax.text(j, i, text, ha="center", va="center", fontsize=7, color=shade)
         if s["train_len"] in s["lengths"]:
             j = s["lengths"].index(s["train_len"])
@@ -464,7 +465,7 @@ def plot_heatmap(
             )
         ax.set_xlabel("context length" + (" (red: training length)" if s["train_len"] else ""))
         ax.set_ylabel("depth")
-        ax.set_title(label, fontsize=9)
+        ax.set_title(textwrap.fill(label, 48), fontsize=8)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     if image is not None:
@@ -496,7 +497,7 @@ def plot_capacity(
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("context length" + (" (dotted: training length)" if marked else ""))
     ax.set_ylabel(f"{metric} (mean over depths)")
-    ax.legend(fontsize="x-small")
+    ax.legend(fontsize="x-small", loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(Path(path), dpi=100)
@@ -572,8 +573,10 @@ def models_from_grid(
         if task is not None:
             train = replace_task(train, task)
         axes = {a: pt["axes"].get(a) for a in plan["axes"]}
-        seeds = len(plan["seeds"]) > 1
-        label = pt["cell"] + (f" seed {pt['seed']}" if seeds else "")
+        # "mamba2 | d_state=4, n_heads=2": the last part of each axis key
+        short = ", ".join(f"{a.rsplit('.', 1)[-1]}={v}" for a, v in axes.items())
+        label = " | ".join(part for part in (pt["variant"], short) if part)
+        label = (label or pt["cell"]) + (f" seed {pt['seed']}" if len(plan["seeds"]) > 1 else "")
         extra = {"variant": pt["variant"], **axes, "seed": pt["seed"], "point": pt["id"]}
         out.append(SweepModel(label, model, train, train_len, extra))
     if not out:
