@@ -6,7 +6,7 @@
     info SPEC [KEY=VALUE...]        layer table, ratios, parameters, state, FLOPs (meta build)
     train SPEC [KEY=VALUE...] [--out DIR] [--resume] [--overwrite]
                                     train with Lightning; run directory, model directory
-    eval MODEL_DIR [KEY=VALUE...] [--spec SPEC]
+    eval MODEL_DIR [KEY=VALUE...] [--spec SPEC] [--task T] [--lengths/--depths/--out]
                                     metrics of a model directory on a task's validation set
     verify MODEL_DIR                spec hash, data digests, tensor shapes/dtypes, no NaN
     schema [--out FILE]             JSON schema of the spec for editor completion
@@ -528,6 +528,28 @@ def train(
             _stdout().print(_summary(result))
 
 
+EvalTask = Annotated[
+    str | None,
+    typer.Option("--task", help="evaluate on this registered task (its defaults, then overrides)"),
+]
+EvalLengths = Annotated[
+    str | None,
+    typer.Option("--lengths", help="sweep: context lengths, e.g. 256,512,1024"),
+]
+EvalDepths = Annotated[
+    str | None,
+    typer.Option("--depths", help="sweep: needle depths in [0, 1], e.g. 0,0.5,1 (passkey)"),
+]
+EvalOut = Annotated[
+    Path | None,
+    typer.Option("--out", help="sweep: write eval.csv, heatmap.png, capacity.png here"),
+]
+EvalMetric = Annotated[
+    str | None,
+    typer.Option("--metric", help="sweep: the plotted metric (default: the task's own)"),
+]
+
+
 @app.command("eval")
 def evaluate(
     ctx: typer.Context,
@@ -545,24 +567,57 @@ def evaluate(
         int | None, typer.Option("--batch-size", min=1, help="validation batch size")
     ] = None,
     allow_unverified: AllowUnverified = False,
+    task: EvalTask = None,
+    lengths: EvalLengths = None,
+    depths: EvalDepths = None,
+    out: EvalOut = None,
+    metric: EvalMetric = None,
 ) -> None:
     """Evaluate a model directory (or a run directory's model) on a task's validation set;
-    exits 1 if a metric is NaN or infinite."""
+    exits 1 if a metric is NaN or infinite. With --lengths/--depths/--out: a sweep
+    (eval.csv, heatmap.png, capacity.png; more model, run or grid directories may follow
+    MODEL_DIR)."""
     with _handled(ctx):
         from mixstack.hub.modeldir import load_model_dir
         from mixstack.training.evaluate import evaluate as run_eval
         from mixstack.training.evaluate import spec_for
 
+        more = [Path(o) for o in overrides or [] if "=" not in o]  # further models
+        keys = [o for o in overrides or [] if "=" in o]
+        if more or any(v is not None for v in (lengths, depths, out, metric)):
+            from mixstack.cli.evalsweep import eval_sweep
+
+            eval_sweep(
+                [model_dir, *more],
+                keys,
+                spec=spec,
+                task=task,
+                lengths=lengths,
+                depths=depths,
+                out=out,
+                metric=metric,
+                batch_size=batch_size,
+                allow_unverified=allow_unverified,
+            )
+            return
         model_dir, found_spec = model_dir_of(model_dir)
         model = load_model_dir(model_dir, allow_unverified=allow_unverified)
-        run_spec = found_spec or model_dir.parent / "spec.yaml"
-        if spec is None and not run_spec.is_file():
-            raise MixstackError(
-                f"{model_dir} is not inside a run directory; pass --spec SPEC (a spec with a "
-                "train: section naming the task)"
+        if task is not None:  # the registered task at its defaults, then the overrides
+            from mixstack.cli.evalsweep import train_for
+
+            train, _, source = train_for(
+                model, model_dir, found_spec, spec=spec, overrides=keys, task=task
             )
-        source = spec or str(run_spec)
-        combined = spec_for(model, _load(source, overrides))
+            combined = spec_for(model, train)
+        else:
+            run_spec = found_spec or model_dir.parent / "spec.yaml"
+            if spec is None and not run_spec.is_file():
+                raise MixstackError(
+                    f"{model_dir} is not inside a run directory; pass --spec SPEC (a spec "
+                    "with a train: section naming the task) or --task NAME"
+                )
+            source = spec or str(run_spec)
+            combined = spec_for(model, _load(source, overrides))
         metrics = run_eval(model, combined, batch_size=batch_size)
         task = combined.train.task if combined.train else None
         table = Table(title=f"mixstack eval: {model_dir}", title_justify="left")
