@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
+import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +66,7 @@ class Point:
     train_flops: float
     knob: Any = None  # value the sizing solver chose
     residual: float | None = None  # relative mismatch the solver left (signed)
+    hub: str | None = None  # run.hub: hf://ORG/NAME@BRANCH this point pushes to
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +86,7 @@ class Point:
             "train_flops": self.train_flops,
             "knob": self.knob,
             "residual": self.residual,
+            "hub": self.hub,
         }
 
 
@@ -254,6 +258,7 @@ def plan(grid: Grid | str | Any) -> Plan:
         raise SpecError(issues)
     _check_metric(grid, points)
     _check_unique(points)
+    _hub_branches(grid, points)
     return Plan(grid, points)
 
 
@@ -293,6 +298,108 @@ def _check_unique(points: list[Point]) -> None:
                 )
             )
         seen[p.id] = p
+
+
+# -- run.hub: one repository per grid, one branch per point ------------------------------
+
+HUB_FIELDS = ("point", "variant", "seed", "lr", "grid")
+# A git branch name the Hub accepts: no spaces, '..', '~^:?*[\\', no leading '-' or '/',
+# no trailing '/' or '.lock'.
+_BRANCH = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._/+=-]*")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
+
+
+def _hub_where(grid: Grid, variant: str) -> tuple[tuple[str | int, ...], str | None]:
+    """The grid setting that sets run.hub for ``variant`` (else the base)."""
+    for v in grid.variants:
+        if v.name == variant:
+            for s in v.settings:
+                if s.key.startswith("run.hub"):
+                    return s.path, s.origin
+    for s in grid.common:
+        if s.key.startswith("run.hub"):
+            return s.path, s.origin
+    return ("base",), grid.base_origin
+
+
+def hub_branch(template: str | None, fields: dict[str, Any]) -> str:
+    """The branch a point pushes to: ``template`` (``run.hub.revision``) with its
+    ``{point}``, ``{variant}``, ``{seed}``, ``{lr}``, ``{grid}`` filled in; no
+    template: the point id. Raises ValueError for an unknown placeholder or a
+    result that is no branch name."""
+    if template is None:
+        return str(fields["point"])
+    names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    unknown = [n for n in names if n not in HUB_FIELDS]
+    if unknown:
+        raise ValueError(
+            f"unknown placeholder {{{unknown[0]}}} in run.hub.revision {template!r}; "
+            f"allowed: {', '.join('{' + f + '}' for f in HUB_FIELDS)}"
+        )
+    # Values with characters a branch cannot hold (a variant named "mamba2 + ngram")
+    # become '-'.
+    safe = {k: _UNSAFE.sub("-", "" if v is None else str(v)).strip("-") for k, v in fields.items()}
+    branch = template.format(**safe)
+    if (
+        not _BRANCH.fullmatch(branch)
+        or ".." in branch
+        or "//" in branch
+        or branch.endswith(("/", ".", ".lock"))
+    ):
+        raise ValueError(f"run.hub.revision {template!r} gives {branch!r}, not a branch name")
+    return branch
+
+
+def _hub_branches(grid: Grid, points: list[Point]) -> None:
+    """``run.hub`` in a grid: every point pushes to the same repository, each to its own
+    branch (``run.hub.revision`` as a template, default ``{point}``). Sets each point's
+    ``spec.run.hub.revision`` and ``hub``; refuses a template that is invalid or gives two
+    points the same branch (they would overwrite each other's pushes)."""
+    from mixstack.dsl.loader import load_spec
+
+    taken: dict[tuple[str, str], Point] = {}
+    for p in points:
+        hub = p.spec.run.hub
+        if hub is None:
+            continue
+        path, origin = _hub_where(grid, p.variant)
+        fields = {
+            "point": p.id,
+            "variant": p.variant,
+            "seed": p.seed,
+            "lr": p.lr,
+            "grid": grid.name,
+        }
+        try:
+            branch = hub_branch(hub.revision, fields)
+        except ValueError as exc:
+            raise SpecError(
+                SpecIssue(
+                    f"point {p.index + 1} ({p.cell}): {exc}",
+                    path=path,
+                    origin=origin,
+                    allowed="a branch name; placeholders "
+                    + ", ".join("{" + f + "}" for f in HUB_FIELDS),
+                )
+            ) from None
+        other = taken.get((hub.repo_id, branch))
+        if other is not None:
+            raise SpecError(
+                SpecIssue(
+                    f"points {other.index + 1} ({other.cell}, seed {other.seed}) and "
+                    f"{p.index + 1} ({p.cell}, seed {p.seed}) would both push to "
+                    f"hf://{hub.repo_id}@{branch} (run.hub.revision {hub.revision!r}): "
+                    "each point needs its own branch",
+                    path=path,
+                    origin=origin,
+                    allowed="run.hub.revision unset (one branch per point, named by its id) "
+                    "or a template with {point}",
+                )
+            )
+        taken[(hub.repo_id, branch)] = p
+        # The run section is not part of the point id, so the id stays the same.
+        p.spec = load_spec(p.spec, [f"run.hub.revision={json.dumps(branch)}"])
+        p.hub = f"hf://{hub.repo_id}@{branch}"
 
 
 def _lookup(spec: Spec, key: str) -> Any:

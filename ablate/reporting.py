@@ -361,6 +361,15 @@ def _sorted_x(values: list[Any]) -> tuple[list[Any], bool]:
     return (sorted(unique) if numeric else unique), numeric
 
 
+def _follows(s: Any, other: str, axis: str) -> bool:
+    """Whether ``other`` is a function of ``axis`` in the summary ``s`` (a zip partner,
+    or an axis with a single value), so it need not split the lines."""
+    if other == "variant":
+        return False
+    pairs = {(repr(a), repr(b)) for a, b in zip(s[axis], s[other], strict=True)}
+    return len({a for a, _ in pairs}) == len(pairs)
+
+
 def plot_metric_vs_axis(
     t: GridTables, axis: str, ax: Any = None, which: str = "best"
 ) -> list[dict[str, Any]]:
@@ -371,7 +380,9 @@ def plot_metric_vs_axis(
 
     s = t.summary
     ax = ax or plt.gca()
-    others = [a for a in ("variant", *t.grid["axes"]) if a != axis]
+    # Axes zipped with ``axis`` (each of their values goes with one value of ``axis``)
+    # move along the same line instead of splitting it into one line per value.
+    others = [a for a in ("variant", *t.grid["axes"]) if a != axis and not _follows(s, a, axis)]
     xs, numeric = _sorted_x(list(s[axis]))
     series = []
     for key, group in s.groupby(others, sort=False) if others else [((), s)]:

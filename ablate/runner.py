@@ -233,6 +233,9 @@ def _run_local(root: Path, n: int) -> list[str]:
         cmd = [sys.executable, "-m", "mixstack.ablate.worker", str(root), "--worker", str(k)]
         # Share the cores instead of oversubscribing them (each torch would take them all).
         cmd += ["--threads", str(max(1, (os.cpu_count() or 1) // n))]
+        endpoint = _hub_endpoint()
+        if endpoint is not None:  # `mixstack --hub-endpoint URL grid run ...`
+            cmd += ["--hub-endpoint", endpoint]
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, k))
     errors = []
     try:
@@ -261,7 +264,7 @@ def _run_submitit(root: Path, n: int, cluster: str | None, params: dict[str, Any
     # on Slurm, pass the partition's limit (--submitit-param timeout_min=...).
     params = {"timeout_min": DEFAULT_TIMEOUT_MIN, **params}
     ex.update_parameters(name=f"grid-{root.name}", **params)
-    jobs = [ex.submit(work, str(root), k) for k in range(n)]
+    jobs = [ex.submit(work, str(root), k, _hub_endpoint()) for k in range(n)]
     errors = []
     for k, job in enumerate(jobs):
         try:
@@ -271,13 +274,24 @@ def _run_submitit(root: Path, n: int, cluster: str | None, params: dict[str, Any
     return errors
 
 
+def _hub_endpoint() -> str | None:
+    from mixstack.dsl.hubref import default_options
+
+    return default_options().endpoint
+
+
 # -- the worker ---------------------------------------------------------------------------
 
 
-def work(out: str | os.PathLike[str], worker: int = 0) -> int:
+def work(out: str | os.PathLike[str], worker: int = 0, hub_endpoint: str | None = None) -> int:
     """Run pending (and interrupted) points of the grid in ``out`` one after another
     until none is left; returns how many this worker ran. Safe with any number of
-    workers on the same directory (each point's flock is its claim)."""
+    workers on the same directory (each point's flock is its claim). ``hub_endpoint``:
+    the Hub that ``run.hub`` pushes go to (the token comes from the environment)."""
+    if hub_endpoint is not None:
+        from mixstack.dsl.hubref import HubOptions, default_options, set_default_options
+
+        set_default_options(default_options().merged(HubOptions(endpoint=hub_endpoint)))
     gd = GridDir(Path(out))
     ran = 0
     for record in gd.read_plan()["points"]:
@@ -332,15 +346,22 @@ def run_point(gd: GridDir, pid: str, worker: int) -> None:
     try:
         overrides = [f"run.stop_after={max(1, record['steps'] // 2)}"] if kill else []
         spec = load_spec(record["spec"], overrides)
-        meta = run.read_metadata() if resume else {}
-        if meta.get("status") == "finished" and (run.model_dir / "config.json").is_file():
-            # Killed after training ended, before its status said so: nothing to redo.
+        pushed_only = status.get("hub") is not None and "error" in status["hub"]
+        meta = run.read_metadata() if resume or pushed_only else {}
+        if (resume or pushed_only) and (
+            meta.get("status") == "finished" and (run.model_dir / "config.json").is_file()
+        ):
+            # Killed after training ended, before its status said so, or trained but its
+            # run.hub push failed: nothing to train again, only the push (if any) to do.
+            hub = _push_point(run, spec, meta)
             status.update(
-                state="finished",
+                state="failed" if hub is not None and "error" in hub else "finished",
                 ended=now(),
-                wall_s=None,
+                wall_s=None if resume else status.get("wall_s"),
                 step=meta.get("step"),
                 params=meta.get("params"),
+                hub=hub,
+                error=_push_error(hub),
             )
             gd.write_status(pid, status)
             return
@@ -360,14 +381,17 @@ def run_point(gd: GridDir, pid: str, worker: int) -> None:
                 "(run.stop_after in the base spec? a grid point trains to the end)"
             )
         status.update(
-            state="finished",
+            state="finished" if result.hub is None or "error" not in result.hub else "failed",
             ended=now(),
             wall_s=time.monotonic() - began,  # this attempt (a resumed point: its last part)
             step=result.step,
             params=result.params,
+            hub=result.hub,  # run.hub: the pushed commit, or the error (then: failed)
+            error=_push_error(result.hub),
         )
     except Exception as exc:
         (gd.point(pid) / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+        status.pop("hub", None)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         status.update(
             state="failed",
@@ -376,3 +400,30 @@ def run_point(gd: GridDir, pid: str, worker: int) -> None:
             error=f"{type(exc).__name__}: {first}",
         )
     gd.write_status(pid, status)
+
+
+def _push_error(hub: dict[str, Any] | None) -> str | None:
+    if hub is None or "error" not in hub:
+        return None
+    return f"push to the Hub failed: {hub['error']} (--retry-failed pushes again, no training)"
+
+
+def _push_point(run: Any, spec: Any, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """``run.hub`` of a point trained earlier: push it unless ``run.json`` records a
+    pushed commit. Returns what ``run.json`` then records (None without run.hub)."""
+    if spec.run.hub is None:
+        return None
+    done = meta.get("hub")
+    if (
+        isinstance(done, dict)
+        and done.get("commit")
+        and done.get("revision") == (spec.run.hub.revision or "main")
+    ):
+        return done
+    from mixstack.hub.hub import push_run
+
+    hub = push_run(run.root, spec.run.hub)
+    meta = run.read_metadata()
+    meta["hub"] = hub
+    run.write_metadata(meta)
+    return hub

@@ -12,6 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out")
     parser.add_argument("--worker", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
+    parser.add_argument("--hub-endpoint", default=None, help="Hub URL for run.hub pushes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from mixstack.ablate.runner import work
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    ran = work(args.out, args.worker)
+    ran = work(args.out, args.worker, args.hub_endpoint)
     print(f"worker {args.worker}: ran {ran} point(s)", flush=True)
     return 0
 

@@ -189,3 +189,70 @@ metric: val/accuracy
     plain, other = plan(write_grid(grid)).points
     assert plain.spec.model.d_model == 16 and plain.spec.model.layers.pattern == "*-"
     assert other.spec.model.d_model == 24 and other.spec.model.layers.pattern == "M-"
+
+
+HUB_GRID = """\
+base: base.yaml
+set: {run.hub.repo_id: me/grid}
+variants:
+  att: {model.layers.pattern: "*-"}
+  ssm+conv: {model.layers.pattern: "M-"}
+seeds: [0, 1]
+metric: val/accuracy
+"""
+
+
+def test_run_hub_branch_per_point(write_grid):
+    # default: one branch per point, named by the point id (the run section is not
+    # part of the id, so setting run.hub changes no id)
+    p = plan(write_grid(HUB_GRID))
+    plain = plan(write_grid(HUB_GRID.replace("set: {run.hub.repo_id: me/grid}\n", ""), "b.yaml"))
+    assert [pt.id for pt in p.points] == [pt.id for pt in plain.points]
+    assert [pt.hub for pt in p.points] == [f"hf://me/grid@{pt.id}" for pt in p.points]
+    assert all(pt.hub is None for pt in plain.points)
+    assert all(pt.spec.run.hub.revision == pt.id for pt in p.points)
+    # a template with placeholders
+    text = HUB_GRID.replace(
+        "{run.hub.repo_id: me/grid}",
+        "{run.hub: {repo_id: me/grid, revision: 'v1/{variant}-s{seed}'}}",
+    )
+    p = plan(write_grid(text))
+    assert [pt.spec.run.hub.revision for pt in p.points] == [
+        "v1/att-s0",
+        "v1/att-s1",
+        "v1/ssm+conv-s0",
+        "v1/ssm+conv-s1",
+    ]
+    assert p.points[2].to_dict()["hub"] == "hf://me/grid@v1/ssm+conv-s0"
+
+
+def test_run_hub_branches_that_collide_or_are_invalid_stop_the_plan(write_grid):
+    same = HUB_GRID.replace(
+        "{run.hub.repo_id: me/grid}", "{run.hub: {repo_id: me/grid, revision: 'v1-{variant}'}}"
+    )
+    with pytest.raises(SpecError) as err:
+        plan(write_grid(same))
+    text = str(err.value)
+    assert (
+        "points 1 (att, seed 0) and 2 (att, seed 1) would both push to hf://me/grid@v1-att" in text
+    )
+    assert "grid.yaml:2:" in text and "each point needs its own branch" in text
+    assert "{point}" in text
+    unknown = HUB_GRID.replace(
+        "{run.hub.repo_id: me/grid}", "{run.hub: {repo_id: me/grid, revision: '{pont}'}}"
+    )
+    with pytest.raises(SpecError, match=r"unknown placeholder \{pont\}.*allowed: \{point\}"):
+        plan(write_grid(unknown))
+    bad = HUB_GRID.replace(
+        "{run.hub.repo_id: me/grid}", "{run.hub: {repo_id: me/grid, revision: 'a..{point}'}}"
+    )
+    with pytest.raises(SpecError, match=r"gives 'a\.\.[0-9a-f]{12}', not a branch name"):
+        plan(write_grid(bad))
+    # set by a variant: the error points at the variant's setting
+    in_variant = HUB_GRID.replace("set: {run.hub.repo_id: me/grid}\n", "").replace(
+        'att: {model.layers.pattern: "*-"}',
+        'att: {model.layers.pattern: "*-", run.hub: {repo_id: me/g, revision: x}}',
+    )
+    with pytest.raises(SpecError) as err:
+        plan(write_grid(in_variant))
+    assert "grid.yaml:3:" in str(err.value) and "variants.att" in str(err.value)

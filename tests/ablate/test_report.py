@@ -32,8 +32,11 @@ metric: val/accuracy
 def fake_grid(write_grid, tmp_path) -> Path:
     """A grid directory whose points "finished" with made-up metrics.csv files (the
     report only reads files; training is tested in test_runner.py)."""
-    out = tmp_path / "out"
-    plan = prepare(write_grid(GRID), out, retry_failed=False)
+    return _fake(write_grid(GRID), tmp_path / "out")
+
+
+def _fake(grid: Path, out: Path) -> Path:
+    plan = prepare(grid, out, retry_failed=False)
     gd = GridDir(out)
     rng = random.Random(7)
     for pt in plan.points:
@@ -220,3 +223,26 @@ def test_unfinished_points_are_reported_as_missing(fake_grid):
     assert row["finished"] == 9 and row["n_seeds"] == 5  # seed 0 keeps its other lr
     assert not math.isnan(row["best_mean"])
     json.dumps(list(report(fake_grid).columns))
+
+
+def test_zipped_axes_share_one_line_per_variant(write_grid, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mixstack.ablate.reporting import plot_metric_vs_axis, tables
+
+    text = GRID.replace(
+        "  model.d_model: [16, 32]\n",
+        "  zip:\n    - {model.d_model: [16, 32], model.layers.symbols.M.d_state: [4, 8]}\n",
+    )
+    t = tables(_fake(write_grid(text, "zip.yaml"), tmp_path / "zip"))
+    fig, ax = plt.subplots()
+    series = plot_metric_vs_axis(t, "model.d_model", ax)
+    plt.close(fig)
+    assert [s["label"] for s in series] == ["att", "ssm"]  # not one line per d_state
+    for s in series:
+        rows = t.summary[t.summary["variant"] == s["label"]].sort_values("model.d_model")
+        assert s["x"] == [16, 32] and s["y"] == list(rows["best_mean"])
+        assert list(rows["model.layers.symbols.M.d_state"]) == [4, 8]
