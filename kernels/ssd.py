@@ -232,6 +232,52 @@ def segsum(a: Tensor) -> Tensor:
     return rows.cumsum(dim=-2).masked_fill(~torch.tril(ones), float("-inf"))
 
 
+class _SegsumExp(torch.autograd.Function):
+    """``exp(segsum(a))`` (B..., Q, Q), −∞ (so 0) above the diagonal and, with ``same``
+    (B..., Q, Q) bool, wherever ``same`` is False; with a written-out backward.
+
+    Forward: the same mask-then-cumsum as :func:`segsum`, in place on one (Q, Q) buffer
+    (no copies for out-of-place masks). Backward, with ``G`` the gradient of the log
+    matrix (``grad · decay``, 0 wherever masked): ``∂/∂a_k = Σ_{i>=k} Σ_{j<k} G[i, j]``,
+    and since ``G[i, j] = 0`` for j > i this is ``Σ_{j<k} colsum_j − Σ_{i<k} rowsum_i``:
+    two reductions of G and an exclusive prefix sum of length Q, instead of autograd's
+    flip/cumsum/flip and two masked copies over every (Q, Q) block. The prefix sum runs
+    in fp64 (it subtracts), so the gradient matches autograd through :func:`segsum` to
+    rounding (tests/kernels/test_ssd.py).
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, a: Tensor, same: Tensor | None) -> Tensor:
+        q = a.shape[-1]
+        ones = torch.ones(q, q, dtype=torch.bool, device=a.device)
+        strict = torch.tril(ones, diagonal=-1).to(a.dtype)
+        decay = a[..., :, None] * strict  # (..., Q, Q): [i, j] = a_i for j < i, else 0
+        decay.cumsum_(dim=-2)  # [i, j] = Σ_{k=j+1..i} a_k
+        decay.masked_fill_(~torch.tril(ones), float("-inf"))
+        if same is not None:
+            decay.masked_fill_(~same, float("-inf"))
+        decay.exp_()
+        ctx.save_for_backward(decay)
+        return decay
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        (decay,) = ctx.saved_tensors
+        g = grad * decay  # (..., Q, Q): gradient of the log matrix
+        # colsum_k − rowsum_k (..., Q); the prefix sum subtracts, so it runs in fp64
+        diff = (g.sum(dim=-2) - g.sum(dim=-1)).to(torch.float64)
+        inclusive = diff.cumsum(dim=-1)
+        return (inclusive - diff).to(decay.dtype), None
+
+
+def segsum_exp(a: Tensor, same: Tensor | None = None) -> Tensor:
+    """``exp(segsum(a))`` (..., Q, Q), also 0 where ``same`` (broadcastable bool) is False;
+    values and gradients as autograd through :func:`segsum` and ``exp``, faster."""
+    if same is not None:
+        same = same.expand(*a.shape, a.shape[-1])
+    return _SegsumExp.apply(a, same)
+
+
 def _pad_to_chunks(t: Tensor, extra: int) -> Tensor:
     """Zero-pad dim 1 (time) at the end by ``extra`` steps (Δ = 0, x = 0: inert steps)."""
     if extra == 0:
@@ -384,10 +430,9 @@ def ssd_scan_chunked(
     # a chunk, p head dim, n state dim (docs/math.md#mamba-2, ssd_minimal's four steps).
 
     # 1. intra-chunk (diagonal blocks): attention-like, quadratic in Q
-    log_decay = segsum(ch.a)  # (B, c, G, R, Q, Q): [i, s] = Σ_{k=s+1..i} a_k, −∞ for s > i
-    if ch.same is not None:  # no decay path across documents
-        log_decay = log_decay.masked_fill(~ch.same[:, :, None, None], float("-inf"))
-    decay = torch.exp(log_decay)  # (B, c, G, R, Q, Q)
+    # decay (B, c, G, R, Q, Q): [i, s] = exp(Σ_{k=s+1..i} a_k), 0 for s > i and, with
+    # seq_idx, 0 across documents (no decay path between them)
+    decay = segsum_exp(ch.a, None if ch.same is None else ch.same[:, :, None, None])
     # scores (B, c, G, R, Q, Q): C_i·B_s, decayed from s to i
     scores = torch.einsum("bcgin,bcgsn->bcgis", ch.C, ch.B)[:, :, :, None] * decay
     y_diag = torch.einsum("bcgris,bcgrsp->bcgrip", scores, ch.xdt)  # (B, c, G, R, Q, P)
