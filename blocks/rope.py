@@ -54,6 +54,11 @@ class Rope:
         if cos.dim() == 2:
             cos, sin = cos[None], sin[None]
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B|1, L, 1, r/2): shared by heads
+        if torch.compiler.is_compiling():  # inductor fuses the plain expression itself (and
+            # cannot trace the out= products of the eager node)
+            half = self.dim // 2
+            x1, x2, rest = x[..., :half], x[..., half : self.dim], x[..., self.dim :]
+            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
         return _RotateHalf.apply(x, cos, sin)
 
 
