@@ -288,14 +288,20 @@ class _TimeMajorConv(torch.autograd.Function):
             wt = weight.t()
             for k in range(width):
                 d_ext[:, k : k + length].addcmul_(g, wt[k])
+        # the reductions over B·L run down the time axis one row after the other, so they
+        # accumulate in fp64: in fp32 their rounding grows with L (1e-4 relative at 2048)
+        wide = torch.float64
         if ctx.needs_input_grad[1]:
             flat = g.reshape(-1, g.shape[-1])  # (B·L, C)
             d_weight = torch.stack(
-                [(flat * ext[:, k : k + length].reshape(flat.shape)).sum(0) for k in range(width)],
+                [
+                    (flat * ext[:, k : k + length].reshape(flat.shape)).sum(0, dtype=wide)
+                    for k in range(width)
+                ],
                 dim=1,
-            )  # (C, K)
+            ).to(weight.dtype)  # (C, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            d_bias = g.sum(dim=(0, 1))
+            d_bias = g.sum(dim=(0, 1), dtype=wide).to(g.dtype)
         return d_ext, d_weight, d_bias, None
 
 
