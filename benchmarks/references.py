@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixstack.dsl.errors import MixstackError
@@ -240,9 +239,13 @@ def hf_llama(ours: nn.Module, shape: LlamaShape) -> nn.Module:
 
 
 def lm_loss(logits: Tensor, ids: Tensor) -> Tensor:
-    """Next-token cross-entropy the transformers way: labels shifted, all columns kept."""
-    v = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), ids[:, 1:].reshape(-1))
+    """Next-token cross-entropy the transformers way, and our training path's
+    (``training.losses``): the labels are shifted (the last position scores nothing),
+    the logits are used whole, every vocabulary column kept. Slicing the logits instead
+    would copy the largest activation of the step (and its gradient) for nothing."""
+    from mixstack.training.losses import mean_loss, next_token_labels
+
+    return mean_loss(logits, next_token_labels(ids))
 
 
 # -- equality before timing ------------------------------------------------------------------------

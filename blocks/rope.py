@@ -54,10 +54,50 @@ class Rope:
         if cos.dim() == 2:
             cos, sin = cos[None], sin[None]
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B|1, L, 1, r/2): shared by heads
-        half = self.dim // 2
-        x1, x2, rest = x[..., :half], x[..., half : self.dim], x[..., self.dim :]
-        rotated = (x1 * cos - x2 * sin, x2 * cos + x1 * sin)
-        return torch.cat((*rotated, rest), dim=-1)
+        if torch.compiler.is_compiling():  # inductor fuses the plain expression itself (and
+            # cannot trace the out= products of the eager node)
+            half = self.dim // 2
+            x1, x2, rest = x[..., :half], x[..., half : self.dim], x[..., self.dim :]
+            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+        return _RotateHalf.apply(x, cos, sin)
+
+
+def _rotate_half(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``[x1·cos − x2·sin, x2·cos + x1·sin, rest]`` written into one output buffer.
+
+    x (B, L, H, P); cos, sin (B|1, L, 1, r/2). Each half is produced in place in its
+    slice of the output (no per-half temporaries, no concatenation).
+    """
+    half = cos.shape[-1]
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    x1, x2 = x[..., :half], x[..., half : 2 * half]
+    o1, o2 = out[..., :half], out[..., half : 2 * half]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1.0)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
+    if x.shape[-1] > 2 * half:  # partial rotary: the remaining channels pass through
+        out[..., 2 * half :] = x[..., 2 * half :]
+    return out
+
+
+class _RotateHalf(torch.autograd.Function):
+    """RoPE as one autograd node. The rotation is orthogonal, so its backward is the
+    rotation by the opposite angle: ``_rotate_half(grad, cos, −sin)``. Autograd through
+    the sliced expression instead zero-filled and copied a full-size gradient for every
+    slice, and ran twice as many half-width products (docs/performance.md)."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, x: Tensor, cos: Tensor, sin: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate_half(x, cos, sin)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+    ) -> tuple[Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate_half(grad, cos, -sin), None, None
 
 
 def document_positions(

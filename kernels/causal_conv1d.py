@@ -175,7 +175,7 @@ def _final_state_reference(
     return torch.stack(states)
 
 
-# -- torch: F.conv1d, or shifted masked products over the non-padding tokens ------------------
+# -- torch: time-major shifted products, or masked ones over the non-padding tokens ----------
 
 
 class _Compacted(NamedTuple):
@@ -240,6 +240,71 @@ def _packed_final_state(hist: Tensor, comp: _Compacted, dtype: torch.dtype) -> T
     return (cols * (runs == runs[:, -1:])[:, None, :].to(cols.dtype)).to(dtype)
 
 
+class _TimeMajorConv(torch.autograd.Function):
+    """Depthwise "valid" convolution over time-major ``ext (B, L+K−1, C)``, optionally
+    followed by silu: ``y[:, t] = act(Σ_k weight[:, k] · ext[:, t+k] + bias)`` -> (B, L, C).
+
+    In this layout every tap is a contiguous slice and the K multiply-adds run over the
+    channels innermost, so neither the forward nor the backward transposes. The backward
+    is written out: ``g = grad · act'(pre)`` once (silu's derivative on contiguous
+    tensors; mixed-stride silu backward runs several times slower on CPU), then
+    ``d ext[:, t+k] += weight[:, k] · g[:, t]`` and ``d weight[:, k] = Σ g · ext[:, k:k+L]``.
+    Replaces ``F.conv1d(groups=C)`` on the transposed input, whose CPU backward dominated
+    the Mamba-2 layer's conv time (docs/performance.md).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        ext: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        silu: bool,
+    ) -> Tensor:
+        width = weight.shape[1]
+        length = ext.shape[1] - width + 1
+        wt = weight.t()  # (K, C): row k broadcasts over (B, L, C)
+        pre = ext[:, width - 1 :] * wt[width - 1]
+        for k in range(width - 1):
+            pre.addcmul_(ext[:, k : k + length], wt[k])
+        if bias is not None:
+            pre.add_(bias)
+        ctx.save_for_backward(ext, weight, pre if silu else None)
+        ctx.has_bias, ctx.silu = bias is not None, silu
+        return F.silu(pre) if silu else pre
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        ext, weight, pre = ctx.saved_tensors
+        width = weight.shape[1]
+        length = ext.shape[1] - width + 1
+        grad = grad.contiguous()
+        g = torch.ops.aten.silu_backward(grad, pre) if ctx.silu else grad  # (B, L, C)
+        d_ext = d_weight = d_bias = None
+        if ctx.needs_input_grad[0]:
+            d_ext = ext.new_zeros(ext.shape)
+            wt = weight.t()
+            for k in range(width):
+                d_ext[:, k : k + length].addcmul_(g, wt[k])
+        # the reductions over B·L run down the time axis one row after the other, so they
+        # accumulate in fp64: in fp32 their rounding grows with L (1e-4 relative at 2048)
+        wide = torch.float64
+        if ctx.needs_input_grad[1]:
+            flat = g.reshape(-1, g.shape[-1])  # (B·L, C)
+            d_weight = torch.stack(
+                [
+                    (flat * ext[:, k : k + length].reshape(flat.shape)).sum(0, dtype=wide)
+                    for k in range(width)
+                ],
+                dim=1,
+            ).to(weight.dtype)  # (C, K)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            d_bias = g.sum(dim=(0, 1), dtype=wide).to(g.dtype)
+        return d_ext, d_weight, d_bias, None
+
+
 @register_backend(CAUSAL, "torch")
 def causal_conv1d_torch(
     x: Tensor,
@@ -251,7 +316,8 @@ def causal_conv1d_torch(
     initial_state: Tensor | None = None,
     return_final_state: bool = False,
 ) -> ConvResult:
-    """``F.conv1d`` (groups = C) on the state-padded input. With seq_idx: padding removed
+    """K shifted multiply-adds over the time-major state-padded input (a custom
+    autograd function, :class:`_TimeMajorConv`). With seq_idx: padding removed
     by a scatter, K masked shifted products (a document mask depends on the output
     position, which one convolution cannot express), gathered back. Contract of
     :func:`causal_conv1d_reference`."""
@@ -260,20 +326,22 @@ def causal_conv1d_torch(
     _check_state(x, width, initial_state)
     f = compute_dtype(x.dtype)
     hist = _history(x, width, initial_state)  # (B, C, K)
-    xt = x.to(f).transpose(1, 2)  # (B, C, L)
     if seq_idx is None:
-        ext = torch.cat([hist[..., 1:].to(f), xt], dim=-1)  # (B, C, K−1+L)
+        # time-major (B, K−1+L, C): every tap is a contiguous slice, no transposes
+        ext = torch.cat([hist[..., 1:].transpose(1, 2).to(f), x.to(f)], dim=1)
         b = bias.to(f) if bias is not None else None
-        y = F.conv1d(ext, weight.to(f)[:, None, :], b, groups=ext.shape[1])  # (B, C, L)
-        final = None
-        if return_final_state:  # only the last K columns: no full-length copy of x
-            final = torch.cat([hist, x.transpose(1, 2)[..., -width:]], dim=-1)[..., -width:]
-    else:
-        comp = _compact(xt, seq_idx)
-        ext = torch.cat([hist[..., 1:].to(f), comp.x], dim=-1)
-        ext_run = F.pad(comp.run, (width - 1, 0), value=0)
-        y = _uncompact(_shift_sum(ext, weight, bias, ext_run, x.shape[1], width - 1), comp)
-        final = _packed_final_state(hist, comp, x.dtype) if return_final_state else None
+        y = _TimeMajorConv.apply(ext, weight.to(f), b, activation == "silu").to(x.dtype)
+        if not return_final_state:
+            return y
+        # only the last K columns: no full-length copy of x
+        final = torch.cat([hist, x[:, -width:].transpose(1, 2)], dim=-1)[..., -width:]
+        return y, final.contiguous()
+    xt = x.to(f).transpose(1, 2)  # (B, C, L)
+    comp = _compact(xt, seq_idx)
+    ext = torch.cat([hist[..., 1:].to(f), comp.x], dim=-1)
+    ext_run = F.pad(comp.run, (width - 1, 0), value=0)
+    y = _uncompact(_shift_sum(ext, weight, bias, ext_run, x.shape[1], width - 1), comp)
+    final = _packed_final_state(hist, comp, x.dtype) if return_final_state else None
     y = _output(y, x, seq_idx, activation)
     return (y, final.contiguous()) if final is not None else y
 
@@ -358,20 +426,20 @@ def centered_conv1d_torch(
     activation: Activation = None,
     seq_idx: Tensor | None = None,
 ) -> Tensor:
-    """``F.conv1d`` with padding K//2 (with seq_idx: masked shifted products over the
-    non-padding tokens); contract of :func:`centered_conv1d_reference`."""
+    """Time-major shifted multiply-adds with K//2 zeros on each side (with seq_idx:
+    masked shifted products over the non-padding tokens); contract of
+    :func:`centered_conv1d_reference`."""
     _check_args(x, weight, bias, activation, seq_idx, kernel=CENTERED)
     half = weight.shape[1] // 2
     f = compute_dtype(x.dtype)
-    xt = x.to(f).transpose(1, 2)  # (B, C, L)
-    if seq_idx is None:
+    if seq_idx is None:  # time-major, as the causal path: (B, half+L+half, C)
+        ext = F.pad(x.to(f), (0, 0, half, half))
         b = bias.to(f) if bias is not None else None
-        y = F.conv1d(xt, weight.to(f)[:, None, :], b, padding=half, groups=xt.shape[1])
-    else:
-        comp = _compact(xt, seq_idx)
-        ext = F.pad(comp.x, (half, half))
-        ext_run = F.pad(comp.run, (half, half), value=-1)  # outside the row: never visible
-        y = _uncompact(_shift_sum(ext, weight, bias, ext_run, x.shape[1], half), comp)
+        return _TimeMajorConv.apply(ext, weight.to(f), b, activation == "silu").to(x.dtype)
+    comp = _compact(x.to(f).transpose(1, 2), seq_idx)  # (B, C, L) per slot
+    ext = F.pad(comp.x, (half, half))
+    ext_run = F.pad(comp.run, (half, half), value=-1)  # outside the row: never visible
+    y = _uncompact(_shift_sum(ext, weight, bias, ext_run, x.shape[1], half), comp)
     return _output(y, x, seq_idx, activation)
 
 

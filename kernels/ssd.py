@@ -232,6 +232,55 @@ def segsum(a: Tensor) -> Tensor:
     return rows.cumsum(dim=-2).masked_fill(~torch.tril(ones), float("-inf"))
 
 
+class _SegsumExp(torch.autograd.Function):
+    """``exp(segsum(a))`` (B..., Q, Q), −∞ (so 0) above the diagonal and, with ``same``
+    (B..., Q, Q) bool, wherever ``same`` is False; with a written-out backward.
+
+    Forward: the same mask-then-cumsum as :func:`segsum`, in place on one (Q, Q) buffer
+    (no copies for out-of-place masks). Backward, with ``G`` the gradient of the log
+    matrix (``grad · decay``, 0 wherever masked): ``∂/∂a_k = Σ_{i>=k} Σ_{j<k} G[i, j]``,
+    one prefix sum along the rows and one masked column sum, instead of autograd's
+    flip/cumsum/flip and two masked copies over every (Q, Q) block; the gradient matches
+    autograd through :func:`segsum` to rounding (tests/kernels/test_ssd.py).
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, a: Tensor, same: Tensor | None) -> Tensor:
+        q = a.shape[-1]
+        ones = torch.ones(q, q, dtype=torch.bool, device=a.device)
+        strict = torch.tril(ones, diagonal=-1).to(a.dtype)
+        decay = a[..., :, None] * strict  # (..., Q, Q): [i, j] = a_i for j < i, else 0
+        decay.cumsum_(dim=-2)  # [i, j] = Σ_{k=j+1..i} a_k
+        decay.masked_fill_(~torch.tril(ones), float("-inf"))
+        if same is not None:
+            decay.masked_fill_(~same, float("-inf"))
+        decay.exp_()
+        ctx.save_for_backward(decay)
+        return decay
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        (decay,) = ctx.saved_tensors
+        g = grad * decay  # (..., Q, Q): gradient of the log matrix, 0 where masked
+        # R[i, k] = Σ_{j<k} G[i, j]: a prefix sum along the contiguous rows, started far
+        # from the diagonal where the entries are smallest
+        rect = g.cumsum(dim=-1).sub_(g)  # (..., Q, Q)
+        q = g.shape[-1]
+        below = torch.tril(torch.ones(q, q, dtype=torch.bool, device=g.device))  # i >= k
+        # ∂/∂a_k = Σ_{i>=k} R[i, k]: every term a sum over the rectangle itself (a
+        # difference of whole-row and whole-column sums would cancel: 1e-4 relative error
+        # in fp32 gradients of A at L = 2048)
+        return rect.masked_fill_(~below, 0.0).sum(dim=-2), None
+
+
+def segsum_exp(a: Tensor, same: Tensor | None = None) -> Tensor:
+    """``exp(segsum(a))`` (..., Q, Q), also 0 where ``same`` (broadcastable bool) is False;
+    values and gradients as autograd through :func:`segsum` and ``exp``, faster."""
+    if same is not None:
+        same = same.expand(*a.shape, a.shape[-1])
+    return _SegsumExp.apply(a, same)
+
+
 def _pad_to_chunks(t: Tensor, extra: int) -> Tensor:
     """Zero-pad dim 1 (time) at the end by ``extra`` steps (Δ = 0, x = 0: inert steps)."""
     if extra == 0:
@@ -259,7 +308,8 @@ class _Chunks(NamedTuple):
     """Inputs in the compute dtype, cut into ``c`` chunks of ``Q`` steps (the last one
     zero-padded: inert steps), heads split as (G, R = H/G).
 
-    xdt (B, c, G, R, Q, P) = x·Δ; a (B, c, G, R, Q) = Δ·A, the log-decay of each step;
+    xdt (B, c, Q, G, R, P) = x·Δ, in x's own (time-major) layout: the chunk states'
+    matmul reads it without a copy; a (B, c, G, R, Q) = Δ·A, the log-decay of each step;
     B, C (B, c, G, Q, N); initial (B, G, R, P, N); with seq_idx the document masks of
     :func:`_run_masks` (same, from_prev, carry), else None.
     """
@@ -293,8 +343,8 @@ def _chunked_inputs(
     xs, dts = zero_padding(x.to(f), seq_idx), zero_padding(dt.to(f), seq_idx)
     xs, dts, Bs, Cs = (_pad_to_chunks(t, extra) for t in (xs, dts, B.to(f), C.to(f)))
     nc = xs.shape[1] // q
-    xc = xs.view(bsz, nc, q, groups, rep, hdim).permute(0, 1, 3, 4, 2, 5)
-    dtc = dts.view(bsz, nc, q, groups, rep).permute(0, 1, 3, 4, 2)
+    xdt = (xs * dts[..., None]).view(bsz, nc, q, groups, rep, hdim)
+    a = (dts * A.to(f)).view(bsz, nc, q, groups, rep).permute(0, 1, 3, 4, 2).contiguous()
     Bc, Cc = (t.view(bsz, nc, q, groups, nstate).permute(0, 1, 3, 2, 4) for t in (Bs, Cs))
     masks: tuple[Tensor | None, ...] = (None, None, None)
     if seq_idx is not None:
@@ -303,8 +353,7 @@ def _chunked_inputs(
     initial = xs.new_zeros(bsz, groups, rep, hdim, nstate)
     if initial_state is not None:
         initial = initial_state.to(f).reshape(bsz, groups, rep, hdim, nstate)
-    a = dtc * A.to(f).view(groups, rep, 1)
-    return _Chunks(xc * dtc[..., None], a, Bc, Cc, initial, *masks)
+    return _Chunks(xdt, a, Bc, Cc, initial, *masks)
 
 
 def _carry_decays(
@@ -384,30 +433,43 @@ def ssd_scan_chunked(
     # a chunk, p head dim, n state dim (docs/math.md#mamba-2, ssd_minimal's four steps).
 
     # 1. intra-chunk (diagonal blocks): attention-like, quadratic in Q
-    log_decay = segsum(ch.a)  # (B, c, G, R, Q, Q): [i, s] = Σ_{k=s+1..i} a_k, −∞ for s > i
-    if ch.same is not None:  # no decay path across documents
-        log_decay = log_decay.masked_fill(~ch.same[:, :, None, None], float("-inf"))
-    decay = torch.exp(log_decay)  # (B, c, G, R, Q, Q)
-    # scores (B, c, G, R, Q, Q): C_i·B_s, decayed from s to i
-    scores = torch.einsum("bcgin,bcgsn->bcgis", ch.C, ch.B)[:, :, :, None] * decay
-    y_diag = torch.einsum("bcgris,bcgrsp->bcgrip", scores, ch.xdt)  # (B, c, G, R, Q, P)
+    # decay (B, c, G, R, Q, Q): [i, s] = exp(Σ_{k=s+1..i} a_k), 0 for s > i and, with
+    # seq_idx, 0 across documents (no decay path between them)
+    decay = segsum_exp(ch.a, None if ch.same is None else ch.same[:, :, None, None])
+    # scores (B, c, G, R, Q, Q): C_i·B_s per group (never copied per head), decayed s -> i
+    scores = torch.matmul(ch.C, ch.B.transpose(-1, -2))[:, :, :, None] * decay
+    xdt_heads = ch.xdt.permute(0, 1, 3, 4, 2, 5)  # (B, c, G, R, Q, P) view
+    y_diag = torch.matmul(scores, xdt_heads)  # (B, c, G, R, Q, P)
 
-    # 2. chunk states: what each chunk's inputs leave in the state at its end
-    to_end = decay[..., -1, :]  # (B, c, G, R, Q): row Q-1, exp(Σ_{k=s+1..Q-1} a_k)
-    # states (B, c, G, R, P, N)
-    states = torch.einsum("bcgrs,bcgrsp,bcgsn->bcgrpn", to_end, ch.xdt, ch.B)
+    # 2. chunk states: what each chunk's inputs leave in the state at its end;
+    # to_end (B, c, G, R, Q) = exp(Σ_{k=s+1..Q-1} a_k), a suffix sum (no differences)
+    suffix = ch.a.flip(-1).cumsum(-1).flip(-1) - ch.a
+    to_end = torch.exp(suffix)
+    if ch.same is not None:  # inputs of an earlier document do not reach the chunk end
+        to_end = to_end * ch.same[:, :, None, None, -1, :]
+    bsz, nc, q, groups, rep, _ = ch.xdt.shape
+    nstate = ch.B.shape[-1]
+    # weighted inputs, still time-major (B, c, Q, G, R, P); as (B, c, G, R·P, Q) the
+    # matmul with B (B, c, G, Q, N) folds all heads of a group into one product
+    weighted = ch.xdt * to_end.permute(0, 1, 4, 2, 3)[..., None]
+    folded = weighted.view(bsz, nc, q, groups, rep * hdim).permute(0, 1, 3, 4, 2)
+    states = torch.matmul(folded, ch.B).view(bsz, nc, groups, rep, hdim, nstate)
 
     # 3. inter-chunk recurrence (linear pass over chunks): S_c = decay_c · S_{c−1} + T_c
     chunk_log_decay, enter_decay = _carry_decays(ch.a, ch.from_prev, ch.carry)
     passing = _quadratic_chunk_states if quadratic_states else _scan_chunk_states
     entering, final = passing(states, chunk_log_decay, ch.initial)  # (B, c, G, R, P, N)
 
-    # 4. state -> output: each step reads the state entering its chunk, decayed to it
-    # y_off (B, c, G, R, Q, P)
-    y_off = torch.einsum("bcgin,bcgrpn->bcgrip", ch.C, entering) * enter_decay[..., None]
-
-    y = (y_diag + y_off).permute(0, 1, 4, 2, 3, 5).reshape(bsz, -1, heads, hdim)[:, :length]
-    y = zero_padding(y + _skip(x.to(ch.a.dtype), D), seq_idx)  # (B, L, H, P)
+    # 4. state -> output: each step reads the state entering its chunk, decayed to it;
+    # computed straight in the output's (B, c, G, Q, R, P) layout (one matmul per group)
+    read = torch.matmul(ch.C, entering.reshape(bsz, nc, groups, rep * hdim, nstate).mT)
+    y_off = read.view(bsz, nc, groups, q, rep, hdim) * enter_decay.transpose(-1, -2)[..., None]
+    y = (y_off + y_diag.transpose(3, 4)).transpose(2, 3)  # (B, c, Q, G, R, P)
+    y = y.reshape(bsz, -1, heads, hdim)[:, :length]  # a view when G = 1
+    if D is not None:  # the skip fused into one pass: y + x·D
+        d = D.to(y.dtype)
+        y = torch.addcmul(y, x.to(y.dtype), d[:, None] if d.dim() == 1 else d)
+    y = zero_padding(y, seq_idx)  # (B, L, H, P)
     return _finish(y, final.reshape(bsz, heads, hdim, -1), x.dtype, return_final_state)
 
 

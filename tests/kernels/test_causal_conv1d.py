@@ -109,6 +109,41 @@ def test_causal_gradients_match_reference():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_causal_unpacked_gradients_match_reference(width, with_bias, activation):
+    """The unpacked torch path has a hand-written backward (time-major shifted products):
+    gradients of x, weight, bias and the initial state against the explicit loops."""
+    leaves = [_rand(50, 2, 13, 3), _rand(51, 3, width), _rand(53, 2, 3, width)]
+    if with_bias:
+        leaves.append(_rand(52, 3))
+    for t in leaves:
+        t.requires_grad_(True)
+    cot, cot_state = _rand(54, 2, 13, 3), _rand(55, 2, 3, width)
+    out = []
+    for fn in (cc.causal_conv1d_torch, cc.causal_conv1d_reference):
+        x, w, init = leaves[:3]
+        b = leaves[3] if with_bias else None
+        y, final = fn(x, w, b, activation=activation, initial_state=init, return_final_state=True)
+        loss = (y * cot).sum() + (final * cot_state).sum()
+        # K = 1: the initial state is never read (no history column), its gradient is 0
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        out.append(
+            (
+                y,
+                [
+                    torch.zeros_like(t) if g is None else g
+                    for g, t in zip(grads, leaves, strict=True)
+                ],
+            )
+        )
+    (y_t, g_t), (y_r, g_r) = out
+    torch.testing.assert_close(y_t, y_r, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_t, g_r, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("prefill", [1, 2, 3, 5])
 @pytest.mark.parametrize("fn", [cc.causal_conv1d_torch, cc.causal_conv1d_reference])
 def test_decode_after_prefill_equals_forward(prefill, fn):
@@ -237,6 +272,20 @@ def test_centered_gradients_match_reference():
     weight = _rand(31, 2, 17, 3)
     grads = [
         torch.autograd.grad((fn(*leaves, seq_idx=seq_idx) * weight).sum(), leaves)
+        for fn in (cc.centered_conv1d_torch, cc.centered_conv1d_reference)
+    ]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("width", [1, 3, 5])
+def test_centered_unpacked_gradients_match_reference(width):
+    leaves = [_rand(56, 2, 11, 4), _rand(57, 4, width), _rand(58, 4)]
+    for t in leaves:
+        t.requires_grad_(True)
+    cot = _rand(59, 2, 11, 4)
+    grads = [
+        torch.autograd.grad((fn(*leaves, activation="silu") * cot).sum(), leaves)
         for fn in (cc.centered_conv1d_torch, cc.centered_conv1d_reference)
     ]
     for a, b in zip(*grads, strict=True):

@@ -38,6 +38,23 @@ def test_matches_complex_rotation_fp64(head_dim: int, dim: int, theta: float) ->
     assert torch.equal(got[..., dim:], x[..., dim:])
 
 
+@pytest.mark.parametrize(("head_dim", "dim"), [(8, 8), (10, 4)])
+def test_gradient_matches_complex_rotation_fp64(head_dim: int, dim: int) -> None:
+    """RoPE's written-out backward (the inverse rotation) against autograd through the
+    complex-number rotation, for a non-contiguous input (a transposed projection)."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(2, 3, 7, head_dim, generator=g, dtype=torch.float64)
+    base.requires_grad_(True)
+    x = base.transpose(1, 2)  # (B, L, H, P), not contiguous
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [3, 0, 1, 900, 2, 17, 4]])
+    cot = torch.randn(2, 7, 3, head_dim, generator=g, dtype=torch.float64)
+    (got,) = torch.autograd.grad((Rope(dim=dim)(x, positions) * cot).sum(), base)
+    (expected,) = torch.autograd.grad(
+        (complex_rotation(x, positions, dim, 10000.0) * cot).sum(), base
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_shared_positions_broadcast_over_batch_and_fp32_accuracy() -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 5, 2, 8, generator=g)

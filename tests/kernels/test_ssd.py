@@ -159,6 +159,33 @@ def test_segsum_is_masked_before_exp():
             assert seg[i, j].item() == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("with_same", [False, True])
+@pytest.mark.parametrize("q", [1, 5, 16])
+def test_segsum_exp_matches_autograd_through_segsum(dtype, with_same, q):
+    """The written-out backward of ``segsum_exp`` against autograd through ``segsum`` and
+    ``exp`` (fp64 reference), with and without a document mask, on a random cotangent."""
+    g = torch.Generator().manual_seed(q)
+    a = (-8.0 * torch.rand(2, 3, q, generator=g, dtype=F64)).requires_grad_(True)
+    cot = torch.randn(2, 3, q, q, generator=g, dtype=F64)
+    same = None
+    if with_same:  # two documents per row, split at a random position
+        run = (torch.arange(q) >= torch.randint(0, q + 1, (2, 1, 1), generator=g)).long()
+        same = run[..., :, None] == run[..., None, :]  # (2, 1, Q, Q), broadcast over dim 1
+    log = ssd.segsum(a)
+    if same is not None:
+        log = log.masked_fill(~same, float("-inf"))
+    expected = torch.exp(log)
+    (expected_grad,) = torch.autograd.grad((expected * cot).sum(), a)
+    a_d = a.detach().to(dtype).requires_grad_(True)
+    got = ssd.segsum_exp(a_d, same)
+    (got_grad,) = torch.autograd.grad((got * cot.to(dtype)).sum(), a_d)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == F64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(got.double(), expected, **tol)
+    torch.testing.assert_close(got_grad.double(), expected_grad, **tol)
+    assert (got.triu(1) == 0).all()
+
+
 # -- packed sequences ---------------------------------------------------------------------------
 
 

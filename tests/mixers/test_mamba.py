@@ -250,14 +250,16 @@ def test_field_validation(fields: dict, message: str) -> None:
 
 @pytest.mark.parametrize("index", range(len(EXAMPLES)))
 def test_flops_per_token_matches_counted_matmuls(index: int) -> None:
-    """The counter sees the projections, the conv and the scan's C·h contraction (one
-    chunk: L <= chunk size); the formula adds the recurrence's two elementwise MACs per
-    (channel, state) entry (decay·h and Δx·B) that no matmul carries."""
+    """The counter sees the projections and the scan's C·h contraction (one chunk: L <=
+    chunk size); the formula adds the recurrence's two elementwise MACs per (channel,
+    state) entry (decay·h and Δx·B) and the conv's taps, which no matmul carries."""
     example = EXAMPLES[index]
     m = Mamba(example.config, example.context())
     length = 20
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         m(torch.randn(2, length, example.d_model))
-    elementwise = 2 * 2 * m.d_inner * m.cfg.d_state
+    # decay·h and Δx·B per (channel, state) entry, and the depthwise conv's K MACs per
+    # channel (shifted multiply-adds, not a counted conv)
+    elementwise = 2 * 2 * m.d_inner * m.cfg.d_state + 2 * m.d_inner * m.cfg.d_conv
     counted = counter.get_total_flops() / (2 * length)
     assert m.flops_per_token(length) == pytest.approx(counted + elementwise)
