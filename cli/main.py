@@ -684,7 +684,10 @@ def registry_tables() -> list[Table]:
     providers = Table("provider", "origin", title="kernel providers", title_justify="left")
     for name, origin in backends.provider_origins().items():
         providers.add_row(name, str(origin))
-    return [layers, tasks, metrics, providers]
+    tables = [layers, tasks, metrics, providers]
+    for table in tables:  # a long path wraps in its cell; eliding it would hide the file name
+        next(c for c in table.columns if c.header == "origin").overflow = "fold"
+    return tables
 
 
 @registry_app.command("list")
