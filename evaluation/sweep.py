@@ -201,40 +201,23 @@ def cell_spec(
         raise SweepError(f"the task does not fit the cell ({where}): {exc}") from None
 
 
-@torch.no_grad()
 def evaluate_cell(
     model: MixStackModel, spec: Spec, *, batch_size: int | None = None
 ) -> tuple[dict[str, float], int]:
     """(metrics, samples) of ``model`` on the validation set of ``spec.train.task``, as
     :func:`mixstack.training.evaluate.evaluate` computes them, at any length
     (:func:`lm_logits`)."""
-    from torch.utils.data import DataLoader
+    from mixstack.training.evaluate import validation_metrics
 
-    from mixstack.tasks import make_task
-    from mixstack.training.data import TaskDataset, ValBatchSampler, collate
-    from mixstack.training.metrics import EvalMetrics
+    return validation_metrics(model, spec, batch_size=batch_size, forward=_cell_forward)
 
-    train = spec.train
-    assert train is not None
-    task = make_task(train, spec.model)
-    size = batch_size or train.val_batch_size or train.batch_size
-    sampler = ValBatchSampler(size=task.val_size, batch_size=size, rank=0, world_size=1)
-    loader = DataLoader(TaskDataset(task, "val", spec), batch_sampler=sampler, collate_fn=collate)
-    device = next(model.parameters()).device
-    metrics = EvalMetrics.for_spec(spec).to(device)
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if "seq_idx" in batch or model.spec.arch != "causal_lm":
-                logits = model(batch["input_ids"], seq_idx=batch.get("seq_idx"))
-            else:
-                logits = lm_logits(model, batch["input_ids"])
-            metrics.update(logits, batch["labels"], batch)
-    finally:
-        model.train(was_training)
-    return metrics.compute(), task.val_size
+
+def _cell_forward(model: MixStackModel, batch: dict[str, Tensor]) -> Tensor:
+    """Logits of a validation batch; a causal LM's rows without packing go through
+    :func:`lm_logits` (past ``max_seq_len`` for bounded-state models)."""
+    if "seq_idx" in batch or model.spec.arch != "causal_lm":
+        return model(batch["input_ids"], seq_idx=batch.get("seq_idx"))
+    return lm_logits(model, batch["input_ids"])
 
 
 # -- the sweep -----------------------------------------------------------------------------

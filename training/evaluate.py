@@ -8,9 +8,11 @@ validation numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from mixstack.archs.models import MixStackModel
@@ -32,18 +34,38 @@ def spec_for(model: MixStackModel, train: dict[str, Any] | Spec) -> Spec:
     return load_spec({"model": model.spec.canonical(), "train": section})
 
 
-@torch.no_grad()
 def evaluate(
     model: MixStackModel, spec: Spec, *, batch_size: int | None = None
 ) -> dict[str, float]:
     """Validation metrics (``loss``, ``accuracy``, ``ppl`` for LM objectives, the task's
     own) of ``model`` on the validation set of ``spec.train.task``. ``spec.model`` must be
     the model's."""
-    train = spec.train
-    if train is None:
+    if spec.train is None:
         raise MixstackError("evaluation needs a spec with a `train:` section (its task)")
     if spec.model != model.spec:
         raise MixstackError("spec.model is not the model's architecture; use spec_for(model, ...)")
+    return validation_metrics(model, spec, batch_size=batch_size)[0]
+
+
+def plain_forward(model: MixStackModel, batch: dict[str, Tensor]) -> Tensor:
+    """The model's forward on a validation batch: logits ``(B, L, V)`` or ``(B, C)``."""
+    return model(batch["input_ids"], seq_idx=batch.get("seq_idx"))
+
+
+@torch.no_grad()
+def validation_metrics(
+    model: MixStackModel,
+    spec: Spec,
+    *,
+    batch_size: int | None = None,
+    forward: Callable[[MixStackModel, dict[str, Tensor]], Tensor] = plain_forward,
+) -> tuple[dict[str, float], int]:
+    """(metrics, number of samples) of ``model`` on the validation set of
+    ``spec.train.task``, its batches' logits from ``forward`` (the sweeps of
+    :mod:`mixstack.evaluation` pass one that runs bounded-state models past
+    ``max_seq_len``). No check that ``spec.model`` is the model's: callers do that."""
+    train = spec.train
+    assert train is not None
     task = make_task(train, spec.model)
     size = batch_size or train.val_batch_size or train.batch_size
     sampler = ValBatchSampler(size=task.val_size, batch_size=size, rank=0, world_size=1)
@@ -55,8 +77,7 @@ def evaluate(
     try:
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(batch["input_ids"], seq_idx=batch.get("seq_idx"))
-            metrics.update(logits, batch["labels"], batch)
+            metrics.update(forward(model, batch), batch["labels"], batch)
     finally:
         model.train(was_training)
-    return metrics.compute()
+    return metrics.compute(), task.val_size
