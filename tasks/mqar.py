@@ -22,7 +22,11 @@ from mixstack.tasks.base import (
 
 
 class MQARTask(GeneratedTaskConfig):
-    """Multi-query associative recall (zoology semantics; accuracy on answer positions)."""
+    """Multi-query associative recall (zoology semantics; accuracy on answer positions).
+
+    Every key is asked by default; ``n_queries`` asks a random subset of that size per
+    sample, so that ``read_twice`` (the queries shown before the second reading) lets a
+    recurrent model keep only the pairs that will be asked."""
 
     type: Literal["mqar"] = "mqar"
     n_pairs: int = Field(4, ge=1, description="key-value pairs per sequence")
