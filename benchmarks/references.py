@@ -278,10 +278,18 @@ def check_pair(
     ref: Callable[[], Tensor],
     ref_params: dict[str, Tensor],
     rtol: float = RTOL,
+    exact: tuple[Callable[[], Tensor], dict[str, Tensor]] | None = None,
 ) -> float:
     """Outputs and gradients of two callables; ``*_params`` name the tensors to
     differentiate by the same keys (our parameter names). Raises :class:`EqualityError`
-    naming the first tensor that differs; returns the largest relative error."""
+    naming the first tensor that differs; returns the largest relative error.
+
+    ``exact``: the same computation in float64 (our module copied to float64, on the
+    input in float64), with its tensors under the same keys. A tensor that differs by
+    more than ``rtol`` still passes when ours is within ``rtol`` of the float64 result
+    and the reference is further from it than ours: the gap is then the reference's
+    rounding (transformers' Mamba-2 at L = 2048 sums its conv-bias gradient in fp32 to
+    1.1e-4 of the exact value; ours is within 1e-5). Its error against float64 counts."""
     if set(ours_params) != set(ref_params):
         raise EqualityError(
             f"{name}: parameters differ: {sorted(set(ours_params) ^ set(ref_params))}"
@@ -289,16 +297,26 @@ def check_pair(
     keys = sorted(ours_params)
     out_a, grads_a = _grads(ours, [ours_params[k] for k in keys])
     out_b, grads_b = _grads(ref, [ref_params[k] for k in keys])
+    names = ["output"] + [f"gradient of {k}" for k in keys]
+    exact_tensors: dict[str, Tensor] | None = None
     worst = 0.0
-    pairs = [("output", out_a, out_b)] + [
-        (f"gradient of {k}", ga, gb) for k, ga, gb in zip(keys, grads_a, grads_b, strict=True)
-    ]
-    for what, a, b in pairs:
+    for what, a, b in zip(names, [out_a, *grads_a], [out_b, *grads_b], strict=True):
         if a.shape != b.shape:
             raise EqualityError(
                 f"{name}: {what}: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"
             )
         ok, err = close(a, b, rtol)
+        if not ok and exact is not None:
+            if exact_tensors is None:
+                fn, params = exact
+                out_e, grads_e = _grads(fn, [params[k] for k in keys])
+                exact_tensors = dict(zip(names, [out_e, *grads_e], strict=True))
+            ours_ok, ours_err = close(a, exact_tensors[what], rtol)
+            _, ref_err = close(b, exact_tensors[what], rtol)
+            if ours_ok and ref_err > ours_err:
+                ok, err = True, ours_err
+            else:
+                err = max(err, ours_err)
         worst = max(worst, err)
         if not ok:
             raise EqualityError(

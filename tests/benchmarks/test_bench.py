@@ -118,3 +118,29 @@ def test_compare_refuses_a_foreign_file(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "--suite must be one of mixers" in result.output
     result = runner.invoke(app, ["bench", "--lengths", "64,x", "--check", "--size", "small"])
     assert result.exit_code == 1 and "comma-separated integers" in result.output
+
+
+def test_a_float64_run_arbitrates_a_gap_that_is_the_references_rounding() -> None:
+    x = torch.randn(64, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    x64 = x.detach().double().requires_grad_()
+    exact = (lambda: x64 * 2.0, {"x": x64})
+    off = 1 + 3e-4  # a relative gap of 3e-4 > RTOL
+
+    def pair(ours_scale: float, ref_scale: float, **kw: object) -> float:
+        return R.check_pair(
+            "toy",
+            lambda: x * 2.0 * ours_scale,
+            {"x": x},
+            lambda: x * 2.0 * ref_scale,
+            {"x": x},
+            **kw,  # type: ignore[arg-type]
+        )
+
+    # the reference is the one off float64: accepted, ours' error against float64 counts
+    assert pair(1.0, off, exact=exact) < 1e-5  # fp32 rounding of the cotangent only
+    # without the float64 run the same gap stops the benchmark
+    with pytest.raises(R.EqualityError, match=r"toy: output differs .*error [23]\.\d\de-04 > rtol"):
+        pair(1.0, off)
+    # ours off float64 (the reference exact): refused, with ours' error
+    with pytest.raises(R.EqualityError, match=r"toy: output differs .*error [23]\.\d\de-04 > rtol"):
+        pair(off, 1.0, exact=exact)
