@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import csv
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mixstack.cli.main import app
+from tests.support.ddp import assert_same_training, train_two_processes
 
 runner = CliRunner()
 
@@ -100,28 +96,6 @@ def test_two_processes_match_one_on_the_same_global_batch(
     single = fit_quietly(
         tiny_spec("train.max_steps=2", "train.accumulate_grad_batches=4"), tmp_path / "single"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    command = [
-        sys.executable, "-m", "mixstack.cli.main", "train", str(spec_file), "train.max_steps=2",
-        "run.trainer.accelerator=cpu", "run.trainer.devices=2", "run.trainer.strategy=ddp",
-        "--out", str(tmp_path / "ddp"),
-    ]  # fmt: skip
-    done = subprocess.run(
-        command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = train_two_processes(spec_file, tmp_path / "ddp", "train.max_steps=2")
     assert done.stdout.count("mixstack train: finished") == 1  # one summary, from rank 0
-    segments = json.loads((tmp_path / "ddp" / "run.json").read_text())["segments"]
-    assert [s["world_size"] for s in segments] == [2]
-
-    def losses(run_dir: Path) -> list[float]:
-        with (run_dir / "metrics.csv").open() as f:
-            return [float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]]
-
-    one, two = losses(single.run_dir), losses(tmp_path / "ddp")
-    assert len(one) == len(two) == 2
-    assert two == pytest.approx(one, abs=1e-5)
-    wa = load_file(single.run_dir / "model" / "model.safetensors")
-    wb = load_file(tmp_path / "ddp" / "model" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-5
+    assert_same_training(single.run_dir, tmp_path / "ddp", steps=2)
