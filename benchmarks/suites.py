@@ -35,6 +35,40 @@ from mixstack.benchmarks.timing import interleave, median, peak_bytes
 SUITES = ("mixers", "models", "decode")
 DEFAULT_PRESETS = ("transformer-tiny", "mqar-tiny")
 
+# The comparisons ``--contenders`` can choose, per suite (decode always runs its three
+# models). Each name brings its contenders, its equality check and its ratio.
+CONTENDERS: dict[str, dict[str, str]] = {
+    "mixers": {
+        "mamba2-hf": "Mamba-2 vs transformers Mamba2Mixer (fwd+bwd ratio)",
+        "mamba1-hf": "Mamba-1 vs transformers MambaMixer (its sequential torch scan)",
+        "hydra": "Hydra forward vs Mamba-2 forward",
+        "lower-bound": "Mamba-2 fwd+bwd vs its matmul lower bound (GEMM rate of the same run)",
+        "mamba2-reference": "Mamba-2 on our step-by-step reference kernels vs the torch ones",
+    },
+    "models": {
+        "llama": "transformer++ train step vs transformers LlamaForCausalLM",
+        "presets": "training tokens/s of the zoo presets (--presets)",
+    },
+    "decode": {},
+}
+
+
+def check_contenders(suites: list[str], names: tuple[str, ...]) -> tuple[str, ...]:
+    """``names`` if every one is a comparison of one of ``suites``, else a
+    :class:`~mixstack.dsl.errors.MixstackError` that lists the valid names."""
+    from mixstack.dsl.errors import MixstackError
+
+    valid = {n: s for s in suites for n in CONTENDERS[s]}
+    unknown = [n for n in names if n not in valid]
+    if unknown or not names:
+        listing = "; ".join(f"{n} ({CONTENDERS[s][n]})" for n, s in valid.items())
+        what = ", ".join(repr(n) for n in unknown) if unknown else "an empty list"
+        raise MixstackError(
+            f"--contenders: {what} is not a comparison of the suite(s) {', '.join(suites)}; "
+            f"valid names: {listing or 'none (these suites have no choice)'}"
+        )
+    return names
+
 
 @dataclass
 class Entry:
@@ -111,6 +145,15 @@ class Options:
     decode_steps: int = 16
     goal_length: int = 2048
     memory: bool = True
+    contenders: tuple[str, ...] | None = None  # None: every comparison of each suite
+    slow_s: float | None = 5.0  # a call slower than this in warm-up gets ``slow_reps`` rounds
+    slow_reps: int = 1
+
+
+def _chosen(suite: str, opts: Options) -> set[str]:
+    """The comparisons of ``suite`` to run: those named in ``opts.contenders``, or all."""
+    names = set(CONTENDERS[suite])
+    return names if opts.contenders is None else names & set(opts.contenders)
 
 
 def _params(module: nn.Module, x: Tensor) -> dict[str, Tensor]:
@@ -174,31 +217,75 @@ def _gemm_rate(
     return flops / median(times), times
 
 
+# (comparison, ratio name, slower entry, faster entry, goal at the goal length, goal is a maximum)
+_MIXER_RATIOS: tuple[tuple[str, str, str, str, float | None, bool], ...] = (
+    (
+        "mamba2-hf",
+        "Mamba2Mixer / mamba2 (fwd+bwd)",
+        "transformers Mamba2Mixer|fwd+bwd",
+        "mamba2|fwd+bwd",
+        1.5,
+        False,
+    ),
+    (
+        "mamba1-hf",
+        "MambaMixer / mamba1 (fwd+bwd)",
+        "transformers MambaMixer|fwd+bwd",
+        "mamba1|fwd+bwd",
+        1.5,
+        False,
+    ),
+    ("hydra", "hydra / mamba2 (fwd)", "hydra|fwd", "mamba2|fwd", 2.2, True),
+    (
+        "mamba2-reference",
+        "reference kernels / torch kernels, mamba2 (fwd+bwd)",
+        "mamba2 (reference kernels)|fwd+bwd",
+        "mamba2|fwd+bwd",
+        None,
+        False,
+    ),
+)
+
+
 def mixers_suite(opts: Options) -> SuiteResult:
-    """Mamba-2, Mamba-1 and Hydra against their references, per length."""
+    """Mamba-2, Mamba-1 and Hydra against their references, per length (only the
+    comparisons named in ``opts.contenders``, all when it is None)."""
     from mixstack.kernels.backends import BackendPolicy
 
     out = SuiteResult()
+    chosen = _chosen("mixers", opts)
+    if not chosen:
+        return out
     shape = opts.mixer
-    m2, m1, hy = R.ours_mamba2(shape), R.ours_mamba1(shape), R.ours_hydra(shape)
-    m2_naive = R.ours_mamba2(shape)
-    m2_naive.load_state_dict(m2.state_dict())
-    m2_naive.backends = BackendPolicy("reference")
-    hf2, hf1 = R.hf_mamba2(m2, shape), R.hf_mamba1(m1, shape)
+    m2 = R.ours_mamba2(shape)
+    contenders: dict[str, nn.Module] = {"mamba2": m2}
+    pairs: list[tuple[str, nn.Module, nn.Module]] = []
+    if "mamba2-hf" in chosen:
+        contenders["transformers Mamba2Mixer"] = hf2 = R.hf_mamba2(m2, shape)
+        pairs.append(("mamba2 vs transformers Mamba2Mixer", m2, hf2))
+    if "mamba2-reference" in chosen:
+        m2_naive = R.ours_mamba2(shape)
+        m2_naive.load_state_dict(m2.state_dict())
+        m2_naive.backends = BackendPolicy("reference")
+        contenders["mamba2 (reference kernels)"] = m2_naive
+        pairs.append(("mamba2 vs mamba2 on reference kernels", m2, m2_naive))
+    if "mamba1-hf" in chosen:
+        contenders["mamba1"] = m1 = R.ours_mamba1(shape)
+        contenders["transformers MambaMixer"] = hf1 = R.hf_mamba1(m1, shape)
+        pairs.append(("mamba1 vs transformers MambaMixer", m1, hf1))
+    if "hydra" in chosen:
+        contenders["hydra"] = R.ours_hydra(shape)
 
     g = torch.Generator().manual_seed(0)
     check_len = min(opts.lengths)
     x = torch.randn(1, check_len, shape.d_model, generator=g, requires_grad=True)
-    pairs = [
-        ("mamba2 vs transformers Mamba2Mixer", m2, hf2),
-        ("mamba2 vs mamba2 on reference kernels", m2, m2_naive),
-        ("mamba1 vs transformers MambaMixer", m1, hf1),
-    ]
     # float64 copies of ours arbitrate a gap beyond rtol (R.check_pair: the reference's
     # own fp32 rounding at long L)
     x64 = x.detach().double().requires_grad_()
-    exact = {id(m): copy.deepcopy(m).double() for m in (m2, m1)}
+    exact: dict[int, nn.Module] = {}
     for name, a, b in pairs:
+        if id(a) not in exact:
+            exact[id(a)] = copy.deepcopy(a).double()
         ours64 = exact[id(a)]
         out.checks[f"{name} (L={check_len})"] = R.check_pair(
             name,
@@ -208,76 +295,62 @@ def mixers_suite(opts: Options) -> SuiteResult:
             _params(b, x),
             exact=(lambda m=ours64: m(x64), _params(ours64, x64)),
         )
-    out.backends.update(_resolved(m2, m1, hy, m2_naive))
+    del exact
+    out.backends.update(_resolved(*contenders.values()))
     if opts.check_only:
         return out
 
-    contenders = {
-        "mamba2": m2,
-        "transformers Mamba2Mixer": hf2,
-        "mamba2 (reference kernels)": m2_naive,
-        "mamba1": m1,
-        "transformers MambaMixer": hf1,
-        "hydra": hy,
-    }
     for length in opts.lengths:
         x = torch.randn(1, length, shape.d_model, generator=g, requires_grad=True)
         fns: dict[str, Callable[[], Any]] = {}
         for name, module in contenders.items():
             fns[f"{name}|fwd"] = _fwd(module, x)
             fns[f"{name}|fwd+bwd"] = _fwd_bwd(module, x)
-        times = interleave(fns, opts.reps)
+        times = interleave(fns, opts.reps, slow_s=opts.slow_s, slow_reps=opts.slow_reps)
         med = {k: median(v) for k, v in times.items()}
         for key, ts in times.items():
             name, mode = key.split("|")
-            peak = peak_bytes(fns[key]) if opts.memory else None
+            # a slow contender (fewer rounds) skips the memory pass too: the op-by-op
+            # tracking would cost more than its timing
+            measure = opts.memory and len(ts) == opts.reps
+            peak = peak_bytes(fns[key]) if measure else None
             out.entries.append(Entry("mixers", name, length, mode, ts, peak_bytes=peak))
-        in_width = m2.in_proj.out_features
-        rate, gemm_times = _gemm_rate(shape, length, in_width, opts.reps)
-        out.entries.append(
-            Entry("mixers", "projection GEMMs", length, "gemm", gemm_times, extra={"flop_s": rate})
-        )
-        bound = 3 * m2.flops_per_token(length) * length / rate
-        out.entries.append(Entry("mixers", "mamba2 matmul lower bound", length, "fwd+bwd", [bound]))
         goal = length == opts.goal_length
-        out.ratios += [
-            Ratio(
-                "mixers",
-                "Mamba2Mixer / mamba2 (fwd+bwd)",
-                length,
-                med["transformers Mamba2Mixer|fwd+bwd"] / med["mamba2|fwd+bwd"],
-                1.5 if goal else None,
-            ),
-            Ratio(
-                "mixers",
-                "MambaMixer / mamba1 (fwd+bwd)",
-                length,
-                med["transformers MambaMixer|fwd+bwd"] / med["mamba1|fwd+bwd"],
-                1.5 if goal else None,
-            ),
-            Ratio(
-                "mixers",
-                "hydra / mamba2 (fwd)",
-                length,
-                med["hydra|fwd"] / med["mamba2|fwd"],
-                2.2 if goal else None,
-                at_most=True,
-            ),
-            Ratio(
-                "mixers",
-                "mamba2 / matmul lower bound (fwd+bwd)",
-                length,
-                med["mamba2|fwd+bwd"] / bound,
-                1.8 if goal else None,
-                at_most=True,
-            ),
-            Ratio(
-                "mixers",
-                "reference kernels / torch kernels, mamba2 (fwd+bwd)",
-                length,
-                med["mamba2 (reference kernels)|fwd+bwd"] / med["mamba2|fwd+bwd"],
-            ),
-        ]
+
+        for comparison, name, slow, fast, target, at_most in _MIXER_RATIOS:
+            if comparison in chosen:
+                out.ratios.append(
+                    Ratio(
+                        "mixers",
+                        name,
+                        length,
+                        med[slow] / med[fast],
+                        target if goal else None,
+                        at_most=at_most,
+                    )
+                )
+        if "lower-bound" in chosen:
+            in_width = m2.in_proj.out_features
+            rate, gemm_times = _gemm_rate(shape, length, in_width, opts.reps)
+            out.entries.append(
+                Entry(
+                    "mixers", "projection GEMMs", length, "gemm", gemm_times, extra={"flop_s": rate}
+                )
+            )
+            bound = 3 * m2.flops_per_token(length) * length / rate
+            out.entries.append(
+                Entry("mixers", "mamba2 matmul lower bound", length, "fwd+bwd", [bound])
+            )
+            out.ratios.append(
+                Ratio(
+                    "mixers",
+                    "mamba2 / matmul lower bound (fwd+bwd)",
+                    length,
+                    med["mamba2|fwd+bwd"] / bound,
+                    1.8 if goal else None,
+                    at_most=True,
+                )
+            )
     return out
 
 
@@ -305,7 +378,16 @@ def _train_step(
 
 
 def models_suite(opts: Options) -> SuiteResult:
-    """transformer++ vs LlamaForCausalLM train step, then each preset's tokens/s."""
+    """transformer++ vs LlamaForCausalLM train step, then each preset's tokens/s (only the
+    parts named in ``opts.contenders``, both when it is None)."""
+    chosen = _chosen("models", opts)
+    out = _llama(opts) if "llama" in chosen else SuiteResult()
+    if "presets" in chosen and not opts.check_only:
+        out.extend(_presets(opts))
+    return out
+
+
+def _llama(opts: Options) -> SuiteResult:
     import mixstack
 
     out = SuiteResult()
@@ -359,7 +441,6 @@ def models_suite(opts: Options) -> SuiteResult:
             1.05,
         )
     )
-    out.extend(_presets(opts))
     return out
 
 

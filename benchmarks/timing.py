@@ -34,16 +34,31 @@ def time_call(fn: Callable[[], Any]) -> float:
 
 
 def interleave(
-    fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1
+    fns: dict[str, Callable[[], Any]],
+    reps: int,
+    warmup: int = 1,
+    slow_s: float | None = None,
+    slow_reps: int = 1,
 ) -> dict[str, list[float]]:
     """``{name: [seconds per round]}``: ``warmup`` untimed calls each, then ``reps``
-    rounds in which every function runs once, in the given order."""
-    for fn in fns.values():
+    rounds in which every function runs once, in the given order.
+
+    A function whose last warm-up call took longer than ``slow_s`` seconds (a sequential
+    reference scan at long L) runs only in the first ``slow_reps`` rounds, so one slow
+    reference does not multiply the run time by ``reps``; its list is then shorter (the
+    report shows the number of rounds behind every median)."""
+    slow: set[str] = set()
+    for name, fn in fns.items():
+        took = 0.0
         for _ in range(warmup):
-            fn()
+            took = time_call(fn)
+        if slow_s is not None and warmup > 0 and took > slow_s:
+            slow.add(name)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
+    for rep in range(reps):
         for name, fn in fns.items():
+            if name in slow and rep >= slow_reps:
+                continue
             times[name].append(time_call(fn))
     return times
 

@@ -3,6 +3,7 @@
     mixstack bench [--suite mixers|models|decode|all] [--lengths 512,1024,2048]
                    [--threads N] [--out DIR] [--compare old.json] [--check]
                    [--reps N] [--presets a,b] [--size goal|small]
+                   [--contenders mamba2-hf,mamba1-hf,...] [--slow-after SECONDS]
 
 Every pair is checked equal (fp32, rtol 1e-4 on outputs and gradients) before any time
 is measured; ``--check`` stops there. Writes ``DIR/bench.md``, ``DIR/bench.json`` and
@@ -61,6 +62,22 @@ def bench(
         str,
         typer.Option("--size", help="goal: the sizes of the performance goals; small: a smoke run"),
     ] = "goal",
+    contenders: Annotated[
+        str | None,
+        typer.Option(
+            "--contenders",
+            help="comma-separated comparisons to run (default: all): mixers: mamba2-hf, "
+            "mamba1-hf, hydra, lower-bound, mamba2-reference; models: llama, presets",
+        ),
+    ] = None,
+    slow_after: Annotated[
+        float,
+        typer.Option(
+            "--slow-after",
+            min=0.0,
+            help="a contender whose warm-up call takes longer (seconds) is timed in one round only",
+        ),
+    ] = 5.0,
 ) -> None:
     """Benchmark mixers, models and decoding against reference implementations."""
     # at call time: cli.main imports this module to register it (python -m would loop)
@@ -83,7 +100,10 @@ def bench(
         if threads is not None:
             torch.set_num_threads(threads)
         opts = suites.small_options() if size == "small" else suites.Options()
-        changes: dict[str, object] = {"reps": reps, "check_only": check}
+        changes: dict[str, object] = {"reps": reps, "check_only": check, "slow_s": slow_after}
+        if contenders is not None:
+            chosen = tuple(c.strip() for c in contenders.split(",") if c.strip())
+            changes["contenders"] = suites.check_contenders(names, chosen)
         if lengths is not None:
             changes["lengths"] = _ints(lengths, "--lengths")
         if presets is not None:

@@ -5,6 +5,7 @@ and ratios are ratios of the recorded medians)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,68 @@ def test_a_float64_run_arbitrates_a_gap_that_is_the_references_rounding() -> Non
     # ours off float64 (the reference exact): refused, with ours' error
     with pytest.raises(R.EqualityError, match=r"toy: output differs .*error [23]\.\d\de-04 > rtol"):
         pair(off, 1.0, exact=exact)
+
+
+def test_contenders_run_only_the_chosen_comparisons() -> None:
+    opts = suites.replace(
+        suites.small_options(), lengths=(32,), reps=1, memory=False, contenders=("hydra",)
+    )
+    result = suites.run_suites(["mixers", "models"], opts)
+    # hydra brings mamba2 (its ratio's denominator) and nothing else: no reference built,
+    # no equality check, no model timed
+    assert {e.name for e in result.entries} == {"mamba2", "hydra"}
+    assert [r.name for r in result.ratios] == ["hydra / mamba2 (fwd)"]
+    assert result.checks == {}
+    hydra = next(e for e in result.entries if e.name == "hydra" and e.mode == "fwd")
+    assert result.ratios[0].value == pytest.approx(
+        hydra.median
+        / next(e for e in result.entries if (e.name, e.mode) == ("mamba2", "fwd")).median
+    )
+    # a pair brings its check and its ratio
+    opts = suites.replace(opts, contenders=("mamba2-hf", "llama"), check_only=True)
+    result = suites.run_suites(["mixers", "models"], opts)
+    assert sorted(result.checks) == [
+        "mamba2 vs transformers Mamba2Mixer (L=32)",
+        "transformer++ vs LlamaForCausalLM loss (L=64)",
+    ]
+
+
+def test_contenders_refuses_unknown_names_with_the_valid_list(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        ["bench", "--size", "small", "--check", "--contenders", "mamba2-hf,mamba3"],
+    )
+    assert result.exit_code == 1
+    assert "'mamba3' is not a comparison of the suite(s) mixers" in result.output
+    for name in ("mamba2-hf", "mamba1-hf", "hydra", "lower-bound", "mamba2-reference"):
+        assert name in result.output
+    # a models name is not a mixers comparison
+    result = runner.invoke(app, ["bench", "--check", "--contenders", "llama"])
+    assert result.exit_code == 1 and "'llama' is not a comparison" in result.output
+    out = tmp_path / "b"
+    result = runner.invoke(
+        app,
+        ["bench", "--size", "small", "--check", "--contenders", "mamba1-hf", "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    checks = json.loads((out / "bench.json").read_text())["checks"]
+    assert list(checks) == ["mamba1 vs transformers MambaMixer (L=64)"]
+
+
+def test_a_contender_slower_than_the_threshold_gets_fewer_rounds() -> None:
+    from mixstack.benchmarks.timing import interleave
+
+    calls = {"fast": 0, "slow": 0}
+
+    def fast() -> None:
+        calls["fast"] += 1
+
+    def slow() -> None:
+        calls["slow"] += 1
+        time.sleep(0.02)
+
+    times = interleave({"fast": fast, "slow": slow}, reps=4, slow_s=0.01, slow_reps=1)
+    assert len(times["fast"]) == 4 and len(times["slow"]) == 1
+    assert calls == {"fast": 5, "slow": 2}  # one warm-up each, then the rounds
+    times = interleave({"fast": fast, "slow": slow}, reps=3)  # no threshold: every round
+    assert len(times["slow"]) == 3
