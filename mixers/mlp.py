@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from mixstack.blocks.fused_linear import fused_linear
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.registry import register
@@ -118,7 +119,8 @@ class Mlp(Mixer):
         """(..., D) -> (..., D)."""
         if self.gate_proj is None:
             return self.down_proj(self.act(self.up_proj(x)))
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = fused_linear(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(self.act(gate) * up)
 
     def forward_sequence(
         self, x: Tensor, *, input_ids: Tensor | None, seq_idx: Tensor | None

@@ -207,6 +207,9 @@ def test_a_contender_slower_than_the_threshold_gets_fewer_rounds() -> None:
 
     times = interleave({"fast": fast, "slow": slow}, reps=4, slow_s=0.01, slow_reps=1)
     assert len(times["fast"]) == 4 and len(times["slow"]) == 1
-    assert calls == {"fast": 5, "slow": 2}  # one warm-up each, then the rounds
+    # one warm-up each; the slow one's warm-up is its one timed call
+    assert calls == {"fast": 5, "slow": 1}
+    times = interleave({"fast": fast, "slow": slow}, reps=4, slow_s=0.01, slow_reps=2)
+    assert len(times["slow"]) == 2 and calls == {"fast": 10, "slow": 3}
     times = interleave({"fast": fast, "slow": slow}, reps=3)  # no threshold: every round
     assert len(times["slow"]) == 3
