@@ -27,7 +27,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from mixstack.blocks.causality import ArchCausalConfig
-from mixstack.blocks.fused_linear import fused_linear
 from mixstack.blocks.rope import Rope, document_positions
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
@@ -233,10 +232,9 @@ class Attention(Mixer):
     def _project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, L, D) -> q (B, L, H, P), k, v (B, L, Hkv, P); RoPE at ``positions``."""
         B, L, _ = x.shape
-        q, k, v = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
-        q = q.view(B, L, self.n_heads, self.head_dim)
-        k = k.view(B, L, self.n_kv_heads, self.head_dim)
-        v = v.view(B, L, self.n_kv_heads, self.head_dim)
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim)
         if self.rope is not None:
             q, k = self.rope(q, positions), self.rope(k, positions)
         return q, k, v

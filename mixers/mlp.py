@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from mixstack.blocks.fused_linear import fused_linear
 from mixstack.dsl.base import Capabilities, LayerConfig, LayerExample
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.registry import register
@@ -119,8 +118,7 @@ class Mlp(Mixer):
         """(..., D) -> (..., D)."""
         if self.gate_proj is None:
             return self.down_proj(self.act(self.up_proj(x)))
-        gate, up = fused_linear(x, (self.gate_proj, self.up_proj))
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
     def forward_sequence(
         self, x: Tensor, *, input_ids: Tensor | None, seq_idx: Tensor | None
