@@ -456,7 +456,8 @@ def _reference_adamw(model: nn.Module) -> torch.optim.Optimizer:
     comparison is of the models, not of the optimizer's loop)."""
     from mixstack.training.optim import adamw_impl_kwargs
 
-    return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, **adamw_impl_kwargs())
+    impl = adamw_impl_kwargs(model.parameters())
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, **impl)
 
 
 def _presets(opts: Options) -> SuiteResult:

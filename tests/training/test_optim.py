@@ -154,3 +154,35 @@ def test_a_hint_naming_no_tensor_is_refused(monkeypatch: pytest.MonkeyPatch) -> 
         MixstackError, match=r"tensor\(s\) the model does not have: .*up_proj\.wieght"
     ):
         param_groups(model, weight_decay=0.1, lr=1e-3)
+
+
+def test_adamw_runs_fused_and_follows_the_written_out_update() -> None:
+    """The fused kernel is chosen for float CPU parameters; three steps of it match the
+    AdamW update written out here (decoupled decay, bias-corrected moments), per group."""
+    from mixstack.training.optim import adamw_impl_kwargs
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5))
+    cfg = AdamWConfig(lr=1e-2, weight_decay=0.1)
+    opt = build_optimizer(model, cfg)
+    assert all(g["fused"] for g in opt.param_groups)
+    start = {id(p): p.detach().double().clone() for p in model.parameters()}
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert sorted(set(decay.values())) == [0.0, 0.1]  # LayerNorm and biases undecayed
+    grads = [{id(p): torch.randn_like(p) for p in model.parameters()} for _ in range(3)]
+    for step_grads in grads:
+        for p in model.parameters():
+            p.grad = step_grads[id(p)].clone()
+        opt.step()
+    b1, b2 = cfg.betas
+    for p in model.parameters():
+        w, m, v = start[id(p)], 0.0, 0.0
+        for t, step_grads in enumerate(grads, start=1):
+            g = step_grads[id(p)].double()
+            w = w * (1 - cfg.lr * decay[id(p)])
+            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+            w = w - cfg.lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + cfg.eps)
+        torch.testing.assert_close(p.detach().double(), w, rtol=1e-5, atol=1e-6)
+    # a parameter the fused kernel cannot take falls back to the multi-tensor loop
+    assert adamw_impl_kwargs([torch.zeros(2, dtype=torch.int64)]) == {"foreach": True}
+    assert adamw_impl_kwargs([torch.zeros(2)]) == {"fused": True}
