@@ -484,6 +484,37 @@ def test_gated_rms_norm_formula(norm_before_gate, group_size):
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("group_size", [4, 12])
+def test_gated_rms_norm_gradients_match_autograd_of_the_plain_expression(
+    norm_before_gate, gated, group_size
+):
+    """The hand-written backward against autograd through gated_rms_norm_plain (float64,
+    a (2, 7, 12) input: odd length, groups of 4 or one group); bf16 inputs come back in
+    bf16 with gradients of their own dtypes."""
+    from mixstack.blocks.gated_norm import gated_rms_norm_plain
+
+    y, z, w = rand(20, 2, 7, 12), rand(21, 2, 7, 12), rand(22, 12)
+    cot = rand(23, 2, 7, 12)
+    leaves = [y, z, w] if gated else [y, w]
+    kw = {"group_size": group_size, "eps": 1e-5, "norm_before_gate": norm_before_gate}
+    res = []
+    for fn in (gated_rms_norm, gated_rms_norm_plain):
+        ts = [t.clone().requires_grad_() for t in leaves]
+        out = fn(ts[0], ts[1] if gated else None, ts[-1], **kw)
+        res.append((out, torch.autograd.grad(out, ts, cot)))
+    (out_a, g_a), (out_b, g_b) = res
+    torch.testing.assert_close(out_a, out_b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_a, g_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    ts = [t.bfloat16().requires_grad_() for t in (y, z)] + [w.float().requires_grad_()]
+    out = gated_rms_norm(ts[0], ts[1], ts[2], **kw)
+    grads = torch.autograd.grad(out, ts, cot.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.bfloat16, torch.float32]
+
+
 def test_gated_norm_module_and_errors():
     norm = GatedRMSNorm(8, group_size=4)
     assert (norm.weight == 1).all()
