@@ -98,3 +98,33 @@ def test_mask_tokens_scores_at_least_one_position_per_row() -> None:
     )
     assert ((labels != IGNORE_INDEX).sum(dim=1) == 1).all()
     assert ((out == 50).sum(dim=1) == 1).all()
+
+
+def test_loss_with_nothing_scored_and_a_second_backward() -> None:
+    """No scored target: loss 0 with a zero gradient; the loss's backward consumes its
+    buffer, so a second backward (retain_graph) is refused by name, not miscomputed."""
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    labels = torch.full((2, 3), IGNORE_INDEX)
+    loss = compute_loss("next_token", logits, labels)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+    labels[0, 0] = 4
+    loss = compute_loss("next_token", logits, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="differentiated twice"):
+        loss.backward()
+
+
+def test_fp32_loss_and_gradient_match_torch_cross_entropy_at_a_wide_vocabulary() -> None:
+    g = torch.Generator().manual_seed(1)
+    logits = (3 * torch.randn(2, 33, 4096, generator=g)).requires_grad_()
+    labels = torch.randint(4096, (2, 33), generator=g)
+    labels[:, -1] = IGNORE_INDEX
+    ours = compute_loss("next_token", logits, labels)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    ref = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 4096), labels.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-9)
