@@ -162,6 +162,10 @@ def test_contenders_run_only_the_chosen_comparisons() -> None:
         hydra.median
         / next(e for e in result.entries if (e.name, e.mode) == ("mamba2", "fwd")).median
     )
+    opts = suites.replace(opts, contenders=("mamba1-hf",))
+    result = suites.run_suites(["mixers"], opts)
+    assert {e.name for e in result.entries} == {"mamba1", "transformers MambaMixer"}
+    assert [r.name for r in result.ratios] == ["MambaMixer / mamba1 (fwd+bwd)"]
     # a pair brings its check and its ratio
     opts = suites.replace(opts, contenders=("mamba2-hf", "llama"), check_only=True)
     result = suites.run_suites(["mixers", "models"], opts)
