@@ -233,7 +233,9 @@ class LitModel(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         if self.total_steps is None:
             raise MixstackError("LitModel.total_steps is unset: train it with TaskData")
-        optimizer = build_optimizer(self.model, self.train_cfg.optimizer)
+        # 16-mixed: Lightning's grad scaler refuses to clip a fused optimizer's gradients
+        fused = self.spec.run.precision != "16-mixed"
+        optimizer = build_optimizer(self.model, self.train_cfg.optimizer, fused=fused)
         scheduler = build_scheduler(optimizer, self.train_cfg.schedule, self.total_steps)
         return {
             "optimizer": optimizer,

@@ -72,7 +72,7 @@ def _check_hint_names(model: nn.Module, hints: dict[str, ParamHint]) -> None:
         )
 
 
-def adamw_impl_kwargs(params: Iterable[Tensor] | None = None) -> dict[str, Any]:
+def adamw_impl_kwargs(params: Iterable[Tensor] | None = None, fused: bool = True) -> dict[str, Any]:
     """Implementation flags for Adam(W): the fused kernel (``fused=True``, one pass over
     each parameter and its two moments) when every parameter is a floating-point tensor
     on the CPU or a CUDA device, else the multi-tensor (``foreach``) loop. torch's CPU
@@ -80,7 +80,11 @@ def adamw_impl_kwargs(params: Iterable[Tensor] | None = None) -> dict[str, Any]:
     is the same ops batched: on the transformer++ benchmark model (20 M parameters,
     1 thread) a step of the optimizer takes 104 ms per-tensor, 114 ms ``foreach`` and
     24 ms fused. The update rule is the same; fused results differ from the loop's by
-    rounding only (1.5e-8 after 3 steps there). ``params`` None: fused."""
+    rounding only (1.5e-8 after 3 steps there). ``params`` None: fused. ``fused=False``
+    (training under 16-mixed, whose Lightning grad scaler will not clip the gradients
+    of an optimizer that unscales them itself): ``foreach``."""
+    if not fused:
+        return {"foreach": True}
     if params is not None and not all(
         p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params
     ):
@@ -88,13 +92,16 @@ def adamw_impl_kwargs(params: Iterable[Tensor] | None = None) -> dict[str, Any]:
     return {"fused": True}
 
 
-def build_optimizer(model: nn.Module, cfg: AdamWConfig | SGDConfig) -> torch.optim.Optimizer:
-    """The optimizer of ``train.optimizer`` over :func:`param_groups`."""
+def build_optimizer(
+    model: nn.Module, cfg: AdamWConfig | SGDConfig, *, fused: bool = True
+) -> torch.optim.Optimizer:
+    """The optimizer of ``train.optimizer`` over :func:`param_groups`; ``fused``: whether
+    Adam(W) may use torch's fused kernel (:func:`adamw_impl_kwargs`)."""
     groups = param_groups(model, cfg.weight_decay, cfg.lr)
     if isinstance(cfg, SGDConfig):
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     optimizer = torch.optim.AdamW if cfg.type == "adamw" else torch.optim.Adam
-    impl = adamw_impl_kwargs(p for g in groups for p in g["params"])
+    impl = adamw_impl_kwargs((p for g in groups for p in g["params"]), fused=fused)
     return optimizer(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **impl)
 
 

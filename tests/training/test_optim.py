@@ -186,3 +186,5 @@ def test_adamw_runs_fused_and_follows_the_written_out_update() -> None:
     # a parameter the fused kernel cannot take falls back to the multi-tensor loop
     assert adamw_impl_kwargs([torch.zeros(2, dtype=torch.int64)]) == {"foreach": True}
     assert adamw_impl_kwargs([torch.zeros(2)]) == {"fused": True}
+    # training under 16-mixed asks for the loop (Lightning's scaler clips it)
+    assert all(g["foreach"] for g in build_optimizer(model, cfg, fused=False).param_groups)
