@@ -265,13 +265,19 @@ def test_shipped_passkey_grid_plans() -> None:
     import mixstack.ablate as ab
 
     plan = ab.plan(ROOT / "examples" / "grids" / "passkey_dstate.yaml")
-    cells = {(p.variant, p.axes["model.layers.symbols.M.d_state"]) for p in plan.points}
-    assert cells == {(v, d) for v in ("attention", "mamba2") for d in (4, 8, 16)}
+    cells = {(p.variant, p.axes["model.layers.symbols.M.d_state"], p.seed) for p in plan.points}
+    assert cells == {(v, d, s) for v in ("attention", "mamba2") for d in (4, 16) for s in (0, 1)}
     for p in plan.points:
         task = p.spec.train.task
-        assert (task.type, task.seq_len, p.spec.model.max_seq_len) == ("passkey", 128, 128)
+        assert (task.type, task.seq_len, p.spec.model.max_seq_len) == ("passkey", 256, 256)
         kinds = {c.type for c in p.spec.model.layer_configs()}
         assert kinds == {p.variant}
+        # Mamba-2 scales its embeddings (its layers would drown them at init), attention not
+        assert p.spec.model.embedding.scale == (p.variant == "mamba2")
+        if p.variant == "mamba2":
+            assert (
+                p.spec.model.layer_configs()[0].d_state == p.axes["model.layers.symbols.M.d_state"]
+            )
 
 
 def test_grid_directory_sweep(tmp_path: Path) -> None:
