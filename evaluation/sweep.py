@@ -536,19 +536,35 @@ def models_from_grid(
     *,
     task: str | None = None,
     allow_unverified: bool = False,
+    all_lrs: bool = False,
 ) -> list[SweepModel]:
     """Every finished point of a grid directory as a :class:`SweepModel` labelled by its
-    cell and seed, with ``variant``, the axes, ``seed`` and ``point`` as extra columns."""
+    cell and seed, with ``variant``, the axes, ``seed`` and ``point`` as extra columns.
+
+    A grid with an ``lr`` list trains one sub-run per learning rate for each cell and
+    seed. Only the sub-run the grid report chooses is swept (the best value of the grid's
+    metric in its direction, :func:`mixstack.ablate.reporting.tables`' ``chosen``), or
+    with ``all_lrs`` every finished one; either way ``lr`` is a column and the label ends
+    in ``lr VALUE``."""
     from mixstack.ablate.runner import GridDir
     from mixstack.dsl.loader import load_spec
     from mixstack.hub.modeldir import load_model_dir
 
     gd = GridDir(Path(grid_dir))
     plan = gd.read_plan()
+    has_lrs = bool(plan.get("lrs"))
+    chosen: set[str] | None = None
+    if has_lrs and not all_lrs:
+        from mixstack.ablate.reporting import tables
+
+        points = tables(grid_dir).points
+        chosen = set(points.loc[points["chosen"], "id"])
     out = []
     for pt in plan["points"]:
         if gd.read_status(pt["id"])["state"] != "finished":
             continue
+        if chosen is not None and pt["id"] not in chosen:
+            continue  # a learning-rate sub-run the report did not choose
         run = gd.run_dir(pt["id"])
         model = load_model_dir(run / "model", allow_unverified=allow_unverified)
         train = load_spec(str(run / "spec.yaml")).to_dict()["train"]
@@ -560,10 +576,20 @@ def models_from_grid(
         short = ", ".join(f"{a.rsplit('.', 1)[-1]}={v}" for a, v in axes.items())
         label = " | ".join(part for part in (pt["variant"], short) if part)
         label = (label or pt["cell"]) + (f" seed {pt['seed']}" if len(plan["seeds"]) > 1 else "")
-        extra = {"variant": pt["variant"], **axes, "seed": pt["seed"], "point": pt["id"]}
+        extra = {"variant": pt["variant"], **axes, "seed": pt["seed"]}
+        if has_lrs:
+            label += f" lr {pt['lr']:g}"
+            extra["lr"] = pt["lr"]
+        extra["point"] = pt["id"]
         out.append(SweepModel(label, model, train, train_len, extra))
     if not out:
-        raise SweepError(f"{grid_dir}: no finished point to evaluate (mixstack grid status)")
+        why = (
+            " with a value of its metric (the report chooses among the learning-rate "
+            "sub-runs by it)"
+            if chosen is not None
+            else ""
+        )
+        raise SweepError(f"{grid_dir}: no finished point{why} to evaluate (mixstack grid status)")
     return out
 
 

@@ -265,13 +265,19 @@ def test_shipped_passkey_grid_plans() -> None:
     import mixstack.ablate as ab
 
     plan = ab.plan(ROOT / "examples" / "grids" / "passkey_dstate.yaml")
-    cells = {(p.variant, p.axes["model.layers.symbols.M.d_state"]) for p in plan.points}
-    assert cells == {(v, d) for v in ("attention", "mamba2") for d in (4, 8, 16)}
+    cells = {(p.variant, p.axes["model.layers.symbols.M.d_state"], p.seed) for p in plan.points}
+    assert cells == {(v, d, s) for v in ("attention", "mamba2") for d in (4, 16) for s in (0, 1)}
     for p in plan.points:
         task = p.spec.train.task
-        assert (task.type, task.seq_len, p.spec.model.max_seq_len) == ("passkey", 128, 128)
+        assert (task.type, task.seq_len, p.spec.model.max_seq_len) == ("passkey", 256, 256)
         kinds = {c.type for c in p.spec.model.layer_configs()}
         assert kinds == {p.variant}
+        # Mamba-2 scales its embeddings (its layers would drown them at init), attention not
+        assert p.spec.model.embedding.scale == (p.variant == "mamba2")
+        if p.variant == "mamba2":
+            assert (
+                p.spec.model.layer_configs()[0].d_state == p.axes["model.layers.symbols.M.d_state"]
+            )
 
 
 def test_grid_directory_sweep(tmp_path: Path) -> None:
@@ -324,3 +330,75 @@ def test_grid_directory_sweep(tmp_path: Path) -> None:
             continue
         want = reference_for(model, int(row["length"]), 0.5, val_size=2)
         assert float(row["loss"]) == pytest.approx(want["loss"], rel=1e-4)
+
+
+def test_grid_with_lr_list_sweeps_the_sub_run_the_report_chooses(tmp_path: Path) -> None:
+    """A grid with ``lr: [a, b]`` has two sub-runs per cell: the sweep evaluates only the
+    one with the best logged metric (max for passkey_exact; lr b wins in one cell, lr a in
+    the other, and the best value is not the last one logged), labelled and columned by its
+    lr. The rows are that sub-run's model's numbers. ``all_lrs`` keeps every sub-run,
+    each labelled by its lr."""
+    from mixstack.ablate.reporting import tables
+    from mixstack.ablate.runner import GridDir, prepare
+
+    base = tmp_path / "base.yaml"
+    task = {"type": "passkey", "seq_len": 112, "n_digits": 3, "val_size": 2}
+    base.write_text(
+        yaml.safe_dump({"model": raw_model("Mw-"), "train": {"task": task, "max_steps": 5}})
+    )
+    grid = {
+        "base": str(base),
+        "axes": {"model.d_model": [16, 24]},
+        "lr": [1.0e-3, 3.0e-3],
+        "metric": "val/passkey_exact",
+    }
+    out = tmp_path / "grid"
+    plan = prepare(grid, out, retry_failed=False)
+    gd = GridDir(out)
+    # (d_model, lr) -> logged passkey_exact at steps 10, 20: the best is the max, not the last
+    logged = {
+        (16, 1.0e-3): (0.50, 0.25),
+        (16, 3.0e-3): (0.25, 0.75),  # d_model 16: lr 3e-3 is best
+        (24, 1.0e-3): (0.90, 0.10),  # d_model 24: lr 1e-3 is best (by its max, 0.90)
+        (24, 3.0e-3): (0.50, 0.60),
+    }
+    models, best = {}, {}
+    for i, pt in enumerate(plan.points):
+        assert pt.spec.train.optimizer.lr == pt.lr
+        model = build(pt.spec.model, seed=10 + i).eval()  # each sub-run its own weights
+        run = gd.run_dir(pt.id)
+        save_model_dir(model, run / "model")
+        (run / "spec.yaml").write_text(pt.spec.dump())
+        values = logged[(pt.axes["model.d_model"], pt.lr)]
+        lines = ["step,val/passkey_exact"] + [f"{9 + 10 * k},{v}" for k, v in enumerate(values)]
+        (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+        gd.write_status(pt.id, {"id": pt.id, "state": "finished"})
+        models[pt.id] = model
+        d = pt.axes["model.d_model"]
+        if d not in best or max(values) > best[d][1]:
+            best[d] = (pt.id, max(values), pt.lr)
+    assert {d: b[2] for d, b in best.items()} == {16: 3.0e-3, 24: 1.0e-3}
+    report = tables(out).points  # the grid report's choice is the same sub-run
+    assert set(report.loc[report["chosen"], "id"]) == {b[0] for b in best.values()}
+
+    result = runner.invoke(
+        app, ["eval", str(out), "--lengths", "112", "--depths", "0.5", "--out", str(out / "e")]
+    )
+    assert result.exit_code == 0, result.output
+    rows = read_csv(out / "e" / "eval.csv")
+    columns = ["model", "variant", "model.d_model", "seed", "lr", "point", "length"]
+    assert list(rows[0])[:7] == columns
+    assert len(rows) == 2
+    for row in rows:
+        point, _, lr = best[int(row["model.d_model"])]
+        assert row["point"] == point and float(row["lr"]) == lr
+        assert row["model"].endswith(f"lr {lr:g}")
+        want = reference_for(models[point], 112, 0.5, val_size=2)
+        assert float(row["loss"]) == pytest.approx(want["loss"], rel=1e-4)
+        others = [reference_for(models[p], 112, 0.5, val_size=2)["loss"] for p in models]
+        assert sum(math.isclose(float(row["loss"]), o, rel_tol=1e-4) for o in others) == 1
+
+    every = sw.models_from_grid(out, all_lrs=True)
+    assert sorted(m.extra["point"] for m in every) == sorted(models)
+    assert len({m.label for m in every}) == 4
+    assert all(m.label.endswith(f"lr {m.extra['lr']:g}") for m in every)
