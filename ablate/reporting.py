@@ -120,7 +120,7 @@ def tables(out: str | os.PathLike[str]) -> GridTables:
                 "variant": pt["variant"],
                 **{a: _cell_value(pt["axes"].get(a)) for a in axes},
                 "seed": pt["seed"],
-                "lr": pt["lr"],
+                "lr": pt["lr"] if pt["lr"] is not None else _spec_lr(gd, pt["id"]),
                 "state": status["state"],
                 "best": best,
                 "best_step": best_step,
@@ -142,6 +142,16 @@ def tables(out: str | os.PathLike[str]) -> GridTables:
     summary = _summary(points, plan)
     differences = _differences(points, plan)
     return GridTables(plan, points, summary, differences, histories)
+
+
+def _spec_lr(gd: GridDir, pid: str) -> float | None:
+    """The learning rate a point trained with when the grid has no ``lr`` list (the
+    base's, or a variant's ``train.optimizer.lr``), from its resolved spec."""
+    try:
+        lr = gd.read_point(pid)["spec"]["train"]["optimizer"]["lr"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(lr) if isinstance(lr, (int, float)) else None
 
 
 def _trained_tokens(pt: dict[str, Any], status: dict[str, Any]) -> int | None:

@@ -246,3 +246,21 @@ def test_zipped_axes_share_one_line_per_variant(write_grid, tmp_path):
         rows = t.summary[t.summary["variant"] == s["label"]].sort_values("model.d_model")
         assert s["x"] == [16, 32] and s["y"] == list(rows["best_mean"])
         assert list(rows["model.layers.symbols.M.d_state"]) == [4, 8]
+
+
+def test_lr_column_without_an_lr_list_is_the_rate_each_point_trained_with(write_grid, tmp_path):
+    """No grid `lr` list: the table shows the variant's `train.optimizer.lr`, or the
+    base's (0.01 in conftest's base) for a variant that does not set one."""
+    from mixstack.ablate.reporting import tables
+
+    text = (
+        GRID.replace("lr: [0.001, 0.01]\n", "")
+        .replace('"*-"}', '"*-", train.optimizer.lr: 0.003}')
+        .replace("seeds: [0, 1, 2, 3, 4]", "seeds: [0, 1, 2]")
+    )
+    assert "lr: [" not in text and "train.optimizer.lr: 0.003" in text
+    t = tables(_fake(write_grid(text, "vlr.yaml"), tmp_path / "vlr"))
+    assert len(t.points) == 12 and bool(t.points["chosen"].all())
+    expected = {"att": 0.003, "ssm": 0.01}
+    assert [expected[v] for v in t.points["variant"]] == list(t.points["lr"])
+    assert {r["variant"]: r["lr"] for r in t.summary.to_dict("records")} == expected
