@@ -431,7 +431,10 @@ def plot_metric_vs_axis(
 
 def plot_learning_curves(t: GridTables, ax: Any = None) -> list[dict[str, Any]]:
     """Metric against steps per cell: the mean over seeds (chosen learning rate) at each
-    step where every seed has a value. Returns the series drawn: label, x (steps), y."""
+    step where every seed has a value or has already stopped. A seed that stopped before a
+    step (early stop: it reached the threshold) counts with its last value there, so a
+    cell's curve runs to its longest seed instead of ending where its first seed stopped.
+    Returns the series drawn: label, x (steps), y."""
     import matplotlib.pyplot as plt
 
     ax = ax or plt.gca()
@@ -439,8 +442,11 @@ def plot_learning_curves(t: GridTables, ax: Any = None) -> list[dict[str, Any]]:
     series = []
     for cell, group in picked.groupby("cell", sort=False):
         curves = [dict(t.histories[pid]) for pid in group["id"]]
-        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-        y = [sum(c[s] for c in curves) / len(curves) for s in steps]
+        curves = [c for c in curves if c]
+        steps = [
+            s for s in sorted(set().union(*curves)) if all(s in c or s > max(c) for c in curves)
+        ]
+        y = [sum(c.get(s, c[max(c)]) for c in curves) / len(curves) for s in steps]
         ax.plot(steps, y, marker=".", label=cell)
         series.append({"label": cell, "x": steps, "y": y})
     ax.set_xlabel("step")

@@ -264,3 +264,34 @@ def test_lr_column_without_an_lr_list_is_the_rate_each_point_trained_with(write_
     expected = {"att": 0.003, "ssm": 0.01}
     assert [expected[v] for v in t.points["variant"]] == list(t.points["lr"])
     assert {r["variant"]: r["lr"] for r in t.summary.to_dict("records")} == expected
+
+
+def test_learning_curves_carry_an_early_stopped_seed_at_its_last_value(fake_grid):
+    """A seed that stopped early (reached the threshold) holds its last value: the cell's
+    curve runs to its longest seed and its mean there includes the stopped seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mixstack.ablate.reporting import plot_learning_curves, tables
+
+    t = tables(fake_grid)
+    picked = t.points[t.points["chosen"]]
+    cell = picked["cell"].iloc[0]
+    ids = list(picked[picked["cell"] == cell]["id"])
+    stopped = ids[0]
+    t.histories[stopped] = [(2, 0.99)]  # stopped after its first validation
+    fig, ax = plt.subplots()
+    curves = plot_learning_curves(t, ax)
+    plt.close(fig)
+    curve = next(c for c in curves if c["label"] == cell)
+    assert curve["x"] == [2, 4]
+    at4 = [0.99] + [dict(t.histories[pid])[4] for pid in ids[1:]]
+    assert curve["y"][1] == pytest.approx(sum(at4) / len(at4))
+    # a seed missing a step it did reach (a gap, not a stop) still drops that step
+    t.histories[stopped] = [(4, 0.5)]
+    fig, ax = plt.subplots()
+    curve = next(c for c in plot_learning_curves(t, ax) if c["label"] == cell)
+    plt.close(fig)
+    assert curve["x"] == [4]
