@@ -4,7 +4,6 @@ with the `tokenizers` library; a tokenizer or vocabulary mismatch is refused."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -17,28 +16,15 @@ from mixstack.dsl.errors import MixstackError, SpecError
 from mixstack.dsl.spec import Spec
 from mixstack.tasks import make_task
 from mixstack.tasks.base import IGNORE_INDEX, Task
-
-WORDS = ["the", "cat", "sat", "café", "日本", "🎉", "on", "mat", "\n", " "]
+from tests.support.text_corpus import tiny_mlp_lm, write_word_files
 
 
 def _corpus(folder: Path, n: int = 6) -> list[Path]:
-    rng = random.Random(3)
-    paths = []
-    for i in range(n):
-        path = folder / f"f{i}.txt"
-        path.write_text(" ".join(rng.choices(WORDS, k=rng.randint(20, 60))), encoding="utf-8")
-        paths.append(path)
-    return paths
+    return write_word_files(folder, n=n, seed=3, words_per_file=(20, 60))
 
 
 def _spec(task: dict, vocab_size: int, special_tokens: list[str]) -> Spec:
-    model = {
-        "vocab_size": vocab_size,
-        "special_tokens": special_tokens,
-        "max_seq_len": 64,
-        "d_model": 16,
-        "layers": {"pattern": "-", "symbols": {"-": {"type": "mlp", "hidden": 16}}},
-    }
+    model = tiny_mlp_lm(vocab_size, 64, special_tokens)
     return mixstack.load_spec({"model": model, "train": {"task": task, "max_steps": 1}})
 
 
@@ -144,13 +130,7 @@ def test_prepare_writes_the_specs_shards_with_its_tokenizer(
     files, path, size = bpe
     task = {"type": "text", "seq_len": 16, "files": [str(f) for f in files]}
     task_tok = {**task, "tokenizer": str(path.parent)}
-    model = {
-        "vocab_size": size,
-        "special_tokens": [],
-        "max_seq_len": 64,
-        "d_model": 16,
-        "layers": {"pattern": "-", "symbols": {"-": {"type": "mlp", "hidden": 16}}},
-    }
+    model = tiny_mlp_lm(size, 64)
     spec_file = tmp_path / "lm.yaml"
     shards = tmp_path / "sh"
     body = {"model": model, "train": {"task": {**task_tok, "shards": str(shards)}, "max_steps": 1}}

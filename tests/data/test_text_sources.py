@@ -22,6 +22,7 @@ from mixstack.data.corpus import prepare_corpus
 from mixstack.dsl.errors import MixstackError, SpecError
 from mixstack.tasks import make_task
 from mixstack.tasks.base import IGNORE_INDEX
+from tests.support.text_corpus import tiny_mlp_lm
 
 WORDS = ["the", "cat", "sat", "café", "日本", "🎉", "on", "mat", "\r\n", " ", "\n"]
 EOS = 256
@@ -314,13 +315,7 @@ def test_prepare_cli_round_trips_sources_with_a_bpe(corpus: dict[str, Any], tmp_
         "val_sources": [{"path": str(root / "v.jsonl")}],
         "shards": str(tmp_path / "sh"),
     }
-    model = {
-        "vocab_size": size,
-        "special_tokens": [],
-        "max_seq_len": 32,
-        "d_model": 16,
-        "layers": {"pattern": "-", "symbols": {"-": {"type": "mlp", "hidden": 16}}},
-    }
+    model = tiny_mlp_lm(size, 32)
     spec_file = tmp_path / "lm.yaml"
     spec_file.write_text(yaml.safe_dump({"model": model, "train": {"task": task, "max_steps": 1}}))
     result = runner.invoke(app, ["data", "prepare", str(spec_file)])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,7 @@ import mixstack
 from mixstack.data.bpe import train_bpe
 from mixstack.dsl.errors import CheckpointError
 from mixstack.hub.modeldir import load_model_dir, load_tokenizer, verify_model_dir
-
-WORDS = ["the", "cat", "sat", "café", "日本", "🎉", "on", "mat", "\n", " "]
+from tests.support.text_corpus import tiny_mlp_lm, write_word_files
 
 
 @pytest.fixture(scope="module")
@@ -30,22 +28,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from mixstack.training.run import _task_tokenizer
 
     root = tmp_path_factory.mktemp("tokrun")
-    rng = random.Random(1)
-    files = []
-    for i in range(4):
-        files.append(root / f"f{i}.txt")
-        files[-1].write_text(" ".join(rng.choices(WORDS, k=120)), encoding="utf-8")
+    files = write_word_files(root, n=4, seed=1, words_per_file=120)
     tok = train_bpe(files, 290, root / "tok")
     size = Tokenizer.from_file(str(tok)).get_vocab_size()
     spec = mixstack.load_spec(
         {
-            "model": {
-                "vocab_size": size,
-                "special_tokens": [],
-                "max_seq_len": 32,
-                "d_model": 16,
-                "layers": {"pattern": "-", "symbols": {"-": {"type": "mlp", "hidden": 16}}},
-            },
+            "model": tiny_mlp_lm(size, 32),
             "train": {
                 "task": {
                     "type": "text",

@@ -17,18 +17,11 @@ from mixstack.data.bpe import train_bpe
 from mixstack.dsl.errors import MixstackError, SpecError
 from mixstack.dsl.hubref import HubOptions, default_options, set_default_options
 from mixstack.tasks import make_task
-
-WORDS = ["the", "cat", "sat", "café", "日本", "🎉", "on", "mat", "\n", " "]
+from tests.support.text_corpus import WORDS, tiny_mlp_lm, write_word_files
 
 
 def _spec(tokenizer: str, files: list[Path], vocab_size: int) -> Any:
-    model = {
-        "vocab_size": vocab_size,
-        "special_tokens": [],
-        "max_seq_len": 64,
-        "d_model": 16,
-        "layers": {"pattern": "-", "symbols": {"-": {"type": "mlp", "hidden": 16}}},
-    }
+    model = tiny_mlp_lm(vocab_size, 64)
     task = {"type": "text", "seq_len": 16, "tokenizer": tokenizer, "files": [str(f) for f in files]}
     return mixstack.load_spec({"model": model, "train": {"task": task, "max_steps": 1}})
 
@@ -48,11 +41,7 @@ def test_hub_tokenizer_is_fetched_once_then_read_from_the_cache(
     from tokenizers import Tokenizer
 
     hub = endpoint
-    rng = random.Random(0)
-    files = []
-    for i in range(4):
-        files.append(tmp_path / f"f{i}.txt")
-        files[-1].write_text(" ".join(rng.choices(WORDS, k=150)), encoding="utf-8")
+    files = write_word_files(tmp_path, n=4, seed=0, words_per_file=150)
     path = train_bpe(files, 290, tmp_path / "tok")
     size = Tokenizer.from_file(str(path)).get_vocab_size()
     HfApi(endpoint=hub.endpoint, token=hub.token).create_repo("me/tok")
