@@ -188,13 +188,18 @@ def run_grid(
     retry_failed: bool = False,
     cluster: str | None = None,
     submitit_params: dict[str, Any] | None = None,
+    threads: int | None = None,
 ) -> GridSummary:
     """Run every point of ``grid`` not finished yet into ``out`` (see the module
     docstring). ``executor``: ``local`` (worker subprocesses) or ``submitit``
     (``cluster``: None lets submitit pick Slurm when present, ``local`` or ``debug`` force
-    one; ``submitit_params`` go to ``update_parameters``, e.g. ``slurm_partition``)."""
+    one; ``submitit_params`` go to ``update_parameters``, e.g. ``slurm_partition``).
+    ``threads``: torch threads of each local worker (None: the machine's cores divided
+    among the workers)."""
     if workers < 1:
         raise GridRunError(f"--workers must be >= 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise GridRunError(f"--threads must be >= 1, got {threads}")
     if executor not in ("local", "submitit"):
         raise GridRunError(f"unknown executor {executor!r}; use local or submitit")
     root = Path(out)
@@ -210,7 +215,7 @@ def run_grid(
         errors: list[str] = []
         if n:
             if executor == "local":
-                errors = _run_local(root, n)
+                errors = _run_local(root, n, threads)
             else:
                 errors = _run_submitit(root, n, cluster, submitit_params or {})
         return summarize(root, errors)
@@ -224,7 +229,7 @@ def summarize(out: Path, errors: list[str] | None = None) -> GridSummary:
     return GridSummary(out, counts, errors or [])
 
 
-def _run_local(root: Path, n: int) -> list[str]:
+def _run_local(root: Path, n: int, threads: int | None = None) -> list[str]:
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
     procs = []
@@ -232,7 +237,11 @@ def _run_local(root: Path, n: int) -> list[str]:
         log = open(logs / f"worker-{k}.log", "ab")  # noqa: SIM115 (closed below)
         cmd = [sys.executable, "-m", "mixstack.ablate.worker", str(root), "--worker", str(k)]
         # Share the cores instead of oversubscribing them (each torch would take them all).
-        cmd += ["--threads", str(max(1, (os.cpu_count() or 1) // n))]
+        # On a machine that other jobs also use, fewer threads can be much faster: a
+        # 2-thread worker beside another busy process ran small models ~60x slower
+        # than a 1-thread one (threads spinning on a core the other job holds).
+        share = threads if threads is not None else max(1, (os.cpu_count() or 1) // n)
+        cmd += ["--threads", str(share)]
         endpoint = _hub_endpoint()
         if endpoint is not None:  # `mixstack --hub-endpoint URL grid run ...`
             cmd += ["--hub-endpoint", endpoint]

@@ -4,6 +4,7 @@
                    [--threads N] [--out DIR] [--compare old.json] [--check]
                    [--reps N] [--presets a,b] [--size goal|small]
                    [--contenders mamba2-hf,mamba1-hf,...] [--slow-after SECONDS]
+                   [--chunk N]
 
 Every pair is checked equal (fp32, rtol 1e-4 on outputs and gradients) before any time
 is measured; ``--check`` stops there. Writes ``DIR/bench.md``, ``DIR/bench.json`` and
@@ -78,6 +79,15 @@ def bench(
             help="a contender whose warm-up call takes longer (seconds) is timed in one round only",
         ),
     ] = 5.0,
+    chunk: Annotated[
+        int | None,
+        typer.Option(
+            "--chunk",
+            min=1,
+            help="SSD chunk length of the mixers suite, ours and transformers' alike "
+            "(default 128, the goals' size; another chunk reports no goals)",
+        ),
+    ] = None,
 ) -> None:
     """Benchmark mixers, models and decoding against reference implementations."""
     # at call time: cli.main imports this module to register it (python -m would loop)
@@ -108,6 +118,9 @@ def bench(
             changes["lengths"] = _ints(lengths, "--lengths")
         if presets is not None:
             changes["presets"] = tuple(p for p in presets.split(",") if p)
+        if chunk is not None and chunk != opts.mixer.chunk:
+            changes["mixer"] = suites.replace(opts.mixer, chunk=chunk)
+            changes["goal_length"] = 0  # the goals are stated at the default chunk
         opts = suites.replace(opts, **changes)
         result = suites.run_suites(names, opts)
         console = _stdout()

@@ -1,7 +1,7 @@
 """``mixstack grid``: plan, run, status and report of ablation grids (mixstack.ablate).
 
 grid plan GRID                  expand and check every point; table of sizes
-grid run GRID --out DIR [--workers N] [--executor local|submitit] [--retry-failed]
+grid run GRID --out DIR [--workers N] [--threads N] [--executor local|submitit] [--retry-failed]
 grid status DIR                 per-point state, attempts, wall time, errors
 grid report DIR [--dest D]      summary.md/csv, points.csv, differences.csv, PNG plots
 """
@@ -98,6 +98,14 @@ def run_cmd(
     grid: GridArg,
     out: Annotated[Path, typer.Option("--out", help="grid directory (created or resumed)")],
     workers: Annotated[int, typer.Option("--workers", min=1, help="worker processes")] = 1,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="torch threads per local worker (default: the cores divided among workers)",
+        ),
+    ] = None,
     executor: Annotated[
         str, typer.Option("--executor", help="local (subprocesses) or submitit (Slurm)")
     ] = "local",
@@ -134,6 +142,7 @@ def run_cmd(
             retry_failed=retry_failed,
             cluster=cluster,
             submitit_params=params,
+            threads=threads,
         )
         console = _cli()._stdout()
         console.print(_status_table(out))

@@ -162,3 +162,34 @@ def test_submitit_local_executor(write_grid, tmp_path):
     assert list((out / "submitit").glob("*_result.pkl")) or list((out / "submitit").iterdir())
     for p in gd.read_plan()["points"]:
         assert len(_val_rows(gd.run_dir(p["id"]))) == 2
+
+
+def test_local_workers_get_the_cores_shared_or_the_threads_asked(write_grid, tmp_path, monkeypatch):
+    """Each local worker's torch threads: the cores divided among the workers, or
+    ``--threads`` (fewer threads beside other jobs avoid oversubscribing the cores)."""
+    import mixstack.ablate.runner as runner_mod
+    from mixstack.ablate.runner import GridRunError
+
+    launched: list[list[str]] = []
+
+    class _Done:  # a worker that exits at once, leaving the points pending
+        def __init__(self, cmd: list[str], **_: object) -> None:
+            launched.append(cmd)
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(runner_mod.subprocess, "Popen", _Done)
+    monkeypatch.setattr(runner_mod.os, "cpu_count", lambda: 8)
+    path = write_grid(GRID)
+
+    def threads_of(**kwargs: object) -> list[str]:
+        launched.clear()
+        run_grid(path, tmp_path / "out", **kwargs)
+        return [cmd[cmd.index("--threads") + 1] for cmd in launched]
+
+    assert threads_of(workers=2) == ["4", "4"]
+    assert threads_of(workers=3) == ["2", "2", "2"]
+    assert threads_of(workers=2, threads=1) == ["1", "1"]
+    with pytest.raises(GridRunError, match="--threads must be >= 1, got 0"):
+        run_grid(path, tmp_path / "out", threads=0)

@@ -217,3 +217,35 @@ def test_a_contender_slower_than_the_threshold_gets_fewer_rounds() -> None:
     assert len(times["slow"]) == 2 and calls == {"fast": 10, "slow": 3}
     times = interleave({"fast": fast, "slow": slow}, reps=3)  # no threshold: every round
     assert len(times["slow"]) == 3
+
+
+def test_chunk_sets_both_sides_and_the_bound_and_drops_the_goals(tmp_path: Path) -> None:
+    """``--chunk``: ours, transformers' and the lower bound's FLOP count all use it; the
+    goals (stated at the default chunk) are not applied to another one."""
+    small = suites.small_options()
+    reports = {}
+    for chunk in (None, 8):
+        out = tmp_path / str(chunk)
+        args = ["bench", "--size", "small", "--lengths", str(small.goal_length), "--reps", "1"]
+        args += ["--contenders", "mamba2-hf,lower-bound", "--out", str(out)]
+        result = runner.invoke(app, args + ([] if chunk is None else ["--chunk", str(chunk)]))
+        assert result.exit_code == 0, result.output
+        reports[chunk] = json.loads((out / "bench.json").read_text())
+    assert reports[None]["options"]["mixer"]["chunk"] == small.mixer.chunk == 32
+    assert reports[8]["options"]["mixer"]["chunk"] == 8
+    for chunk, data in reports.items():
+        length = small.goal_length
+        entries = {e["name"]: e for e in data["entries"]}
+        rate = entries["projection GEMMs"]["extra"]["flop_s"]
+        shape = R.MixerShape(**data["options"]["mixer"])
+        flops = R.ours_mamba2(shape).flops_per_token(length)
+        bound = entries["mamba2 matmul lower bound"]["times"][0]
+        assert bound == pytest.approx(3 * flops * length / rate)
+        goals = [r["goal"] for r in data["ratios"]]
+        assert goals == ([1.5, 1.8] if chunk is None else [None, None])
+    # the two chunk sizes count different FLOPs (so the check above tells them apart)
+    flops = [
+        R.ours_mamba2(suites.replace(small.mixer, chunk=c)).flops_per_token(small.goal_length)
+        for c in (8, small.mixer.chunk)
+    ]
+    assert flops[0] != flops[1]
