@@ -266,7 +266,7 @@ def test_shipped_passkey_grid_plans() -> None:
 
     plan = ab.plan(ROOT / "examples" / "grids" / "passkey_dstate.yaml")
     cells = {(p.variant, p.axes["model.layers.symbols.M.d_state"], p.seed) for p in plan.points}
-    assert cells == {(v, d, s) for v in ("attention", "mamba2") for d in (4, 16) for s in (0, 1)}
+    assert cells == {(v, d, s) for v in ("attention", "mamba2") for d in (4, 16) for s in (0, 1, 2)}
     for p in plan.points:
         task = p.spec.train.task
         assert (task.type, task.seq_len, p.spec.model.max_seq_len) == ("passkey", 256, 256)
