@@ -85,7 +85,8 @@ def bench(
             "--chunk",
             min=1,
             help="SSD chunk length of the mixers suite, ours and transformers' alike "
-            "(default 128, the goals' size; another chunk reports no goals)",
+            "(default: 128 at --size goal, where the goals are stated; another chunk "
+            "reports no goals)",
         ),
     ] = None,
 ) -> None:
