@@ -194,8 +194,8 @@ def run_grid(
     docstring). ``executor``: ``local`` (worker subprocesses) or ``submitit``
     (``cluster``: None lets submitit pick Slurm when present, ``local`` or ``debug`` force
     one; ``submitit_params`` go to ``update_parameters``, e.g. ``slurm_partition``).
-    ``threads``: torch threads of each local worker (None: the machine's cores divided
-    among the workers)."""
+    ``threads``: torch threads of each worker (None: for local workers the machine's
+    cores divided among them, for submitit jobs torch's default)."""
     if workers < 1:
         raise GridRunError(f"--workers must be >= 1, got {workers}")
     if threads is not None and threads < 1:
@@ -217,7 +217,7 @@ def run_grid(
             if executor == "local":
                 errors = _run_local(root, n, threads)
             else:
-                errors = _run_submitit(root, n, cluster, submitit_params or {})
+                errors = _run_submitit(root, n, cluster, submitit_params or {}, threads)
         return summarize(root, errors)
 
 
@@ -261,7 +261,9 @@ def _run_local(root: Path, n: int, threads: int | None = None) -> list[str]:
     return errors
 
 
-def _run_submitit(root: Path, n: int, cluster: str | None, params: dict[str, Any]) -> list[str]:
+def _run_submitit(
+    root: Path, n: int, cluster: str | None, params: dict[str, Any], threads: int | None = None
+) -> list[str]:
     try:
         import submitit
     except ModuleNotFoundError:
@@ -273,7 +275,7 @@ def _run_submitit(root: Path, n: int, cluster: str | None, params: dict[str, Any
     # on Slurm, pass the partition's limit (--submitit-param timeout_min=...).
     params = {"timeout_min": DEFAULT_TIMEOUT_MIN, **params}
     ex.update_parameters(name=f"grid-{root.name}", **params)
-    jobs = [ex.submit(work, str(root), k, _hub_endpoint()) for k in range(n)]
+    jobs = [ex.submit(work, str(root), k, _hub_endpoint(), threads) for k in range(n)]
     errors = []
     for k, job in enumerate(jobs):
         try:
@@ -292,11 +294,21 @@ def _hub_endpoint() -> str | None:
 # -- the worker ---------------------------------------------------------------------------
 
 
-def work(out: str | os.PathLike[str], worker: int = 0, hub_endpoint: str | None = None) -> int:
+def work(
+    out: str | os.PathLike[str],
+    worker: int = 0,
+    hub_endpoint: str | None = None,
+    threads: int | None = None,
+) -> int:
     """Run pending (and interrupted) points of the grid in ``out`` one after another
     until none is left; returns how many this worker ran. Safe with any number of
     workers on the same directory (each point's flock is its claim). ``hub_endpoint``:
-    the Hub that ``run.hub`` pushes go to (the token comes from the environment)."""
+    the Hub that ``run.hub`` pushes go to (the token comes from the environment).
+    ``threads``: this process's torch threads (None: torch's default)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     if hub_endpoint is not None:
         from mixstack.dsl.hubref import HubOptions, default_options, set_default_options
 

@@ -19,11 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     from mixstack.cli.main import _quiet_lightning
 
     _quiet_lightning()
-    if args.threads > 0:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    ran = work(args.out, args.worker, args.hub_endpoint)
+    ran = work(args.out, args.worker, args.hub_endpoint, args.threads or None)
     print(f"worker {args.worker}: ran {ran} point(s)", flush=True)
     return 0
 

@@ -103,7 +103,8 @@ def run_cmd(
         typer.Option(
             "--threads",
             min=1,
-            help="torch threads per local worker (default: the cores divided among workers)",
+            help="torch threads per worker (default: local workers share the cores; "
+            "submitit jobs keep torch's default)",
         ),
     ] = None,
     executor: Annotated[

@@ -193,3 +193,14 @@ def test_local_workers_get_the_cores_shared_or_the_threads_asked(write_grid, tmp
     assert threads_of(workers=2, threads=1) == ["1", "1"]
     with pytest.raises(GridRunError, match="--threads must be >= 1, got 0"):
         run_grid(path, tmp_path / "out", threads=0)
+    # the worker itself (local subprocess or submitit job) sets them before any point
+    set_to: list[int] = []
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    monkeypatch.setattr(runner_mod, "run_point", lambda gd, pid, worker: set_to.append(-1))
+    assert work(tmp_path / "out", threads=3) == 4
+    assert set_to == [3, -1, -1, -1, -1]
+    set_to.clear()
+    work(tmp_path / "out")  # None: torch's default, untouched
+    assert -1 in set_to and 3 not in set_to
