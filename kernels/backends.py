@@ -43,6 +43,7 @@ AUTO_PRIORITY: tuple[str, ...] = (
     "causal_conv1d",
     "flash_attn",
     "fla",
+    "native",  # mixstack's compiled CPU kernels (kernels/native.py): needs a C compiler
     "torch",
 )
 BUILTIN_PROVIDERS: tuple[str, ...] = ("reference", *AUTO_PRIORITY)

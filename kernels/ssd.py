@@ -34,13 +34,17 @@ the final state in the compute dtype.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mixstack.kernels import native
 from mixstack.kernels.backends import (
     BackendPolicy,
     dispatch,
@@ -311,7 +315,7 @@ class _Chunks(NamedTuple):
     xdt (B, c, Q, G, R, P) = x·Δ, in x's own (time-major) layout: the chunk states'
     matmul reads it without a copy; a (B, c, G, R, Q) = Δ·A, the log-decay of each step;
     B, C (B, c, G, Q, N); initial (B, G, R, P, N); with seq_idx the document masks of
-    :func:`_run_masks` (same, from_prev, carry), else None.
+    :func:`_run_masks` (same, from_prev, carry) and the document runs (B, c, Q), else None.
     """
 
     xdt: Tensor
@@ -322,6 +326,7 @@ class _Chunks(NamedTuple):
     same: Tensor | None
     from_prev: Tensor | None
     carry: Tensor | None
+    run: Tensor | None
 
 
 def _chunked_inputs(
@@ -346,10 +351,11 @@ def _chunked_inputs(
     xdt = (xs * dts[..., None]).view(bsz, nc, q, groups, rep, hdim)
     a = (dts * A.to(f)).view(bsz, nc, q, groups, rep).permute(0, 1, 3, 4, 2).contiguous()
     Bc, Cc = (t.view(bsz, nc, q, groups, nstate).permute(0, 1, 3, 2, 4) for t in (Bs, Cs))
-    masks: tuple[Tensor | None, ...] = (None, None, None)
+    masks: tuple[Tensor | None, ...] = (None, None, None, None)
     if seq_idx is not None:
         run = document_runs(seq_idx)[0]
-        masks = _run_masks(F.pad(run, (0, extra), mode="replicate") if extra else run, q)
+        run = F.pad(run, (0, extra), mode="replicate") if extra else run
+        masks = (*_run_masks(run, q), run.view(bsz, nc, q))
     initial = xs.new_zeros(bsz, groups, rep, hdim, nstate)
     if initial_state is not None:
         initial = initial_state.to(f).reshape(bsz, groups, rep, hdim, nstate)
@@ -403,6 +409,83 @@ def _quadratic_chunk_states(
     return out[:, :-1], out[:, -1]
 
 
+def _diagonal_torch(ch: _Chunks) -> Tensor:
+    """Step 1, the intra-chunk (diagonal) blocks, attention-like and quadratic in Q, in
+    torch ops -> y_diag (B, c, G, R, Q, P)."""
+    # decay (B, c, G, R, Q, Q): [i, s] = exp(Σ_{k=s+1..i} a_k), 0 for s > i and, with
+    # seq_idx, 0 across documents (no decay path between them)
+    decay = segsum_exp(ch.a, None if ch.same is None else ch.same[:, :, None, None])
+    # scores (B, c, G, R, Q, Q): C_i·B_s per group (never copied per head), decayed s -> i
+    scores = torch.matmul(ch.C, ch.B.transpose(-1, -2))[:, :, :, None] * decay
+    xdt_heads = ch.xdt.permute(0, 1, 3, 4, 2, 5)  # (B, c, G, R, Q, P) view
+    return torch.matmul(scores, xdt_heads)
+
+
+@functools.cache
+def _ssd_library() -> ctypes.CDLL:
+    """csrc/ssd.c, with its entry points' argument types declared."""
+    lib = native.load("ssd")
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.ssd_diag_forward.argtypes = [i64, i64, *[ptr] * 5, *[i64] * 4]
+    lib.ssd_diag_backward.argtypes = [i64, i64, *[ptr] * 8, *[i64] * 4]
+    for fn in (lib.ssd_diag_forward, lib.ssd_diag_backward):
+        fn.restype = ctypes.c_int
+    return lib
+
+
+class _NativeDiagonal(torch.autograd.Function):
+    """Step 1 in the compiled kernel of ``csrc/ssd.c``: ``scores (B, c, G, Q, Q)`` (C·Bᵀ
+    per group, undecayed), ``a (B, c, G, R, Q)``, ``xdt (B, c, Q, G, R, P)``, ``run
+    (B, c, Q)`` document ids or None -> y_diag (B, c, Q, G, R, P), float32.
+
+    The decays and decayed scores are rebuilt row by row in both directions, never
+    stored per head; the backward returns the gradients of the scores (summed over each
+    group's heads), the log-decays and the inputs.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        scores: Tensor,
+        a: Tensor,
+        xdt: Tensor,
+        run: Tensor | None,
+    ) -> Tensor:
+        scores, a, xdt = scores.contiguous(), a.contiguous(), xdt.contiguous()
+        run = run.contiguous() if run is not None else None
+        bsz, nc, q, groups, rep, hdim = xdt.shape
+        y = torch.empty_like(xdt)
+        native.run_units(
+            _ssd_library().ssd_diag_forward,
+            bsz * nc * groups,
+            *map(native.pointer, (scores, a, xdt, run, y)),
+            groups, rep, q, hdim,
+        )  # fmt: skip
+        ctx.save_for_backward(scores, a, xdt, run)
+        return y
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, dy: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, None]:
+        scores, a, xdt, run = ctx.saved_tensors
+        bsz, nc, q, groups, rep, hdim = xdt.shape
+        d_scores, d_a, d_xdt = (torch.empty_like(t) for t in (scores, a, xdt))
+        native.run_units(
+            _ssd_library().ssd_diag_backward,
+            bsz * nc * groups,
+            *map(native.pointer, (scores, a, xdt, run, dy.contiguous(), d_scores, d_a, d_xdt)),
+            groups, rep, q, hdim,
+        )  # fmt: skip
+        return d_scores, d_a, d_xdt, None
+
+
+def _diagonal_native(ch: _Chunks) -> Tensor:
+    """Step 1 through :class:`_NativeDiagonal` -> y_diag (B, c, G, R, Q, P) (a view)."""
+    scores = torch.matmul(ch.C, ch.B.transpose(-1, -2))  # (B, c, G, Q, Q)
+    return _NativeDiagonal.apply(scores, ch.a, ch.xdt, ch.run).permute(0, 1, 3, 4, 2, 5)
+
+
 @register_backend(KERNEL, "torch")
 def ssd_scan_chunked(
     x: Tensor,
@@ -426,6 +509,62 @@ def ssd_scan_chunked(
     quadratic one (identical results, O((L/Q)²·H·P·N) work): a baseline for
     ``benchmarks/ssm.py``, never chosen by a policy.
     """
+    return _chunked_scan(
+        x, dt, A, B, C, chunk_size, D, seq_idx, initial_state, return_final_state,
+        _diagonal_torch, quadratic_states,
+    )  # fmt: skip
+
+
+def _native_applies(device: torch.device, dtype: torch.dtype) -> str | None:
+    if device.type != "cpu":
+        return f"CPU only, not {device.type}"
+    return "float64 runs on the torch path" if dtype == torch.float64 else None
+
+
+@register_backend(
+    KERNEL,
+    "native",
+    available=lambda: native.unavailable("ssd"),
+    applies=_native_applies,
+    install_hint="needs a C compiler (cc, gcc or clang, or $CC); see docs/performance.md",
+)
+def ssd_scan_native(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    *,
+    chunk_size: int = 256,
+    D: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> ScanResult:
+    """The chunked algorithm of :func:`ssd_scan_chunked` with its intra-chunk step in
+    compiled C (``csrc/ssd.c``); the chunk states and their passing stay torch matmuls.
+    CPU, computed in float32; contract of :func:`ssd_scan_reference`."""
+    return _chunked_scan(
+        x, dt, A, B, C, chunk_size, D, seq_idx, initial_state, return_final_state,
+        _diagonal_native, False,
+    )  # fmt: skip
+
+
+def _chunked_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None,
+    seq_idx: Tensor | None,
+    initial_state: Tensor | None,
+    return_final_state: bool,
+    diagonal: Callable[[_Chunks], Tensor],
+    quadratic_states: bool,
+) -> ScanResult:
+    """The four steps of the chunked scan, step 1 (the diagonal blocks) by ``diagonal``."""
     _check_args(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state)
     bsz, length, heads, hdim = x.shape
     ch = _chunked_inputs(x, dt, A, B, C, min(chunk_size, length), seq_idx, initial_state)
@@ -433,13 +572,7 @@ def ssd_scan_chunked(
     # a chunk, p head dim, n state dim (docs/math.md#mamba-2, ssd_minimal's four steps).
 
     # 1. intra-chunk (diagonal blocks): attention-like, quadratic in Q
-    # decay (B, c, G, R, Q, Q): [i, s] = exp(Σ_{k=s+1..i} a_k), 0 for s > i and, with
-    # seq_idx, 0 across documents (no decay path between them)
-    decay = segsum_exp(ch.a, None if ch.same is None else ch.same[:, :, None, None])
-    # scores (B, c, G, R, Q, Q): C_i·B_s per group (never copied per head), decayed s -> i
-    scores = torch.matmul(ch.C, ch.B.transpose(-1, -2))[:, :, :, None] * decay
-    xdt_heads = ch.xdt.permute(0, 1, 3, 4, 2, 5)  # (B, c, G, R, Q, P) view
-    y_diag = torch.matmul(scores, xdt_heads)  # (B, c, G, R, Q, P)
+    y_diag = diagonal(ch)  # (B, c, G, R, Q, P)
 
     # 2. chunk states: what each chunk's inputs leave in the state at its end;
     # to_end (B, c, G, R, Q) = exp(Σ_{k=s+1..Q-1} a_k), a suffix sum (no differences)
