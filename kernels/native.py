@@ -41,9 +41,17 @@ log = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).with_name("csrc")
 ENV_CACHE = "MIXSTACK_NATIVE_CACHE"
 ENV_SWITCH = "MIXSTACK_NATIVE"  # "0": no native provider
-# -fno-math-errno lets loops with fmaxf/floorf vectorize; no -ffast-math: the kernels
+# -fno-math-errno lets math calls vectorize; no -ffast-math: the kernels
 # rely on IEEE comparisons and infinities.
-BASE_FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-fno-math-errno", "-fopenmp-simd")
+BASE_FLAGS = (
+    "-O3",
+    "-std=c11",
+    "-shared",
+    "-fPIC",
+    "-fno-math-errno",
+    "-ffp-contract=fast",  # fused multiply-adds (ISO C mode turns them off by default)
+    "-fopenmp-simd",
+)
 # Tried in order: this CPU's full instruction set (with 512-bit vectors where it has
 # them), then its instruction set alone (a compiler or CPU without that option), then
 # portable code.

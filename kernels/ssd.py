@@ -426,11 +426,111 @@ def _ssd_library() -> ctypes.CDLL:
     """csrc/ssd.c, with its entry points' argument types declared."""
     lib = native.load("ssd")
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.ssd_diag_forward.argtypes = [i64, i64, *[ptr] * 5, *[i64] * 4]
-    lib.ssd_diag_backward.argtypes = [i64, i64, *[ptr] * 8, *[i64] * 4]
-    for fn in (lib.ssd_diag_forward, lib.ssd_diag_backward):
+    signatures = {  # entry point: (pointers, sizes) after the unit range (lo, hi)
+        "ssd_diag_forward": (5, 4),
+        "ssd_diag_backward": (8, 4),
+        "ssd_scan_chunks": (9, 7),
+        "ssd_scan_pass": (4, 6),
+        "ssd_scan_read": (5, 7),
+        "ssd_scan_back_chunks": (5, 7),
+        "ssd_scan_back_pass": (6, 6),
+        "ssd_scan_back_grads": (16, 7),
+    }
+    for name, (pointers, sizes) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = [i64, i64, *[ptr] * pointers, *[i64] * sizes]
         fn.restype = ctypes.c_int
     return lib
+
+
+class _NativeScan(torch.autograd.Function):
+    """The whole chunked scan in the compiled kernels of ``csrc/ssd.c`` (no packed
+    documents), float32, time padded to whole chunks by the caller.
+
+    x (B, L, H, P), dt (B, L, H), A (H,), B / C (B, L, G, N), D (H, P) or None,
+    initial (B, H, P, N) or None -> y (B, L, H, P), final state (B, H, P, N). Three
+    passes forward (chunk-local work, the sequential state passing, the read-out) and
+    three backward; between them only the entering states (B, c, H, N, P) are kept.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        dt: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Tensor | None,
+        initial: Tensor | None,
+        chunk: int,
+    ) -> tuple[Tensor, Tensor]:
+        bsz, length, heads, hdim = x.shape
+        groups, nstate = B.shape[2], B.shape[3]
+        nc = length // chunk
+        lib, ptr = _ssd_library(), native.pointer
+        y = torch.empty_like(x)
+        states = x.new_empty(bsz, nc, heads, nstate, hdim)
+        decays = x.new_empty(bsz, nc, heads)
+        final = x.new_empty(bsz, heads, hdim, nstate)
+        dims = (bsz, length, heads, groups, nstate, hdim, chunk)
+        units, rows = bsz * nc * groups, bsz * heads
+        args = map(ptr, (x, dt, A, B, C, D, y, states, decays))
+        native.run_units(lib.ssd_scan_chunks, units, *args, *dims)
+        args = map(ptr, (states, decays, initial, final))
+        native.run_units(lib.ssd_scan_pass, rows, *args, bsz, length, heads, nstate, hdim, chunk)
+        native.run_units(lib.ssd_scan_read, units, *map(ptr, (dt, A, C, states, y)), *dims)
+        ctx.save_for_backward(x, dt, A, B, C, D, initial, states, decays)
+        ctx.chunk = chunk
+        ctx.set_materialize_grads(False)
+        return y, final
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, dy: Tensor | None, dfinal: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        x, dt, A, B, C, D, initial, states, decays = ctx.saved_tensors
+        bsz, length, heads, hdim = x.shape
+        groups, nstate = B.shape[2], B.shape[3]
+        chunk = ctx.chunk
+        nc = length // chunk
+        lib, ptr = _ssd_library(), native.pointer
+        dy = torch.zeros_like(x) if dy is None else dy.contiguous()
+        dfinal = None if dfinal is None else dfinal.contiguous()
+        dims = (bsz, length, heads, groups, nstate, hdim, chunk)
+        units, rows = bsz * nc * groups, bsz * heads
+        dstates = torch.empty_like(states)
+        gdecay, dinitial = torch.empty_like(decays), x.new_empty(bsz, heads, hdim, nstate)
+        native.run_units(lib.ssd_scan_back_chunks, units, *map(ptr, (dt, A, C, dy, dstates)), *dims)
+        args = map(ptr, (states, decays, dstates, dfinal, gdecay, dinitial))
+        native.run_units(
+            lib.ssd_scan_back_pass, rows, *args, bsz, length, heads, nstate, hdim, chunk
+        )
+        dx, ddt, dB, dC = (torch.empty_like(t) for t in (x, dt, B, C))
+        dA_part = x.new_empty(bsz, nc, heads)
+        dD_part = None if D is None else x.new_empty(bsz, nc, heads, hdim)
+        tensors = (
+            x,
+            dt,
+            A,
+            B,
+            C,
+            D,
+            dy,
+            states,
+            dstates,
+            gdecay,
+            dx,
+            ddt,
+            dA_part,
+            dB,
+            dC,
+            dD_part,
+        )
+        native.run_units(lib.ssd_scan_back_grads, units, *map(ptr, tensors), *dims)
+        dD = None if dD_part is None else dD_part.sum(dim=(0, 1))
+        d_initial = dinitial if initial is not None else None
+        return dx, ddt, dA_part.sum(dim=(0, 1)), dB, dC, dD, d_initial, None
 
 
 class _NativeDiagonal(torch.autograd.Function):
@@ -541,13 +641,26 @@ def ssd_scan_native(
     initial_state: Tensor | None = None,
     return_final_state: bool = False,
 ) -> ScanResult:
-    """The chunked algorithm of :func:`ssd_scan_chunked` with its intra-chunk step in
-    compiled C (``csrc/ssd.c``); the chunk states and their passing stay torch matmuls.
-    CPU, computed in float32; contract of :func:`ssd_scan_reference`."""
-    return _chunked_scan(
-        x, dt, A, B, C, chunk_size, D, seq_idx, initial_state, return_final_state,
-        _diagonal_native, False,
-    )  # fmt: skip
+    """The chunked algorithm of :func:`ssd_scan_chunked` in compiled C (``csrc/ssd.c``):
+    the whole scan in :class:`_NativeScan`, or with ``seq_idx`` (packed documents) its
+    intra-chunk step alone, the rest in torch. CPU, computed in float32; contract of
+    :func:`ssd_scan_reference`."""
+    if seq_idx is not None:
+        return _chunked_scan(
+            x, dt, A, B, C, chunk_size, D, seq_idx, initial_state, return_final_state,
+            _diagonal_native, False,
+        )  # fmt: skip
+    _check_args(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state)
+    length, heads, hdim = x.shape[1:]
+    q = min(chunk_size, length)
+    f = torch.float32
+    xs, dts, Bs, Cs = (_pad_to_chunks(t.to(f), -length % q).contiguous() for t in (x, dt, B, C))
+    d = None
+    if D is not None:  # as (H, P): autograd sums the expansion back for D (H,)
+        d = (D[:, None] if D.dim() == 1 else D).to(f).expand(heads, hdim).contiguous()
+    initial = None if initial_state is None else initial_state.to(f).contiguous()
+    y, final = _NativeScan.apply(xs, dts, A.to(f).contiguous(), Bs, Cs, d, initial, q)
+    return _finish(y[:, :length], final, x.dtype, return_final_state)
 
 
 def _chunked_scan(
