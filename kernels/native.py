@@ -1,11 +1,12 @@
 """mixstack's compiled CPU kernels: the ``native`` provider (docs/performance.md).
 
-The C sources live in ``kernels/csrc/``, one file per kernel family, written against
-the plain C11 standard library (no torch headers: a build takes about a second). On
+The C sources live in ``kernels/csrc/``, one file per kernel family (``common.h``
+holds what they share), written against the plain C11 standard library (no torch
+headers: a build takes about a second). On
 first use a source is compiled with the system C compiler (``$CC``, else ``cc``,
 ``gcc`` or ``clang``) for this CPU (``-march=native``, retried without it) into a
 per-user cache, ``$MIXSTACK_NATIVE_CACHE`` or ``~/.cache/mixstack/native``, under a
-name that hashes the source, the flags, the compiler's version and the CPU; the
+name that hashes the sources, the flags, the compiler's version and the CPU; the
 library is loaded with :mod:`ctypes`. A machine without a compiler, or with
 ``MIXSTACK_NATIVE=0`` in the environment, simply has no ``native`` provider (the
 reason is what :func:`unavailable` returns, and what ``auto`` logs when it passes it
@@ -130,9 +131,11 @@ def _build_and_load(name: str) -> ctypes.CDLL:
         ).stdout
     except (OSError, subprocess.TimeoutExpired) as err:
         raise NativeUnavailable(f"the C compiler {cc} does not run: {err}") from err
+    headers = [h.read_text() for h in sorted(SOURCE_DIR.glob("*.h"))]  # included by sources
     key = hashlib.sha256(
         "\0".join(
-            [source.read_text(), repr((BASE_FLAGS, ARCH_FLAGS)), cc, version, _cpu_identity()]
+            [source.read_text(), *headers, repr((BASE_FLAGS, ARCH_FLAGS)), cc, version]
+            + [_cpu_identity()]
         ).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"

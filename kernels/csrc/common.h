@@ -1,0 +1,106 @@
+/* What mixstack's native kernels share: subnormal flushing, 16-lane float vectors
+ * (GCC/clang vector extensions: AVX-512 registers where the CPU has them, narrower ones
+ * elsewhere), a vectorised exp, partial-vector loads and a per-call scratch arena. */
+#ifndef MIXSTACK_NATIVE_COMMON_H
+#define MIXSTACK_NATIVE_COMMON_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__SSE__)
+#include <xmmintrin.h>
+/* Flush subnormals to zero (FTZ | DAZ) inside the kernels: decays below 1e-38 would
+ * otherwise run through the slow subnormal path of the FPU for no gain. */
+#define DENORMALS_OFF(saved) ((saved) = _mm_getcsr(), _mm_setcsr((saved) | 0x8040))
+#define DENORMALS_RESTORE(saved) _mm_setcsr(saved)
+#else
+#define DENORMALS_OFF(saved) ((saved) = 0)
+#define DENORMALS_RESTORE(saved) ((void)(saved))
+#endif
+
+/* Sixteen floats as one GCC/clang vector (AVX-512 registers here; the compiler splits
+ * it into narrower ones elsewhere) and its integer twin for the bit work of exp. */
+typedef float vfloat __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+#define LANES 16
+
+static inline vfloat select(vint mask, vfloat yes, vfloat no) {
+    return (vfloat)(((vint)yes & mask) | ((vint)no & ~mask));
+}
+
+/* exp of 16 lanes: exp(x) = 2^k · exp(r), k = round(x / ln 2) (by adding and removing
+ * 1.5·2^23), r = x - k·ln 2 in two parts (Cody and Waite), exp(r) by Cephes' degree-6
+ * minimax polynomial for expf (about 1 ulp). Below -87 the result is 0 (the smallest
+ * normal float is exp(-87.3)), above 88 infinity; NaN stays NaN. */
+static inline vfloat exp_lanes(vfloat x) {
+    const vfloat lo = x - x - 87.0f, hi = x - x + 88.0f, zero = x - x;
+    vfloat xc = select(x < lo, lo, x);
+    xc = select(xc > hi, hi, xc);
+    const vfloat k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    vfloat r = xc - k * 0.693359375f;
+    r = r + k * 2.12194440e-4f;
+    vfloat p = zero + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const vint bits = (__builtin_convertvector(k, vint) + 127) << 23;
+    vfloat e = p * (vfloat)bits;
+    e = select(x < lo, zero, e);
+    e = select(x > hi, zero + INFINITY, e);
+    return select(x != x, x, e);
+}
+
+/* v[i] = exp(v[i]) for i < n, sixteen at a time (the tail through a padded vector). */
+static inline void exp_inplace(float *restrict v, int64_t n) {
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        vfloat x;
+        memcpy(&x, v + i, sizeof x);
+        x = exp_lanes(x);
+        memcpy(v + i, &x, sizeof x);
+    }
+    if (i < n) {
+        vfloat x = {0};
+        memcpy(&x, v + i, (size_t)(n - i) * sizeof(float));
+        x = exp_lanes(x);
+        memcpy(v + i, &x, (size_t)(n - i) * sizeof(float));
+    }
+}
+
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+static inline vfloat load_lanes(const float *p, int64_t n) {
+    vfloat v = {0};
+    memcpy(&v, p, (size_t)n * sizeof(float));
+    return v;
+}
+
+static inline void store_lanes(float *p, vfloat v, int64_t n) {
+    memcpy(p, &v, (size_t)n * sizeof(float));
+}
+
+/* Scratch: one aligned block per call, handed out in 64-byte multiples. */
+typedef struct {
+    float *base, *next;
+} Arena;
+
+static int arena_open(Arena *arena, int64_t floats) {
+    const size_t bytes = (size_t)round_up(floats + 64, 16) * sizeof(float);
+    arena->base = arena->next = aligned_alloc(64, bytes);
+    return arena->base == NULL;
+}
+
+static float *take(Arena *arena, int64_t floats) {
+    float *p = arena->next;
+    arena->next += round_up(floats, 16);
+    return p;
+}
+
+#endif
