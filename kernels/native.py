@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).with_name("csrc")
 ENV_CACHE = "MIXSTACK_NATIVE_CACHE"
 ENV_SWITCH = "MIXSTACK_NATIVE"  # "0": no native provider
+INSTALL_HINT = "needs a C compiler (cc, gcc or clang, or $CC); see docs/performance.md"
 # -fno-math-errno lets math calls vectorize; no -ffast-math: the kernels
 # rely on IEEE comparisons and infinities.
 BASE_FLAGS = (
@@ -132,12 +133,9 @@ def _build_and_load(name: str) -> ctypes.CDLL:
     except (OSError, subprocess.TimeoutExpired) as err:
         raise NativeUnavailable(f"the C compiler {cc} does not run: {err}") from err
     headers = [h.read_text() for h in sorted(SOURCE_DIR.glob("*.h"))]  # included by sources
-    key = hashlib.sha256(
-        "\0".join(
-            [source.read_text(), *headers, repr((BASE_FLAGS, ARCH_FLAGS)), cc, version]
-            + [_cpu_identity()]
-        ).encode()
-    ).hexdigest()[:16]
+    flags = repr((BASE_FLAGS, ARCH_FLAGS))
+    parts = [source.read_text(), *headers, flags, cc, version, _cpu_identity()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if not target.is_file():
         log.info("building the native kernels %s with %s into %s", name, cc, target)

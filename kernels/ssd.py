@@ -626,7 +626,7 @@ def _native_applies(device: torch.device, dtype: torch.dtype) -> str | None:
     "native",
     available=lambda: native.unavailable("ssd"),
     applies=_native_applies,
-    install_hint="needs a C compiler (cc, gcc or clang, or $CC); see docs/performance.md",
+    install_hint=native.INSTALL_HINT,
 )
 def ssd_scan_native(
     x: Tensor,

@@ -255,7 +255,7 @@ class Hydra(Mixer):
 
     def _finish(self, y: Tensor, z: Tensor, seq_idx: Tensor | None) -> Tensor:
         """y (B, L, H, P) -> rms(y)·w ⊙ silu(z) -> out_proj (B, L, D); 0 at padding."""
-        out = self.out_proj(self.norm(y.flatten(-2), z))
+        out = self.out_proj(self.norm(y.flatten(-2), z, self.backends))
         return zero_padding(out, seq_idx)
 
     # -- forward and matrix view -----------------------------------------------------------

@@ -260,7 +260,7 @@ class Mamba2(Mixer):
         """
         y = y.reshape(*y.shape[:2], self.d_ssm)
         z = parts.z
-        y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
+        y = self.norm(y, z, self.backends) if self.norm is not None else y * F.silu(z)
         if self.d_mlp > 0:
             y = torch.cat([F.silu(parts.z0) * parts.x0, y], dim=-1)  # (B, L, d_inner)
         out = self.out_proj(y)

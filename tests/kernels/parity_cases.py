@@ -184,11 +184,33 @@ def ssd_scan_cases() -> list[Case]:
     ]
 
 
+def gated_rms_norm_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(2468)
+
+    def case(shape: tuple[int, ...], group: int, gated: bool, before: bool) -> Case:
+        return {
+            "y": torch.randn(*shape, generator=g),
+            "z": torch.randn(*shape, generator=g) * 3 if gated else None,
+            "weight": 1 + 0.3 * torch.randn(shape[-1], generator=g),
+            "group_size": group,
+            "eps": 1e-5,
+            "norm_before_gate": before,
+        }
+
+    return [
+        case((2, 5, 24), 24, True, False),  # Mamba-2: gate before the norm
+        case((3, 70), 35, True, True),  # Hydra: gate after; 70 = 64 + 6 lanes
+        case((2, 3, 40), 8, True, False),  # groups of 8: partial vectors only
+        case((37, 20), 5, False, False),  # no gate; rows past one unit of 32
+    ]
+
+
 PARITY_CASES: dict[str, Callable[[], list[Case]]] = {
     "attention": attention_cases,
     "causal_conv1d": causal_conv1d_cases,
     "centered_conv1d": centered_conv1d_cases,
     "fftconv": fftconv_cases,
+    "gated_rms_norm": gated_rms_norm_cases,
     "selective_scan": selective_scan_cases,
     "ssd_scan": ssd_scan_cases,
 }

@@ -20,7 +20,7 @@ import torch
 
 from mixstack.dsl.errors import BackendError
 from mixstack.kernels import backends as kb
-from mixstack.kernels import native, ssd
+from mixstack.kernels import gated_norm, native, ssd
 from tests.kernels.test_ssd import make_inputs, run_with_grads
 
 CPU = torch.device("cpu")
@@ -191,3 +191,33 @@ def test_a_kernel_without_source_is_unavailable():
     assert native.unavailable("no_such_kernel") == (
         f"the source {native.SOURCE_DIR / 'no_such_kernel.c'} is not installed"
     )
+
+
+# -- gated RMSNorm --------------------------------------------------------------------------
+
+
+@needs_native
+@pytest.mark.parametrize(("width", "group", "before"), [(1024, 1024, False), (200, 40, True)])
+@pytest.mark.parametrize("gated", [True, False])
+def test_native_gated_norm_matches_fp64(width, group, before, gated):
+    g = torch.Generator().manual_seed(width + group)
+    y64 = torch.randn(3, 50, width, generator=g, dtype=torch.float64)
+    z64 = 3 * torch.randn(3, 50, width, generator=g, dtype=torch.float64) if gated else None
+    w64 = 1 + 0.3 * torch.randn(width, generator=g, dtype=torch.float64)
+    cot = torch.randn(3, 50, width, generator=g, dtype=torch.float64)
+    kw = {"group_size": group, "eps": 1e-5, "norm_before_gate": before}
+
+    def run(fn, y, z, w):
+        leaves = [t.detach().clone().requires_grad_() for t in (y, w) + ((z,) if gated else ())]
+        out = fn(leaves[0], leaves[2] if gated else None, leaves[1], **kw)
+        grads = torch.autograd.grad((out * cot.to(out.dtype)).sum(), leaves)
+        return [out, *grads]
+
+    want = run(gated_norm.gated_rms_norm_plain, y64, z64, w64)
+    got = run(
+        gated_norm.gated_rms_norm_native, y64.float(), z64.float() if gated else None, w64.float()
+    )
+    for name, a, b in zip(["out", "dy", "dw", "dz"], got, want, strict=False):
+        assert a.dtype == torch.float32
+        err = (a.double() - b).abs().max().item()
+        assert err <= 1e-5 * b.abs().max().item(), f"{name}: {err:.3g}"
