@@ -7,7 +7,8 @@ medians. Nothing here asserts a time; the goals of docs/performance.md are print
 to the measured ratios.
 
 * ``mixers``: per mixer, forward and forward+backward time and peak memory against the
-  length L (B = 1): Mamba-2 (ours, ours on the naive ``reference`` kernels, transformers'
+  length L (B = 1): Mamba-2 (ours with the default kernels, ours on the naive
+  ``reference`` kernels, ours on the pure ``torch`` kernels, transformers'
   ``Mamba2Mixer``), Mamba-1 (ours, transformers' ``MambaMixer``), Hydra; and Mamba-2's
   matmul-only lower bound, ``3 · flops_per_token(L) · L / GEMM rate`` with the GEMM rate
   measured at the layer's projection shapes in the same run.
@@ -44,6 +45,7 @@ CONTENDERS: dict[str, dict[str, str]] = {
         "hydra": "Hydra forward vs Mamba-2 forward",
         "lower-bound": "Mamba-2 fwd+bwd vs its matmul lower bound (GEMM rate of the same run)",
         "mamba2-reference": "Mamba-2 on our step-by-step reference kernels vs the torch ones",
+        "mamba2-torch": "Mamba-2 on the torch kernels (no native C) vs the default ones",
     },
     "models": {
         "llama": "transformer++ train step vs transformers LlamaForCausalLM",
@@ -182,13 +184,19 @@ def _fwd_bwd(module: nn.Module, x: Tensor) -> Callable[[], Any]:
     return run
 
 
-def _resolved(*modules: nn.Module) -> dict[str, str]:
+def _resolved(*modules: nn.Module, names: tuple[str, ...] = ()) -> dict[str, str]:
+    """``{"kernel@device/dtype": provider}`` the modules' kernel policies resolved to; a
+    module that resolved a kernel differently from an earlier one (a contender pinned
+    to other kernels) adds its own entry, ``"kernel@device/dtype (its name)"``."""
     out: dict[str, str] = {}
-    for module in modules:
+    for i, module in enumerate(modules):
         for m in module.modules():
             policy = getattr(m, "backends", None)
-            if policy is not None and hasattr(policy, "resolved"):
-                out.update(policy.resolved())
+            if policy is None or not hasattr(policy, "resolved"):
+                continue
+            for key, provider in policy.resolved().items():
+                if out.setdefault(key, provider) != provider:
+                    out[f"{key} ({names[i] if i < len(names) else i})"] = provider
     return out
 
 
@@ -221,10 +229,11 @@ def _gemm_rate(
     return flops / median(times), times
 
 
-# (comparison, ratio name, slower entry, faster entry, goal at the goal length, goal is a maximum)
-_MIXER_RATIOS: tuple[tuple[str, str, str, str, float | None, bool], ...] = (
+# (comparisons it needs, ratio name, slower entry, faster entry, goal at the goal length,
+# goal is a maximum)
+_MIXER_RATIOS: tuple[tuple[tuple[str, ...], str, str, str, float | None, bool], ...] = (
     (
-        "mamba2-hf",
+        ("mamba2-hf",),
         "Mamba2Mixer / mamba2 (fwd+bwd)",
         "transformers Mamba2Mixer|fwd+bwd",
         "mamba2|fwd+bwd",
@@ -232,19 +241,35 @@ _MIXER_RATIOS: tuple[tuple[str, str, str, str, float | None, bool], ...] = (
         False,
     ),
     (
-        "mamba1-hf",
+        ("mamba1-hf",),
         "MambaMixer / mamba1 (fwd+bwd)",
         "transformers MambaMixer|fwd+bwd",
         "mamba1|fwd+bwd",
         1.5,
         False,
     ),
-    ("hydra", "hydra / mamba2 (fwd)", "hydra|fwd", "mamba2|fwd", 2.2, True),
+    (("hydra",), "hydra / mamba2 (fwd)", "hydra|fwd", "mamba2|fwd", 2.2, True),
     (
-        "mamba2-reference",
-        "reference kernels / torch kernels, mamba2 (fwd+bwd)",
+        ("mamba2-reference",),
+        "reference kernels / default kernels, mamba2 (fwd+bwd)",
         "mamba2 (reference kernels)|fwd+bwd",
         "mamba2|fwd+bwd",
+        None,
+        False,
+    ),
+    (
+        ("mamba2-torch",),
+        "torch kernels / default kernels, mamba2 (fwd+bwd)",
+        "mamba2 (torch kernels)|fwd+bwd",
+        "mamba2|fwd+bwd",
+        None,
+        False,
+    ),
+    (
+        ("mamba2-torch", "mamba2-hf"),
+        "Mamba2Mixer / mamba2 on torch kernels (fwd+bwd)",
+        "transformers Mamba2Mixer|fwd+bwd",
+        "mamba2 (torch kernels)|fwd+bwd",
         None,
         False,
     ),
@@ -275,6 +300,12 @@ def mixers_suite(opts: Options) -> SuiteResult:
         m2_naive.backends = BackendPolicy("reference")
         contenders["mamba2 (reference kernels)"] = m2_naive
         pairs.append(("mamba2 vs mamba2 on reference kernels", m2, m2_naive))
+    if "mamba2-torch" in chosen:  # the pure-torch figure, without mixstack's compiled C
+        m2_torch = R.ours_mamba2(shape)
+        m2_torch.load_state_dict(m2.state_dict())
+        m2_torch.backends = BackendPolicy("torch")
+        contenders["mamba2 (torch kernels)"] = m2_torch
+        pairs.append(("mamba2 vs mamba2 on torch kernels", m2, m2_torch))
     if "mamba1-hf" in chosen:
         contenders["mamba1"] = m1 = R.ours_mamba1(shape)
         contenders["transformers MambaMixer"] = hf1 = R.hf_mamba1(m1, shape)
@@ -305,7 +336,7 @@ def mixers_suite(opts: Options) -> SuiteResult:
             exact=(lambda m=ours64, x64=x64: m(x64), _params(ours64, x64)),
         )
     del exact
-    out.backends.update(_resolved(*contenders.values()))
+    out.backends.update(_resolved(*contenders.values(), names=tuple(contenders)))
     if opts.check_only:
         return out
 
@@ -326,8 +357,8 @@ def mixers_suite(opts: Options) -> SuiteResult:
             out.entries.append(Entry("mixers", name, length, mode, ts, peak_bytes=peak))
         goal = length == opts.goal_length
 
-        for comparison, name, slow, fast, target, at_most in _MIXER_RATIOS:
-            if comparison in chosen:
+        for needs, name, slow, fast, target, at_most in _MIXER_RATIOS:
+            if chosen.issuperset(needs):
                 out.ratios.append(
                     Ratio(
                         "mixers",
@@ -360,6 +391,17 @@ def mixers_suite(opts: Options) -> SuiteResult:
                     at_most=True,
                 )
             )
+            if "mamba2-torch" in chosen:
+                out.ratios.append(
+                    Ratio(
+                        "mixers",
+                        "mamba2 on torch kernels / matmul lower bound (fwd+bwd)",
+                        length,
+                        med["mamba2 (torch kernels)|fwd+bwd"] / bound,
+                        None,
+                        at_most=True,
+                    )
+                )
     return out
 
 

@@ -68,7 +68,8 @@ def bench(
         typer.Option(
             "--contenders",
             help="comma-separated comparisons to run (default: all): mixers: mamba2-hf, "
-            "mamba1-hf, hydra, lower-bound, mamba2-reference; models: llama, presets",
+            "mamba1-hf, hydra, lower-bound, mamba2-reference, mamba2-torch; models: llama, "
+            "presets",
         ),
     ] = None,
     slow_after: Annotated[

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from mixstack.benchmarks import references as R
 from mixstack.benchmarks import report, suites
 from mixstack.cli.main import app
+from mixstack.kernels import native
 
 pytest.importorskip("transformers")
 runner = CliRunner()
@@ -182,7 +183,14 @@ def test_contenders_refuses_unknown_names_with_the_valid_list(tmp_path: Path) ->
     )
     assert result.exit_code == 1
     assert "'mamba3' is not a comparison of the suite(s) mixers" in result.output
-    for name in ("mamba2-hf", "mamba1-hf", "hydra", "lower-bound", "mamba2-reference"):
+    for name in (
+        "mamba2-hf",
+        "mamba1-hf",
+        "hydra",
+        "lower-bound",
+        "mamba2-reference",
+        "mamba2-torch",
+    ):
         assert name in result.output
     # a models name is not a mixers comparison
     result = runner.invoke(app, ["bench", "--check", "--contenders", "llama"])
@@ -249,3 +257,38 @@ def test_chunk_sets_both_sides_and_the_bound_and_drops_the_goals(tmp_path: Path)
         for c in (8, small.mixer.chunk)
     ]
     assert flops[0] != flops[1]
+
+
+def test_torch_kernels_contender_shows_the_pure_torch_figure() -> None:
+    """``mamba2-torch``: the same layer pinned to the torch kernels, checked equal to the
+    default one, with its ratios, and its own entry in the resolved backends."""
+    opts = suites.replace(
+        suites.small_options(),
+        lengths=(32,),
+        reps=2,
+        contenders=("mamba2-torch", "mamba2-hf", "lower-bound"),
+    )
+    result = suites.run_suites(["mixers"], opts)
+    assert list(result.checks) == [
+        "mamba2 vs transformers Mamba2Mixer (L=32)",
+        "mamba2 vs mamba2 on torch kernels (L=32)",
+    ]
+    by = {(e.name, e.mode): e.median for e in result.entries}
+    ratios = {r.name: r.value for r in result.ratios}
+    pure = by["mamba2 (torch kernels)", "fwd+bwd"]
+    assert ratios["torch kernels / default kernels, mamba2 (fwd+bwd)"] == pytest.approx(
+        pure / by["mamba2", "fwd+bwd"]
+    )
+    assert ratios["Mamba2Mixer / mamba2 on torch kernels (fwd+bwd)"] == pytest.approx(
+        by["transformers Mamba2Mixer", "fwd+bwd"] / pure
+    )
+    bound = by["mamba2 matmul lower bound", "fwd+bwd"]
+    assert ratios["mamba2 on torch kernels / matmul lower bound (fwd+bwd)"] == pytest.approx(
+        pure / bound
+    )
+    pinned = {k: v for k, v in result.backends.items() if "(mamba2 (torch kernels))" in k}
+    if native.unavailable("ssd") is None:  # the default resolved to native, the pin differs
+        assert result.backends["ssd_scan@cpu/float32"] == "native"
+        assert pinned["ssd_scan@cpu/float32 (mamba2 (torch kernels))"] == "torch"
+    else:
+        assert result.backends["ssd_scan@cpu/float32"] == "torch" and not pinned
