@@ -628,6 +628,7 @@ def _native_applies(device: torch.device, dtype: torch.dtype) -> str | None:
     applies=_native_applies,
     install_hint=native.INSTALL_HINT,
 )
+@torch.compiler.disable  # compiled C called through ctypes: an opaque step for torch.compile
 def ssd_scan_native(
     x: Tensor,
     dt: Tensor,

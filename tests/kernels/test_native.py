@@ -221,3 +221,24 @@ def test_native_gated_norm_matches_fp64(width, group, before, gated):
         assert a.dtype == torch.float32
         err = (a.double() - b).abs().max().item()
         assert err <= 1e-5 * b.abs().max().item(), f"{name}: {err:.3g}"
+
+
+@needs_native
+@pytest.mark.slow(budget_s=60)
+def test_torch_compile_runs_the_native_scan_as_an_opaque_step():
+    """Under torch.compile the native scan is left out of the graph (no tracing into
+    ctypes) and the compiled layer computes what the eager one does, gradients too."""
+    from mixstack.dsl.context import LayerContext
+    from mixstack.mixers.mamba2 import Mamba2, Mamba2Config
+
+    torch.manual_seed(0)
+    layer = Mamba2(Mamba2Config(d_state=16, headdim=16, chunk_size=16), LayerContext(d_model=32))
+    x = torch.randn(2, 40, 32, requires_grad=True)
+    eager = layer(x)
+    (g_eager,) = torch.autograd.grad(eager.square().sum(), x)
+    compiled = torch.compile(layer)(x)
+    (g_compiled,) = torch.autograd.grad(compiled.square().sum(), x)
+    # inductor fuses the torch ops around the scan: fp32 rounding differs, nothing more
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_compiled, g_eager, rtol=1e-4, atol=1e-5)
+    assert layer.backends.resolved()["ssd_scan@cpu/float32"] == "native"
