@@ -165,7 +165,9 @@ def pointer(t: Tensor | None) -> ctypes.c_void_p:
 
 
 @functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """A pool per process: a forked child inherits the parent's pool object but not its
+    threads, and would wait forever on work handed to it."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mixstack-native")
 
 
@@ -178,7 +180,7 @@ def run_units(fn: Callable[..., int], units: int, *args: object) -> None:
         codes = [fn(0, units, *args)]
     else:
         bounds = [units * k // workers for k in range(workers + 1)]
-        pool = _pool(workers)
+        pool = _pool(workers, os.getpid())
         codes = [
             future.result()
             for future in [pool.submit(fn, lo, hi, *args) for lo, hi in itertools.pairwise(bounds)]

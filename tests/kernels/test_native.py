@@ -242,3 +242,29 @@ def test_torch_compile_runs_the_native_scan_as_an_opaque_step():
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(g_compiled, g_eager, rtol=1e-4, atol=1e-5)
     assert layer.backends.resolved()["ssd_scan@cpu/float32"] == "native"
+
+
+@needs_native
+def test_a_forked_child_runs_native_kernels_with_its_own_threads():
+    """A child forked after the parent used its thread pool gets a pool of its own (the
+    inherited one has no threads and would hang)."""
+    import multiprocessing
+
+    inputs = {
+        k: v.detach() for k, v in make_inputs(14, 1, 64, 4, 16, 1, 8, dtype=torch.float32).items()
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = ssd.ssd_scan_native(**inputs, chunk_size=16)  # the parent's pool now exists
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(1) as pool:
+            got = pool.apply_async(_scan_in_child, (inputs,)).get(timeout=60)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got, want)
+
+
+def _scan_in_child(inputs: dict) -> torch.Tensor:
+    torch.set_num_threads(2)
+    return ssd.ssd_scan_native(**inputs, chunk_size=16)
