@@ -1,6 +1,6 @@
-/* What mixstack's native kernels share: subnormal flushing, 16-lane float vectors
- * (GCC/clang vector extensions: AVX-512 registers where the CPU has them, narrower ones
- * elsewhere), a vectorised exp, partial-vector loads and a per-call scratch arena. */
+/* What mixstack's native kernels share: subnormal flushing, float vectors of the
+ * target's width (GCC/clang vector extensions), a vectorised exp, partial-vector loads
+ * and a per-call scratch arena. */
 #ifndef MIXSTACK_NATIVE_COMMON_H
 #define MIXSTACK_NATIVE_COMMON_H
 
@@ -20,22 +20,30 @@
 #define DENORMALS_RESTORE(saved) ((void)(saved))
 #endif
 
-/* Sixteen floats as one GCC/clang vector (AVX-512 registers here; the compiler splits
- * it into narrower ones elsewhere) and its integer twin for the bit work of exp. */
-typedef float vfloat __attribute__((vector_size(64)));
-typedef int32_t vint __attribute__((vector_size(64)));
+/* One GCC/clang vector of the target's own width (16 floats with AVX-512, 8 with AVX,
+ * else 4): a wider vector than the registers would be split, and its comparisons and
+ * selects done lane by lane. vint is its integer twin, for the bit work of exp. */
+#if defined(__AVX512F__)
 #define LANES 16
+#elif defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
+typedef float vfloat __attribute__((vector_size(LANES * 4)));
+typedef int32_t vint __attribute__((vector_size(LANES * 4)));
 
 static inline vfloat select(vint mask, vfloat yes, vfloat no) {
     return (vfloat)(((vint)yes & mask) | ((vint)no & ~mask));
 }
 
-/* exp of 16 lanes: exp(x) = 2^k · exp(r), k = round(x / ln 2) (by adding and removing
+/* exp of every lane: exp(x) = 2^k · exp(r), k = round(x / ln 2) (by adding and removing
  * 1.5·2^23), r = x - k·ln 2 in two parts (Cody and Waite), exp(r) by Cephes' degree-6
  * minimax polynomial for expf (about 1 ulp). Below -87 the result is 0 (the smallest
  * normal float is exp(-87.3)), above 88 infinity; NaN stays NaN. */
 static inline vfloat exp_lanes(vfloat x) {
-    const vfloat lo = x - x - 87.0f, hi = x - x + 88.0f, zero = x - x;
+    /* constants from a zero vector, not from x (x - x is NaN for infinite x) */
+    const vfloat zero = {0}, lo = zero - 87.0f, hi = zero + 88.0f;
     vfloat xc = select(x < lo, lo, x);
     xc = select(xc > hi, hi, xc);
     const vfloat k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -55,7 +63,7 @@ static inline vfloat exp_lanes(vfloat x) {
     return select(x != x, x, e);
 }
 
-/* v[i] = exp(v[i]) for i < n, sixteen at a time (the tail through a padded vector). */
+/* v[i] = exp(v[i]) for i < n, a vector at a time (the tail through a padded vector). */
 static inline void exp_inplace(float *restrict v, int64_t n) {
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES) {

@@ -33,8 +33,8 @@ static void silu_row(float *restrict gate, float *restrict sig, const float *res
     }
 }
 
-/* Σ a[d] b[d] over n values, in 16 lanes (then the lanes summed): 16 partial sums, so
- * the rounding error grows with n / 16, not n. */
+/* Σ a[d] b[d] over n values, one partial sum per vector lane (then the lanes summed), so
+ * the rounding error grows with n / LANES, not n. */
 static float dot(const float *a, const float *b, int64_t n) {
     vfloat acc = {0};
     int64_t d = 0;

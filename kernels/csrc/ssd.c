@@ -131,7 +131,7 @@ static inline void add_rows_to_inputs(float *in, int64_t in_step, int64_t count,
     if (width == TILE_FLOATS) {
         vfloat dk[RB][TILE];
         for (int k = 0; k < RB; ++k)
-            for (int v = 0; v < TILE; ++v) memcpy(&dk[k][v], d[k] + c0 + v * LANES, 64);
+            for (int v = 0; v < TILE; ++v) memcpy(&dk[k][v], d[k] + c0 + v * LANES, sizeof(vfloat));
         for (int64_t s = 0; s < count; ++s) {
             float *in_s = in + s * in_step + c0;
             vfloat a0, a1, a2, a3;

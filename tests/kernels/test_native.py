@@ -268,3 +268,35 @@ def test_a_forked_child_runs_native_kernels_with_its_own_threads():
 def _scan_in_child(inputs: dict) -> torch.Tensor:
     torch.set_num_threads(2)
     return ssd.ssd_scan_native(**inputs, chunk_size=16)
+
+
+@pytest.fixture
+def build_for(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """``build_for(flags)``: the native libraries rebuilt with ``flags`` only (in a fresh
+    cache), as on a CPU with that instruction set; the usual build afterwards."""
+
+    def clear() -> None:
+        for cached in (native._build_and_load, ssd._ssd_library, gated_norm._norm_library):
+            cached.cache_clear()
+
+    def build(flags: tuple[str, ...]) -> None:
+        monkeypatch.setattr(native, "ARCH_FLAGS", (flags,))
+        monkeypatch.setenv(native.ENV_CACHE, str(tmp_path / "-".join(flags)))
+        clear()
+
+    yield build
+    clear()
+
+
+# AVX2 (8 lanes) and SSE2 (4 lanes) on x86-64; elsewhere the build without -march
+NARROWER = [("-march=x86-64-v3",), ("-march=x86-64",)] if os.uname().machine == "x86_64" else [()]
+
+
+@needs_native
+@pytest.mark.parametrize("flags", NARROWER)
+def test_narrower_vector_builds_compute_the_same(build_for, flags):
+    """Builds of the same sources for older instruction sets: scan and norm against
+    fp64, where the machine's own build uses its widest vectors."""
+    build_for(flags)
+    test_native_scan_matches_the_recurrence_in_fp64(*SHAPES[0])
+    test_native_gated_norm_matches_fp64(200, 40, True, True)
