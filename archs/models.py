@@ -174,10 +174,13 @@ class MixStackModel(nn.Module):
         return sum(isinstance(m, ResidualBlock) for m in self.modules())
 
     def set_backend(self, request: str | dict[str, str]) -> None:
-        """Replace the kernel-backend policy of every mixer by one new shared policy."""
+        """Replace the kernel-backend policy of every mixer and norm (every module that
+        holds one) by one new shared policy."""
         self.backends = BackendPolicy(request)
         for module in self.modules():
-            if isinstance(module, Mixer):
+            if isinstance(module, Mixer) or isinstance(
+                getattr(module, "backends", None), BackendPolicy
+            ):
                 module.backends = self.backends
 
     # -- checks on input -------------------------------------------------------------------

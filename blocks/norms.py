@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 from mixstack.dsl.errors import SpecError, SpecIssue
 from mixstack.dsl.spec import NormConfig
+from mixstack.kernels.backends import BackendPolicy
+from mixstack.kernels.gated_norm import gated_rms_norm
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -23,13 +25,16 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 class RMSNorm(nn.Module):
-    """``y = x / sqrt(mean(x², -1) + eps) · weight`` (Zhang & Sennrich 2019)."""
+    """``y = x / sqrt(mean(x², -1) + eps) · weight`` (Zhang & Sennrich 2019): the
+    ``gated_rms_norm`` kernel without a gate, over one group of the whole width, through
+    the model's kernel policy ``backends`` (``auto`` until the model sets its own)."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.dim = dim
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
+        self.backends = BackendPolicy.default()
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -39,10 +44,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x (..., D) -> (..., D)`` in the dtype of ``x``."""
-        compute = _compute_dtype(x)
-        xf = x.to(compute)
-        scale = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (..., 1)
-        return (xf * scale * self.weight.to(compute)).to(x.dtype)
+        return gated_rms_norm(
+            x, None, self.weight, group_size=self.dim, eps=self.eps, backends=self.backends
+        )
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"

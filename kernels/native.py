@@ -88,10 +88,16 @@ def cache_dir() -> Path:
 def _compile(cc: str, source: Path, target: Path) -> None:
     """Build ``source`` into ``target`` atomically (a temporary file, then a rename):
     concurrent first uses (test workers) never load a half-written library."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for arch in ARCH_FLAGS:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+        except OSError as err:
+            raise NativeUnavailable(
+                f"cannot write the build cache {target.parent} ({err}); point "
+                f"{ENV_CACHE} at a writable folder"
+            ) from err
         os.close(fd)
         cmd = [cc, *BASE_FLAGS, *arch, "-o", tmp, str(source), "-lm"]
         try:

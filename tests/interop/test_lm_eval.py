@@ -29,8 +29,11 @@ W = 32  # model.max_seq_len: the text (156 bytes) is several windows long
 EOS = 256 + 2  # the default special tokens are pad, bos, eos, mask
 
 
-def _train(steps: int = 150) -> mixstack.MixStackModel:
-    """Memorise ``eos + TEXT`` from random windows of W + 1 tokens (plain Adam loop)."""
+def _train(steps: int = 250) -> mixstack.MixStackModel:
+    """Memorise ``eos + TEXT`` from random windows of W + 1 tokens (plain Adam loop).
+
+    250 steps: at 150 whether the last words were memorised depended on fp32 rounding
+    (the native and the torch norm kernels differed there); both pass with margin now."""
     spec = mixstack.load_spec(
         {
             "model": {

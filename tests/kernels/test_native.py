@@ -300,3 +300,16 @@ def test_narrower_vector_builds_compute_the_same(build_for, flags):
     build_for(flags)
     test_native_scan_matches_the_recurrence_in_fp64(*SHAPES[0])
     test_native_gated_norm_matches_fp64(200, 40, True, True)
+
+
+def test_an_unwritable_cache_says_where_and_what_to_set(
+    fresh_build: Path, monkeypatch: pytest.MonkeyPatch
+):
+    blocker = fresh_build.parent / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(native.ENV_CACHE, str(blocker / "cache"))
+    reason = native.unavailable("ssd")
+    assert reason is not None
+    assert f"cannot write the build cache {blocker / 'cache'}" in reason
+    assert "MIXSTACK_NATIVE_CACHE" in reason
+    assert blocker.read_text() == "not a folder"
