@@ -52,6 +52,10 @@ typedef int32_t vint __attribute__((vector_size(64)));
 typedef double vdouble __attribute__((vector_size(128)));
 #define LANES 16
 #define BLOCK 64 /* channels per work unit */
+/* Rows fetched ahead of use: a channel block reads one to four cache lines per row,
+ * rows C floats apart, a stride the hardware prefetchers do not follow across pages
+ * (at C = 1152, one thread: forward 2.3 -> 2.0 ms, backward 5.0 -> 3.5 ms). */
+#define PREFETCH 16
 #define TILE 64  /* time steps summed in float before the double accumulators */
 #define INLINE static inline __attribute__((always_inline))
 
@@ -128,6 +132,11 @@ INLINE void forward_vectors(const float *x, int64_t sxb, int64_t sxt, const floa
             for (int v = 0; v < NV; ++v) acc[v] = bv[v];
             if (t >= lo && t < hi) {
                 const float *row = xb + (t - off) * sxt;
+                if (t + PREFETCH < hi)
+                    for (int v = 0; v < NV; ++v) {
+                        __builtin_prefetch(row + (K - 1 + PREFETCH) * sxt + v * LANES, 0, 3);
+                        __builtin_prefetch(yb + (t + PREFETCH) * C + v * LANES, 1, 3);
+                    }
                 for (int64_t k = 0; k < K; ++k)
                     for (int v = 0; v < NV; ++v)
                         acc[v] += wk[k][v] * load(row + k * sxt + v * LANES, n);
@@ -187,6 +196,11 @@ INLINE void backward_vectors(const float *x, int64_t sxb, int64_t sxt, const flo
                     vfloat pre = bv[v], e[K];
                     if (inside) {
                         const float *row = xb + (s - off) * sxt + v * LANES;
+                        if (s - off + K - 1 + PREFETCH < L) {
+                            __builtin_prefetch(row + (K - 1 + PREFETCH) * sxt, 0, 3);
+                            __builtin_prefetch(db + (s + PREFETCH) * sdt + v * LANES, 0, 3);
+                            __builtin_prefetch(dxb + (s - off + PREFETCH) * C + v * LANES, 1, 3);
+                        }
                         for (int64_t k = 0; k < K; ++k) e[k] = load(row + k * sxt, n);
                     } else {
                         for (int64_t k = 0; k < K; ++k) {
