@@ -412,12 +412,17 @@ class _NativeConv(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad: Tensor
-    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor | None, None, None]:
         x, head, wt, bias = ctx.saved_tensors
         bsz, length, channels = x.shape
         grad = _channels_contiguous(grad)
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        d_head = torch.empty_like(head) if head is not None else None
+        # x or the state without a gradient: those rows are not written at all
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        d_head = None
+        if head is not None and ctx.needs_input_grad[1]:
+            d_head = torch.empty_like(head)
         d_wt = torch.empty_like(wt)
         d_bias = torch.empty_like(bias) if bias is not None else None
         native.run_units(

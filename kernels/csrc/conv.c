@@ -27,7 +27,7 @@
  *
  * Layouts: x and dy (B, L, C) with channel stride 1 and the given batch and time
  * strides; head, dhead (B, off, C) contiguous; y, dx (B, L, C) contiguous; w, dw (K, C);
- * bias, dbias (C) (NULL: none). Float32 throughout.
+ * bias, dbias (C) (NULL: none; dx, dhead NULL: not wanted). Float32 throughout.
  */
 #include <math.h>
 #include <stdint.h>
@@ -180,7 +180,7 @@ INLINE void backward_vectors(const float *x, int64_t sxb, int64_t sxt, const flo
         const float *xb = x + b * sxb + c;
         const float *hb = head != NULL ? head + b * off * C + c : NULL;
         const float *db = dy + b * sdb + c;
-        float *dxb = dx + b * L * C + c;
+        float *dxb = dx != NULL ? dx + b * L * C + c : NULL;
         float *dhb = dhead != NULL ? dhead + b * off * C + c : NULL;
         for (int v = 0; v < NV; ++v) {
             for (int64_t k = 0; k < K; ++k) gk[k][v] = dwf[k][v] = (vfloat){0};
@@ -199,7 +199,8 @@ INLINE void backward_vectors(const float *x, int64_t sxb, int64_t sxt, const flo
                         if (s - off + K - 1 + PREFETCH < L) {
                             __builtin_prefetch(row + (K - 1 + PREFETCH) * sxt, 0, 3);
                             __builtin_prefetch(db + (s + PREFETCH) * sdt + v * LANES, 0, 3);
-                            __builtin_prefetch(dxb + (s - off + PREFETCH) * C + v * LANES, 1, 3);
+                            if (dxb != NULL)
+                                __builtin_prefetch(dxb + (s - off + PREFETCH) * C + v * LANES, 1, 3);
                         }
                         for (int64_t k = 0; k < K; ++k) e[k] = load(row + k * sxt, n);
                     } else {
@@ -231,7 +232,7 @@ INLINE void backward_vectors(const float *x, int64_t sxb, int64_t sxt, const flo
             } else {
                 for (int v = 0; v < NV; ++v) gk[0][v] = (vfloat){0};
             }
-            float *out = s >= off && s - off < L ? dxb + (s - off) * C
+            float *out = s >= off && s - off < L ? (dxb != NULL ? dxb + (s - off) * C : NULL)
                          : s < off && dhb != NULL ? dhb + s * C
                                                   : NULL;
             if (out != NULL) {

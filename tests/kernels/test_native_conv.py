@@ -155,6 +155,21 @@ def test_strided_input_is_read_in_place_and_threads_do_not_change_results():
 
 
 @needs_native
+def test_weight_gradients_alone_when_x_and_state_need_none():
+    """The backward skips the x and state rows it is not asked for (nothing written
+    there); the weight and bias sums are unchanged."""
+    x, state, cot = _rand(60, 2, 21, 69), _rand(61, 2, 69, 4), _rand(62, 2, 21, 69)
+    grads = {}
+    for fn, dtype in [(cc.causal_conv1d_reference, F64), (cc.causal_conv1d_native, torch.float32)]:
+        w = _rand(63, 69, 4).to(dtype).requires_grad_()
+        b = _rand(64, 69).to(dtype).requires_grad_()
+        y = fn(x.to(dtype), w, b, activation="silu", initial_state=state.to(dtype))
+        grads[dtype] = torch.autograd.grad(y, [w, b], cot.to(dtype))
+    for a, b in zip(grads[torch.float32], grads[F64], strict=True):
+        assert _rel(a, b) < 2e-6
+
+
+@needs_native
 def test_packed_calls_take_the_torch_path():
     seq_idx = torch.tensor([[-1, -1, 0, 0, 0, 1, 1, 1, 1, 2]])
     x, w, b, state = _rand(50, 1, 10, 5), _rand(51, 5, 3), _rand(52, 5), _rand(53, 1, 5, 3)
