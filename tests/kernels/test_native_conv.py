@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mixstack.kernels import causal_conv1d as cc
 from mixstack.kernels import native
@@ -167,6 +168,17 @@ def test_weight_gradients_alone_when_x_and_state_need_none():
         grads[dtype] = torch.autograd.grad(y, [w, b], cot.to(dtype))
     for a, b in zip(grads[torch.float32], grads[F64], strict=True):
         assert _rel(a, b) < 2e-6
+
+
+@needs_native
+def test_silu_at_extreme_inputs_matches_torch():
+    """The compiled exp is clamped and scaled by hand: silu at ±inf, NaN, ±1000 and
+    where exp over- or underflows in float32 is torch's (to 1e-30 absolute)."""
+    values = [float("-inf"), -1000, -100, -88, -87.5, -50, -1e-30, 0, 3, 50, 88, 100, 1000]
+    x = torch.tensor([*values, float("inf"), float("nan"), -3.0]).reshape(1, 16, 1)
+    x = x.expand(1, 16, 21).contiguous()  # a full vector of channels and a tail
+    got = cc.causal_conv1d_native(x, torch.ones(21, 1), activation="silu")
+    torch.testing.assert_close(got, F.silu(x), rtol=1e-6, atol=1e-30, equal_nan=True)
 
 
 @needs_native
