@@ -24,7 +24,11 @@ inputs of the last document (zeros for columns of earlier documents), so decodin
 continues that document exactly as a longer forward would.
 
 Callers use the dispatchers :func:`causal_conv1d` and :func:`centered_conv1d` (the
-references' signatures plus ``backends``, the policy that picks the backend).
+references' signatures plus ``backends``, the policy that picks the backend). Backends:
+``reference`` (explicit loops), ``torch`` (shifted multiply-adds, any device) and, on
+the CPU in float32/bf16/fp16, ``native`` (``csrc/conv.c``: one compiled pass forward
+and one backward, silu fused, picked by ``auto`` where a C compiler is found; packed
+calls delegate to ``torch``).
 
 ``activation`` is ``None`` or ``"silu"``, applied after the bias. Computation runs in
 fp32 (fp64 for fp64 inputs) and comes back in ``x.dtype``; states keep ``x.dtype``.
