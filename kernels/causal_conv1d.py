@@ -360,7 +360,11 @@ _UNIT_CHANNELS = 64  # csrc/conv.c's BLOCK: channels per work unit
 @functools.cache
 def _conv_library() -> ctypes.CDLL:
     """csrc/conv.c, with its entry points' argument types declared."""
-    lib = native.load("conv")
+    return _declare_conv(native.load("conv"))
+
+
+def _declare_conv(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the argument and return types of a build of csrc/conv.c."""
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
     lib.conv_forward.argtypes = [i64, i64, ptr, i64, i64, *[ptr] * 4, *[i64] * 5, i32]
     lib.conv_backward.argtypes = [

@@ -5,6 +5,9 @@ that take the four-vector forward blocks, the single vectors and the channel tai
 
 from __future__ import annotations
 
+import ctypes
+import subprocess
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,6 +198,37 @@ def test_packed_calls_take_the_torch_path():
         cc.centered_conv1d_native(x.float(), w, b, **kwargs),
         cc.centered_conv1d_torch(x.float(), w, b, **kwargs),
     )
+
+
+@needs_native
+def test_portable_build_matches_float64_reference(tmp_path, monkeypatch):
+    """conv.c built for no particular CPU (4-lane vectors, the exp without AVX-512's
+    vscalefps; -O1 keeps the build under a second), as a machine without AVX-512 runs
+    it: outputs and gradients against the float64 reference, tails included."""
+    lib_path = tmp_path / "conv_portable.so"
+    flags = ["-O1", "-std=c11", "-shared", "-fPIC", "-fno-math-errno", "-fopenmp-simd"]
+    source = native.SOURCE_DIR / "conv.c"
+    subprocess.run(
+        [native._compiler(), *flags, "-o", str(lib_path), str(source), "-lm"],
+        check=True,
+        capture_output=True,
+    )
+    monkeypatch.setattr(cc, "_conv_library", lambda: cc._declare_conv(ctypes.CDLL(lib_path)))
+    leaves = {
+        "x": _rand(70, 2, 19, 23),
+        "weight": _rand(71, 23, 4),
+        "bias": _rand(72, 23),
+        "initial_state": _rand(73, 2, 23, 4),
+    }
+    leaves["x"][0, 3, :5] = torch.tensor([-1e3, 1e3, float("inf"), -100.0, 88.5])
+    cots = [_rand(74, 2, 19, 23), _rand(75, 2, 23, 4)]
+    kwargs = {"activation": "silu", "return_final_state": True}
+    want = _outputs_and_grads(cc.causal_conv1d_reference, leaves, cots, F64, **kwargs)
+    got = _outputs_and_grads(cc.causal_conv1d_native, leaves, cots, torch.float32, **kwargs)
+    for name, a, b in zip(["y", "final_state", *leaves], got, want, strict=True):
+        finite = torch.isfinite(b)
+        assert torch.equal(finite, torch.isfinite(a)), name
+        assert _rel(a[finite], b[finite]) < 2e-6, f"{name}: {_rel(a[finite], b[finite]):.2e}"
 
 
 @pytest.mark.parametrize("kernel", [cc.CAUSAL, cc.CENTERED])
