@@ -24,7 +24,11 @@ inputs of the last document (zeros for columns of earlier documents), so decodin
 continues that document exactly as a longer forward would.
 
 Callers use the dispatchers :func:`causal_conv1d` and :func:`centered_conv1d` (the
-references' signatures plus ``backends``, the policy that picks the backend).
+references' signatures plus ``backends``, the policy that picks the backend). Backends:
+``reference`` (explicit loops), ``torch`` (shifted multiply-adds, any device) and, on
+the CPU in float32/bf16/fp16, ``native`` (``csrc/conv.c``: one compiled pass forward
+and one backward, silu fused, picked by ``auto`` where a C compiler is found; packed
+calls delegate to ``torch``).
 
 ``activation`` is ``None`` or ``"silu"``, applied after the bias. Computation runs in
 fp32 (fp64 for fp64 inputs) and comes back in ``x.dtype``; states keep ``x.dtype``.
@@ -32,18 +36,22 @@ fp32 (fp64 for fp64 inputs) and comes back in ``x.dtype``; states keep ``x.dtype
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mixstack.kernels import native
 from mixstack.kernels.backends import (
     BackendPolicy,
     dispatch,
     register_backend,
 )
 from mixstack.kernels.common import compute_dtype, document_runs, zero_padding
+from mixstack.kernels.ssd import _native_applies
 
 CAUSAL = "causal_conv1d"
 CENTERED = "centered_conv1d"
@@ -343,6 +351,152 @@ def causal_conv1d_torch(
     return (y, final.contiguous()) if final is not None else y
 
 
+# -- native: csrc/conv.c, forward and backward fused over the channels ------------------------
+
+NATIVE_HINT = "needs a C compiler (cc, gcc or clang, or $CC); see docs/performance.md"
+_UNIT_CHANNELS = 64  # csrc/conv.c's BLOCK: channels per work unit
+
+
+@functools.cache
+def _conv_library() -> ctypes.CDLL:
+    """csrc/conv.c, with its entry points' argument types declared."""
+    return _declare_conv(native.load("conv"))
+
+
+def _declare_conv(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the argument and return types of a build of csrc/conv.c."""
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+    lib.conv_forward.argtypes = [i64, i64, ptr, i64, i64, *[ptr] * 4, *[i64] * 5, i32]
+    lib.conv_backward.argtypes = [
+        i64, i64, ptr, i64, i64, *[ptr] * 4, i64, i64, *[ptr] * 4, *[i64] * 5, i32,
+    ]  # fmt: skip
+    for fn in (lib.conv_forward, lib.conv_backward):
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def _rows(t: Tensor) -> tuple[ctypes.c_void_p, int, int]:
+    """Pointer, batch and time strides of a (B, L, C) float32 CPU tensor whose channels
+    are contiguous (a slice of a wider projection is read in place, not copied)."""
+    return ctypes.c_void_p(t.data_ptr()), t.stride(0), t.stride(1)
+
+
+def _channels_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(2) == 1 or t.shape[2] == 1 else t.contiguous()
+
+
+class _NativeConv(torch.autograd.Function):
+    """Depthwise convolution in ``csrc/conv.c``: ``x (B, L, C)`` float32 (channels
+    contiguous, any batch and time strides), ``head (B, off, C)`` the time-major rows
+    before x (None: zeros), ``wt (K, C)``, ``bias (C,) | None`` -> y (B, L, C) with
+    ``y[:, t] = act(bias + Σ_k wt[k] · ext[:, t+k])`` over ``ext = [head | x | 0]``
+    (``off = K−1``: causal; ``off = K//2`` with no head: centred). The backward
+    recomputes the pre-activation and returns the gradients of x, head, wt and bias
+    in one pass over time.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        head: Tensor | None,
+        wt: Tensor,
+        bias: Tensor | None,
+        off: int,
+        silu: bool,
+    ) -> Tensor:
+        bsz, length, channels = x.shape
+        y = x.new_empty(bsz, length, channels)
+        native.run_units(
+            _conv_library().conv_forward,
+            -(-channels // _UNIT_CHANNELS),
+            *_rows(x), *map(native.pointer, (head, wt, bias, y)),
+            bsz, length, channels, wt.shape[0], off, int(silu),
+        )  # fmt: skip
+        ctx.save_for_backward(x, head, wt, bias)
+        ctx.off, ctx.silu = off, silu
+        return y
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor | None, None, None]:
+        x, head, wt, bias = ctx.saved_tensors
+        bsz, length, channels = x.shape
+        grad = _channels_contiguous(grad)
+        # x or the state without a gradient: those rows are not written at all
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        d_head = None
+        if head is not None and ctx.needs_input_grad[1]:
+            d_head = torch.empty_like(head)
+        d_wt = torch.empty_like(wt)
+        d_bias = torch.empty_like(bias) if bias is not None else None
+        native.run_units(
+            _conv_library().conv_backward,
+            -(-channels // _UNIT_CHANNELS),
+            *_rows(x), *map(native.pointer, (head, wt, bias)), *_rows(grad),
+            *map(native.pointer, (dx, d_head, d_wt, d_bias)),
+            bsz, length, channels, wt.shape[0], ctx.off, int(ctx.silu),
+        )  # fmt: skip
+        return dx, d_head, d_wt, d_bias, None, None
+
+
+def _native_conv(
+    x: Tensor, weight: Tensor, bias: Tensor | None, head: Tensor | None, off: int, silu: bool
+) -> Tensor:
+    """:class:`_NativeConv` in float32 on x's dtype -> y (B, L, C) in ``x.dtype``."""
+    f = torch.float32
+    xf = _channels_contiguous(x.to(f))
+    wt = weight.to(f).t().contiguous()  # (K, C): tap k's weights contiguous over channels
+    b = bias.to(f).contiguous() if bias is not None else None
+    return _NativeConv.apply(xf, head, wt, b, off, silu).to(x.dtype)
+
+
+@register_backend(
+    CAUSAL,
+    "native",
+    available=lambda: native.unavailable("conv"),
+    applies=_native_applies,
+    install_hint=NATIVE_HINT,
+)
+def causal_conv1d_native(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    activation: Activation = None,
+    seq_idx: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> ConvResult:
+    """The time-major convolution of :func:`causal_conv1d_torch` in compiled C
+    (``csrc/conv.c``): one pass forward, one backward, silu fused, x read in place.
+    CPU, computed in float32; packed calls (``seq_idx``) take the torch path. Contract
+    of :func:`causal_conv1d_reference`."""
+    if seq_idx is not None:
+        return causal_conv1d_torch(
+            x, weight, bias, activation=activation, seq_idx=seq_idx,
+            initial_state=initial_state, return_final_state=return_final_state,
+        )  # fmt: skip
+    _check_args(x, weight, bias, activation, seq_idx, kernel=CAUSAL)
+    width = weight.shape[1]
+    _check_state(x, width, initial_state)
+    # the state's last K−1 columns, time-major (B, K−1, C); None: zeros, nothing to copy
+    head = None
+    if initial_state is not None:
+        # through x's dtype first, as the torch path's history
+        hist = _history(x, width, initial_state)[..., 1:]
+        head = hist.transpose(1, 2).to(torch.float32).contiguous()
+    y = _native_conv(x, weight, bias, head, width - 1, activation == "silu")
+    if not return_final_state:
+        return y
+    hist = _history(x, width, initial_state)
+    final = torch.cat([hist, x[:, -width:].transpose(1, 2)], dim=-1)[..., -width:]
+    return y, final.contiguous()
+
+
 def causal_conv1d_update(
     x_t: Tensor,
     conv_state: Tensor,
@@ -438,6 +592,30 @@ def centered_conv1d_torch(
     ext_run = F.pad(comp.run, (half, half), value=-1)  # outside the row: never visible
     y = _uncompact(_shift_sum(ext, weight, bias, ext_run, x.shape[1], half), comp)
     return _output(y, x, seq_idx, activation)
+
+
+@register_backend(
+    CENTERED,
+    "native",
+    available=lambda: native.unavailable("conv"),
+    applies=_native_applies,
+    install_hint=NATIVE_HINT,
+)
+def centered_conv1d_native(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    activation: Activation = None,
+    seq_idx: Tensor | None = None,
+) -> Tensor:
+    """The centred convolution in compiled C (``csrc/conv.c``, K//2 virtual zero rows
+    on each side: no padded copy of x); packed calls take the torch path. CPU, float32;
+    contract of :func:`centered_conv1d_reference`."""
+    if seq_idx is not None:
+        return centered_conv1d_torch(x, weight, bias, activation=activation, seq_idx=seq_idx)
+    _check_args(x, weight, bias, activation, seq_idx, kernel=CENTERED)
+    return _native_conv(x, weight, bias, None, weight.shape[1] // 2, activation == "silu")
 
 
 # -- dispatchers -------------------------------------------------------------------------------
