@@ -34,35 +34,8 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "common.h"
 
-#if defined(__SSE__)
-#include <xmmintrin.h>
-/* Flush subnormals to zero (FTZ | DAZ) inside the kernels: silu of very negative
- * inputs and small products would otherwise take the slow subnormal path. */
-#define DENORMALS_OFF(saved) ((saved) = _mm_getcsr(), _mm_setcsr((saved) | 0x8040))
-#define DENORMALS_RESTORE(saved) _mm_setcsr(saved)
-#else
-#define DENORMALS_OFF(saved) ((saved) = 0)
-#define DENORMALS_RESTORE(saved) ((void)(saved))
-#endif
-
-/* One GCC/clang vector of LANES floats, the target's widest (16 with AVX-512, 8 with
- * AVX, 4 otherwise), and its integer and double twins. Not wider: the compiler
- * splits the arithmetic of wider vectors, but does their comparisons one lane at a
- * time (a 16-lane build ran the silu 6 times slower under AVX2). */
-#if defined(__AVX512F__)
-#define LANES 16
-#elif defined(__AVX__)
-#define LANES 8
-#else
-#define LANES 4
-#endif
-typedef float vfloat __attribute__((vector_size(LANES * 4)));
-typedef int32_t vint __attribute__((vector_size(LANES * 4)));
-typedef double vdouble __attribute__((vector_size(LANES * 8)));
 #define BLOCK 64 /* channels per work unit */
 #define VECTORS 4 /* vectors per step, forward and backward */
 /* Rows fetched ahead of use (into L2): a channel block reads a few cache lines per row,
@@ -72,67 +45,8 @@ typedef double vdouble __attribute__((vector_size(LANES * 8)));
  * with four vectors per step (one vector per step: 7.0 -> 5.8 ms with prefetching). */
 #define PREFETCH 16
 #define TILE 64  /* time steps summed in float before the double accumulators */
-#define INLINE static inline __attribute__((always_inline))
-
-INLINE vfloat select(vint mask, vfloat yes, vfloat no) {
-    return (vfloat)(((vint)yes & mask) | ((vint)no & ~mask));
-}
-
-/* exp of 16 lanes: 2^k · exp(r), k = round(x / ln 2), r = x - k·ln 2 in two parts (Cody
- * and Waite), exp(r) by Cephes' degree-6 polynomial for expf (about 1 ulp). With
- * AVX-512, vscalefps applies 2^k and takes care of overflow (infinity) and underflow
- * (0), x clamped to [-100, 100] first (NaN passes): 13 instructions instead of about
- * 30, a third of the silu forward's time. Elsewhere, as in ssd.c: k by adding and
- * removing 1.5·2^23, the exponent bits built by hand, 0 below -87, infinity above 88,
- * NaN kept. */
-INLINE vfloat exp_poly(vfloat r) {
-    vfloat p = (vfloat){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    return p * (r * r) + r + 1.0f;
-}
-
-#if defined(__AVX512F__)
-INLINE vfloat exp_lanes(vfloat x) {
-    /* max(lo, x) and min(hi, .) return their second operand for NaN: x's NaN stays */
-    const __m512 xc = _mm512_min_ps(_mm512_set1_ps(100.0f),
-                                    _mm512_max_ps(_mm512_set1_ps(-100.0f), (__m512)x));
-    const vfloat k = (vfloat)_mm512_roundscale_ps(
-        (__m512)((vfloat)xc * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vfloat r = (vfloat)xc - k * 0.693359375f;
-    r = r + k * 2.12194440e-4f;
-    return (vfloat)_mm512_scalef_ps((__m512)exp_poly(r), (__m512)k);
-}
-#else
-INLINE vfloat exp_lanes(vfloat x) {
-    /* constants from a zero vector, not from x - x (NaN for infinite x) */
-    const vfloat zero = {0}, lo = zero - 87.0f, hi = zero + 88.0f;
-    vfloat xc = select(x < lo, lo, x);
-    xc = select(xc > hi, hi, xc);
-    const vfloat k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    vfloat r = xc - k * 0.693359375f;
-    r = r + k * 2.12194440e-4f;
-    const vint bits = (__builtin_convertvector(k, vint) + 127) << 23;
-    vfloat e = exp_poly(r) * (vfloat)bits;
-    e = select(x < lo, zero, e);
-    e = select(x > hi, zero + INFINITY, e);
-    return select(x != x, x, e);
-}
-#endif
 
 INLINE vfloat sigmoid_lanes(vfloat x) { return 1.0f / (1.0f + exp_lanes(-x)); }
-
-/* n <= LANES floats from p (the rest 0) / to p; n == LANES compiles to one vector move. */
-INLINE vfloat load(const float *p, int64_t n) {
-    vfloat v = {0};
-    memcpy(&v, p, (size_t)n * sizeof(float));
-    return v;
-}
-
-INLINE void store(float *p, vfloat v, int64_t n) { memcpy(p, &v, (size_t)n * sizeof(float)); }
 
 static const float ZEROS[LANES] = {0};
 
@@ -153,8 +67,8 @@ INLINE void forward_vectors(const float *x, int64_t sxb, int64_t sxt, const floa
                             int64_t n) {
     vfloat wk[K][NV], bv[NV];
     for (int v = 0; v < NV; ++v) {
-        for (int64_t k = 0; k < K; ++k) wk[k][v] = load(w + k * C + c + v * LANES, n);
-        bv[v] = bias != NULL ? load(bias + c + v * LANES, n) : (vfloat){0};
+        for (int64_t k = 0; k < K; ++k) wk[k][v] = load_lanes(w + k * C + c + v * LANES, n);
+        bv[v] = bias != NULL ? load_lanes(bias + c + v * LANES, n) : (vfloat){0};
     }
     /* outputs whose K rows all lie in x: t in [lo, hi) */
     const int64_t lo = off < L ? off : L, hi_raw = L - (K - 1 - off);
@@ -175,18 +89,18 @@ INLINE void forward_vectors(const float *x, int64_t sxb, int64_t sxt, const floa
                     }
                 for (int64_t k = 0; k < K; ++k)
                     for (int v = 0; v < NV; ++v)
-                        acc[v] += wk[k][v] * load(row + k * sxt + v * LANES, n);
+                        acc[v] += wk[k][v] * load_lanes(row + k * sxt + v * LANES, n);
             } else {
                 for (int64_t k = 0; k < K; ++k) {
                     const float *row = ext_row(xb, sxt, hb, C, off, L, t + k);
                     /* ZEROS has one vector: the other vectors of a zero row are zero */
                     for (int v = 0; v < NV; ++v)
-                        acc[v] += wk[k][v] * load(row == ZEROS ? ZEROS : row + v * LANES, n);
+                        acc[v] += wk[k][v] * load_lanes(row == ZEROS ? ZEROS : row + v * LANES, n);
                 }
             }
             for (int v = 0; v < NV; ++v) {
                 if (silu) acc[v] = acc[v] * sigmoid_lanes(acc[v]);
-                store(yb + t * C + v * LANES, acc[v], n);
+                store_lanes(yb + t * C + v * LANES, acc[v], n);
             }
         }
     }
@@ -205,10 +119,10 @@ INLINE void backward_vectors(const float *x, int64_t sxb, int64_t sxt, const flo
     vdouble dwd[K][NV], dbd[NV];
     for (int v = 0; v < NV; ++v) {
         for (int64_t k = 0; k < K; ++k) {
-            wk[k][v] = load(w + k * C + c + v * LANES, n);
+            wk[k][v] = load_lanes(w + k * C + c + v * LANES, n);
             dwd[k][v] = (vdouble){0};
         }
-        bv[v] = bias != NULL ? load(bias + c + v * LANES, n) : (vfloat){0};
+        bv[v] = bias != NULL ? load_lanes(bias + c + v * LANES, n) : (vfloat){0};
         dbd[v] = (vdouble){0};
     }
     const int64_t T = L + K - 1;
@@ -238,15 +152,15 @@ INLINE void backward_vectors(const float *x, int64_t sxb, int64_t sxt, const flo
                             if (dxb != NULL)
                                 __builtin_prefetch(dxb + (s - off + PREFETCH) * C + v * LANES, 1, 2);
                         }
-                        for (int64_t k = 0; k < K; ++k) e[k] = load(row + k * sxt, n);
+                        for (int64_t k = 0; k < K; ++k) e[k] = load_lanes(row + k * sxt, n);
                     } else {
                         for (int64_t k = 0; k < K; ++k) {
                             const float *row = ext_row(xb, sxt, hb, C, off, L, s + k);
-                            e[k] = load(row == ZEROS ? ZEROS : row + v * LANES, n);
+                            e[k] = load_lanes(row == ZEROS ? ZEROS : row + v * LANES, n);
                         }
                     }
                     for (int64_t k = 0; k < K; ++k) pre += wk[k][v] * e[k];
-                    vfloat g = load(db + s * sdt + v * LANES, n);
+                    vfloat g = load_lanes(db + s * sdt + v * LANES, n);
                     if (silu) {
                         const vfloat sg = sigmoid_lanes(pre);
                         g = g * sg * (1.0f + pre * (1.0f - sg));
@@ -275,16 +189,16 @@ INLINE void backward_vectors(const float *x, int64_t sxb, int64_t sxt, const flo
                 for (int v = 0; v < NV; ++v) {
                     vfloat d = {0};
                     for (int64_t k = 0; k < K; ++k) d += wk[k][v] * gk[k][v];
-                    store(out + v * LANES, d, n);
+                    store_lanes(out + v * LANES, d, n);
                 }
             }
         }
     }
     for (int v = 0; v < NV; ++v) {
         for (int64_t k = 0; k < K; ++k)
-            store(dw + k * C + c + v * LANES, __builtin_convertvector(dwd[k][v], vfloat), n);
+            store_lanes(dw + k * C + c + v * LANES, __builtin_convertvector(dwd[k][v], vfloat), n);
         if (dbias != NULL)
-            store(dbias + c + v * LANES, __builtin_convertvector(dbd[v], vfloat), n);
+            store_lanes(dbias + c + v * LANES, __builtin_convertvector(dbd[v], vfloat), n);
     }
 }
 
