@@ -9,6 +9,7 @@ carries all issues of one load, so a file with five mistakes reports five.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,9 +40,16 @@ def keys_text(keys: Iterable[Any]) -> str:
     return ", ".join(str(k) for k in keys)
 
 
+DIVISOR_SEARCH = 10**6  # trial divisions at most: complete for n up to 10**12
+
+
 def divisors(n: int) -> list[int]:
-    """The divisors of ``n``, for "allowed:" lines (heads, groups, widths)."""
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """The divisors of ``n`` in increasing order, for "allowed:" lines (heads, groups,
+    widths). Pairs ``d, n // d`` by trial division up to √n, so an absurd width from a
+    spec (a property test drew 2**70) answers at once instead of counting to n; past
+    10**12 only the divisors up to 10**6 and their partners are listed."""
+    small = [d for d in range(1, min(math.isqrt(n), DIVISOR_SEARCH) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def short_repr(value: Any, limit: int = 60) -> str:

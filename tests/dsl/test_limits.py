@@ -199,3 +199,14 @@ def test_a_chain_within_the_limit_resolves() -> None:
         load_spec(_chain(MAX_INTERPOLATION_DEPTH - 2))
     assert "unknown key 'chain'" in str(info.value)
     assert "interpolation" not in str(info.value)
+
+
+def test_divisors_by_pairs_and_at_once_for_absurd_widths() -> None:
+    from mixstack.dsl.errors import divisors
+
+    for n in range(1, 200):
+        assert divisors(n) == [d for d in range(1, n + 1) if n % d == 0], n
+    assert divisors(36) == [1, 2, 3, 4, 6, 9, 12, 18, 36]
+    huge = divisors(2**70)  # a spec's width from a property test: counting to n hung
+    assert huge[:3] == [1, 2, 4] and huge[-1] == 2**70 and 2**35 not in huge
+    assert huge == sorted(huge) and all(2**70 % d == 0 for d in huge)
