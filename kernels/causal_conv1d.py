@@ -51,7 +51,6 @@ from mixstack.kernels.backends import (
     register_backend,
 )
 from mixstack.kernels.common import compute_dtype, document_runs, zero_padding
-from mixstack.kernels.ssd import _native_applies
 
 CAUSAL = "causal_conv1d"
 CENTERED = "centered_conv1d"
@@ -353,7 +352,6 @@ def causal_conv1d_torch(
 
 # -- native: csrc/conv.c, forward and backward fused over the channels ------------------------
 
-NATIVE_HINT = "needs a C compiler (cc, gcc or clang, or $CC); see docs/performance.md"
 _UNIT_CHANNELS = 64  # csrc/conv.c's BLOCK: channels per work unit
 
 
@@ -454,13 +452,7 @@ def _native_conv(
     return _NativeConv.apply(xf, head, wt, b, off, silu).to(x.dtype)
 
 
-@register_backend(
-    CAUSAL,
-    "native",
-    available=lambda: native.unavailable("conv"),
-    applies=_native_applies,
-    install_hint=NATIVE_HINT,
-)
+@native.register(CAUSAL, "conv")
 def causal_conv1d_native(
     x: Tensor,
     weight: Tensor,
@@ -594,13 +586,7 @@ def centered_conv1d_torch(
     return _output(y, x, seq_idx, activation)
 
 
-@register_backend(
-    CENTERED,
-    "native",
-    available=lambda: native.unavailable("conv"),
-    applies=_native_applies,
-    install_hint=NATIVE_HINT,
-)
+@native.register(CENTERED, "conv")
 def centered_conv1d_native(
     x: Tensor,
     weight: Tensor,

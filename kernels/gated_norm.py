@@ -154,12 +154,26 @@ def gated_rms_norm_torch(
     norm_before_gate: bool = False,
 ) -> Tensor:
     """One autograd node (:class:`_GatedRMSNorm`); contract of :func:`gated_rms_norm_plain`."""
+    return _through_node(_GatedRMSNorm, y, z, weight, group_size, eps, norm_before_gate)
+
+
+def _through_node(
+    node: type[torch.autograd.Function],
+    y: Tensor,
+    z: Tensor | None,
+    weight: Tensor,
+    group_size: int,
+    eps: float,
+    norm_before_gate: bool,
+) -> Tensor:
+    """The norm as ``node``, or under ``torch.compile`` as the plain expression (which
+    inductor fuses on its own)."""
     _check_args(y, z, weight, group_size)
     if torch.compiler.is_compiling():
         return gated_rms_norm_plain(
             y, z, weight, group_size=group_size, eps=eps, norm_before_gate=norm_before_gate
         )
-    return _GatedRMSNorm.apply(y, z, weight, group_size, eps, norm_before_gate)
+    return node.apply(y, z, weight, group_size, eps, norm_before_gate)
 
 
 # -- native: csrc/norm.c ------------------------------------------------------------------
@@ -233,19 +247,7 @@ class _NativeGatedNorm(torch.autograd.Function):
         return dy.view(grad.shape).to(y_dtype), d_z, dw_part.sum(0).to(w_dtype), None, None, None
 
 
-def _native_applies(device: torch.device, dtype: torch.dtype) -> str | None:
-    if device.type != "cpu":
-        return f"CPU only, not {device.type}"
-    return "float64 runs on the torch path" if dtype == torch.float64 else None
-
-
-@register_backend(
-    KERNEL,
-    "native",
-    available=lambda: native.unavailable("norm"),
-    applies=_native_applies,
-    install_hint=native.INSTALL_HINT,
-)
+@native.register(KERNEL, "norm")
 def gated_rms_norm_native(
     y: Tensor,
     z: Tensor | None,
@@ -256,12 +258,7 @@ def gated_rms_norm_native(
     norm_before_gate: bool = False,
 ) -> Tensor:
     """:class:`_NativeGatedNorm`; contract of :func:`gated_rms_norm_plain`."""
-    _check_args(y, z, weight, group_size)
-    if torch.compiler.is_compiling():
-        return gated_rms_norm_plain(
-            y, z, weight, group_size=group_size, eps=eps, norm_before_gate=norm_before_gate
-        )
-    return _NativeGatedNorm.apply(y, z, weight, group_size, eps, norm_before_gate)
+    return _through_node(_NativeGatedNorm, y, z, weight, group_size, eps, norm_before_gate)
 
 
 def gated_rms_norm(

@@ -33,6 +33,7 @@ import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -159,6 +160,27 @@ def unavailable(name: str) -> str | None:
     except NativeUnavailable as err:
         return str(err)
     return None
+
+
+def applies(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Where the native kernels run: float32 on the CPU (bf16 and fp16 inputs compute in
+    float32; float64, the exact tests' dtype, stays on the torch path)."""
+    if device.type != "cpu":
+        return f"CPU only, not {device.type}"
+    return "float64 runs on the torch path" if dtype == torch.float64 else None
+
+
+def register(kernel: str, library: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``register_backend(kernel, "native", ...)`` for a backend built on ``csrc/{library}.c``."""
+    from mixstack.kernels.backends import register_backend
+
+    return register_backend(
+        kernel,
+        "native",
+        available=lambda: unavailable(library),
+        applies=applies,
+        install_hint=INSTALL_HINT,
+    )
 
 
 def pointer(t: Tensor | None) -> ctypes.c_void_p:

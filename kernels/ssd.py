@@ -615,19 +615,7 @@ def ssd_scan_chunked(
     )  # fmt: skip
 
 
-def _native_applies(device: torch.device, dtype: torch.dtype) -> str | None:
-    if device.type != "cpu":
-        return f"CPU only, not {device.type}"
-    return "float64 runs on the torch path" if dtype == torch.float64 else None
-
-
-@register_backend(
-    KERNEL,
-    "native",
-    available=lambda: native.unavailable("ssd"),
-    applies=_native_applies,
-    install_hint=native.INSTALL_HINT,
-)
+@native.register(KERNEL, "ssd")
 @torch.compiler.disable  # compiled C called through ctypes: an opaque step for torch.compile
 def ssd_scan_native(
     x: Tensor,

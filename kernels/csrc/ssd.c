@@ -366,26 +366,41 @@ typedef struct {
     int64_t B, L, H, G, N, P, Q;
 } Dims;
 
-/* One head's per-chunk quantities from Δ: a, pre (inclusive prefix sums), suf (exclusive
- * suffix sums), enter = exp(pre), out = exp(suf); returns exp(pre_{Q-1}). */
-static float chunk_decays(const float *dt, int64_t dt_step, float A, int64_t Q, float *a,
-                          float *pre, float *suf, float *enter, float *out) {
+/* One head's per-chunk quantities from Δ (Q each): a = Δ A, pre (inclusive prefix sums
+ * of a), suf (exclusive suffix sums), enter = exp(pre), out = exp(suf). */
+typedef struct {
+    float *a, *pre, *suf, *enter, *out;
+} Decays;
+
+static Decays take_decays(Arena *arena, int64_t Q) {
+    Decays d;
+    d.a = take(arena, Q);
+    d.pre = take(arena, Q);
+    d.suf = take(arena, Q);
+    d.enter = take(arena, Q);
+    d.out = take(arena, Q);
+    return d;
+}
+
+/* Fill d from Δ (Q values dt_step apart) and A; returns exp(pre_{Q-1}), the chunk's
+ * decay. */
+static float chunk_decays(const float *dt, int64_t dt_step, float A, int64_t Q, Decays d) {
     float run = 0.0f;
     for (int64_t s = 0; s < Q; ++s) {
-        a[s] = dt[s * dt_step] * A;
-        run += a[s];
-        pre[s] = run;
+        d.a[s] = dt[s * dt_step] * A;
+        run += d.a[s];
+        d.pre[s] = run;
     }
     run = 0.0f;
     for (int64_t s = Q - 1; s >= 0; --s) {
-        suf[s] = run;
-        run += a[s];
+        d.suf[s] = run;
+        run += d.a[s];
     }
-    memcpy(enter, pre, (size_t)Q * sizeof(float));
-    exp_inplace(enter, Q);
-    memcpy(out, suf, (size_t)Q * sizeof(float));
-    exp_inplace(out, Q);
-    return enter[Q - 1];
+    memcpy(d.enter, d.pre, (size_t)Q * sizeof(float));
+    exp_inplace(d.enter, Q);
+    memcpy(d.out, d.suf, (size_t)Q * sizeof(float));
+    exp_inplace(d.out, Q);
+    return d.enter[Q - 1];
 }
 
 /* The unit (b, c, g)'s B and C rows (Q, N) contiguous, Bᵀ (N, Qp) and CB = C Bᵀ (Q, Q). */
@@ -422,8 +437,7 @@ int ssd_scan_chunks(int64_t lo, int64_t hi, const float *x, const float *dt, con
     memset(zeros, 0, (size_t)(Qp + N + P) * sizeof(float));
     float *Bc = take(&arena, Q * N), *Cc = take(&arena, Q * N), *BT = take(&arena, N * Qp);
     float *CB = take(&arena, Q * Q), *BwT = take(&arena, N * Qp);
-    float *a = take(&arena, Q), *pre = take(&arena, Q), *suf = take(&arena, Q);
-    float *enter = take(&arena, Q), *out = take(&arena, Q);
+    const Decays dec = take_decays(&arena, Q);
     float *uc = take(&arena, Q * P), *yc = take(&arena, Q * P);
     unsigned csr;
     DENORMALS_OFF(csr);
@@ -432,15 +446,14 @@ int ssd_scan_chunks(int64_t lo, int64_t hi, const float *x, const float *dt, con
         unit_scores(&d, Bm, Cm, b, c, g, Bc, Cc, BT, CB, zeros);
         for (int64_t r = 0; r < R; ++r) {
             const int64_t h = g * R + r, t0 = b * L + c * Q; /* first row (b, t) */
-            const float decay =
-                chunk_decays(dt + t0 * H + h, H, A[h], Q, a, pre, suf, enter, out);
+            const float decay = chunk_decays(dt + t0 * H + h, H, A[h], Q, dec);
             for (int64_t s = 0; s < Q; ++s) {
                 const float *x_s = x + ((t0 + s) * H + h) * P;
                 const float dt_s = dt[(t0 + s) * H + h];
 #pragma omp simd
                 for (int64_t p = 0; p < P; ++p) uc[s * P + p] = x_s[p] * dt_s;
             }
-            diag_forward(yc, P, CB, a, uc, NULL, Q, P, arena);
+            diag_forward(yc, P, CB, dec.a, uc, NULL, Q, P, arena);
             for (int64_t s = 0; s < Q; ++s) {
                 const float *x_s = x + ((t0 + s) * H + h) * P;
                 float *y_s = y + ((t0 + s) * H + h) * P;
@@ -450,7 +463,7 @@ int ssd_scan_chunks(int64_t lo, int64_t hi, const float *x, const float *dt, con
             }
             /* T = Σ_s out_s B_s u_sᵀ: (N, Q) with the decays folded in, times u (Q, P) */
             for (int64_t n = 0; n < N; ++n)
-                for (int64_t s = 0; s < Q; ++s) BwT[n * Qp + s] = BT[n * Qp + s] * out[s];
+                for (int64_t s = 0; s < Q; ++s) BwT[n * Qp + s] = BT[n * Qp + s] * dec.out[s];
             float *T = states + ((b * nc + c) * H + h) * N * P;
             gemm(T, P, BwT, Qp, uc, P, N, Q, P, 0, zeros);
             decays[(b * nc + c) * H + h] = decay;
@@ -500,8 +513,7 @@ int ssd_scan_read(int64_t lo, int64_t hi, const float *dt, const float *A, const
     Arena arena;
     if (arena_open(&arena, 3 * Q * N + 5 * Q + N + 32 * 16)) return 1;
     float *zeros = take(&arena, N), *Cc = take(&arena, Q * N), *Ce = take(&arena, Q * N);
-    float *a = take(&arena, Q), *pre = take(&arena, Q), *suf = take(&arena, Q);
-    float *enter = take(&arena, Q), *out = take(&arena, Q);
+    const Decays dec = take_decays(&arena, Q);
     memset(zeros, 0, (size_t)N * sizeof(float));
     unsigned csr;
     DENORMALS_OFF(csr);
@@ -510,9 +522,9 @@ int ssd_scan_read(int64_t lo, int64_t hi, const float *dt, const float *A, const
         gather_rows(Cc, Cm + (t0 * G + g) * N, G * N, Q, N);
         for (int64_t r = 0; r < R; ++r) {
             const int64_t h = g * R + r;
-            chunk_decays(dt + t0 * H + h, H, A[h], Q, a, pre, suf, enter, out);
+            chunk_decays(dt + t0 * H + h, H, A[h], Q, dec);
             for (int64_t t = 0; t < Q; ++t)
-                for (int64_t n = 0; n < N; ++n) Ce[t * N + n] = Cc[t * N + n] * enter[t];
+                for (int64_t n = 0; n < N; ++n) Ce[t * N + n] = Cc[t * N + n] * dec.enter[t];
             gemm(y + (t0 * H + h) * P, H * P, Ce, N, states + ((b * nc + c) * H + h) * N * P,
                  P, Q, N, P, 1, zeros);
         }
@@ -533,8 +545,7 @@ int ssd_scan_back_chunks(int64_t lo, int64_t hi, const float *dt, const float *A
     if (arena_open(&arena, Q * N + N * Qp + Q * P + 5 * Q + Qp + 32 * 16)) return 1;
     float *zeros = take(&arena, Qp), *Cc = take(&arena, Q * N), *CeT = take(&arena, N * Qp);
     float *dyc = take(&arena, Q * P);
-    float *a = take(&arena, Q), *pre = take(&arena, Q), *suf = take(&arena, Q);
-    float *enter = take(&arena, Q), *out = take(&arena, Q);
+    const Decays dec = take_decays(&arena, Q);
     memset(zeros, 0, (size_t)Qp * sizeof(float));
     unsigned csr;
     DENORMALS_OFF(csr);
@@ -543,9 +554,9 @@ int ssd_scan_back_chunks(int64_t lo, int64_t hi, const float *dt, const float *A
         gather_rows(Cc, Cm + (t0 * G + g) * N, G * N, Q, N);
         for (int64_t r = 0; r < R; ++r) {
             const int64_t h = g * R + r;
-            chunk_decays(dt + t0 * H + h, H, A[h], Q, a, pre, suf, enter, out);
+            chunk_decays(dt + t0 * H + h, H, A[h], Q, dec);
             for (int64_t n = 0; n < N; ++n)
-                for (int64_t t = 0; t < Q; ++t) CeT[n * Qp + t] = Cc[t * N + n] * enter[t];
+                for (int64_t t = 0; t < Q; ++t) CeT[n * Qp + t] = Cc[t * N + n] * dec.enter[t];
             gather_rows(dyc, dy + (t0 * H + h) * P, H * P, Q, P);
             gemm(dstates + ((b * nc + c) * H + h) * N * P, P, CeT, Qp, dyc, P, N, Q, P, 0,
                  zeros);
@@ -613,8 +624,8 @@ int ssd_scan_back_grads(int64_t lo, int64_t hi, const float *x, const float *dt,
     float *CB = take(&arena, Q * Q), *dCB = take(&arena, Q * Q), *dCBT = take(&arena, Q * Q);
     float *dBc = take(&arena, Q * N), *dCc = take(&arena, Q * N), *raw = take(&arena, Q * N);
     float *Bw = take(&arena, Q * N);
-    float *a = take(&arena, Q), *pre = take(&arena, Q), *suf = take(&arena, Q);
-    float *enter = take(&arena, Q), *out = take(&arena, Q), *da = take(&arena, Q);
+    const Decays dec = take_decays(&arena, Q);
+    float *da = take(&arena, Q);
     float *g_pre = take(&arena, Q), *g_suf = take(&arena, Q);
     float *uc = take(&arena, Q * P), *dyc = take(&arena, Q * P), *duc = take(&arena, Q * P);
     float *xc = take(&arena, Q * P);
@@ -629,7 +640,7 @@ int ssd_scan_back_grads(int64_t lo, int64_t hi, const float *x, const float *dt,
         memset(dCc, 0, (size_t)(Q * N) * sizeof(float));
         for (int64_t r = 0; r < R; ++r) {
             const int64_t h = g * R + r, at = (b * nc + c) * H + h;
-            chunk_decays(dt + t0 * H + h, H, A[h], Q, a, pre, suf, enter, out);
+            chunk_decays(dt + t0 * H + h, H, A[h], Q, dec);
             gather_rows(xc, x + (t0 * H + h) * P, H * P, Q, P);
             gather_rows(dyc, dy + (t0 * H + h) * P, H * P, Q, P);
             for (int64_t s = 0; s < Q; ++s) {
@@ -642,7 +653,7 @@ int ssd_scan_back_grads(int64_t lo, int64_t hi, const float *x, const float *dt,
             transpose(dSoutT, N, dS_out, P, N, P); /* (P, N) */
             memset(duc, 0, (size_t)(Q * P) * sizeof(float));
             /* 1. diagonal blocks: dCB (summed over heads), da, du */
-            diag_backward(dCB, da, duc, CB, a, uc, dyc, NULL, Q, P, arena);
+            diag_backward(dCB, da, duc, CB, dec.a, uc, dyc, NULL, Q, P, arena);
             /* 4. read-out: raw = dy S_inᵀ... as (Q, P)·(P, N); dC_t += enter_t raw_t,
              * and the log-gradient of enter_t is enter_t C_t · raw_t */
             gemm(raw, N, dyc, P, SinT, N, Q, P, N, 0, zeros);
@@ -650,9 +661,9 @@ int ssd_scan_back_grads(int64_t lo, int64_t hi, const float *x, const float *dt,
                 float dot = 0.0f;
                 for (int64_t n = 0; n < N; ++n) {
                     dot += raw[t * N + n] * Cc[t * N + n];
-                    dCc[t * N + n] += enter[t] * raw[t * N + n];
+                    dCc[t * N + n] += dec.enter[t] * raw[t * N + n];
                 }
-                g_pre[t] = enter[t] * dot;
+                g_pre[t] = dec.enter[t] * dot;
             }
             /* 2. chunk state: raw = u dS_outᵀ (Q, N); dB_s += out_s raw_s, the
              * log-gradient of out_s is out_s B_s · raw_s, du_s += out_s dS_out B_s */
@@ -661,10 +672,10 @@ int ssd_scan_back_grads(int64_t lo, int64_t hi, const float *x, const float *dt,
                 float dot = 0.0f;
                 for (int64_t n = 0; n < N; ++n) {
                     dot += raw[s * N + n] * Bc[s * N + n];
-                    dBc[s * N + n] += out[s] * raw[s * N + n];
-                    Bw[s * N + n] = Bc[s * N + n] * out[s];
+                    dBc[s * N + n] += dec.out[s] * raw[s * N + n];
+                    Bw[s * N + n] = Bc[s * N + n] * dec.out[s];
                 }
-                g_suf[s] = out[s] * dot;
+                g_suf[s] = dec.out[s] * dot;
             }
             gemm(duc, P, Bw, N, dS_out, P, Q, N, P, 1, zeros);
             /* da_k += Σ_{t>=k} g_pre_t + Σ_{s<k} g_suf_s + the chunk decay's gradient */

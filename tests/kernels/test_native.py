@@ -107,17 +107,6 @@ def test_large_decays_stay_finite_and_correct():
 
 
 @needs_native
-def test_bf16_inputs_compute_in_fp32_and_return_bf16():
-    inp = {k: v.detach() for k, v in make_inputs(8, 2, 70, 4, 8, 2, 8, dtype=torch.float32).items()}
-    y32, s32 = ssd.ssd_scan_native(**inp, chunk_size=16, return_final_state=True)
-    bf = {k: v.bfloat16() for k, v in inp.items()}
-    y16, s16 = ssd.ssd_scan_native(**bf, chunk_size=16, return_final_state=True)
-    assert y16.dtype == torch.bfloat16 and s16.dtype == torch.float32
-    assert (y16.float() - y32).abs().max() <= 0.05 * y32.abs().max()
-    assert (s16 - s32).abs().max() <= 0.05 * s32.abs().max()
-
-
-@needs_native
 def test_auto_picks_native_on_the_cpu_in_fp32_and_torch_in_fp64():
     policy = kb.BackendPolicy("auto")
     assert policy.resolve("ssd_scan", CPU, torch.float32).provider == "native"

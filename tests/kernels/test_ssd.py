@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from mixstack.kernels import ssd
+from mixstack.kernels import native, ssd
 from mixstack.kernels.common import document_runs
 
 F64 = torch.float64
@@ -336,11 +336,18 @@ def test_no_nan_with_large_dt_on_long_sequences(fn):
         assert torch.isfinite(grad).all(), name
 
 
-def test_bf16_inputs_compute_in_fp32():
+# the fast paths that take bf16: torch, and the compiled C kernels where they build
+FAST_SCANS = [ssd.ssd_scan_chunked] + (
+    [ssd.ssd_scan_native] if native.unavailable("ssd") is None else []
+)
+
+
+@pytest.mark.parametrize("scan", FAST_SCANS)
+def test_bf16_inputs_compute_in_fp32(scan):
     inp = {k: v.detach() for k, v in make_inputs(8, 2, 70, 4, 8, 2, 8, dtype=torch.float32).items()}
-    y32, s32 = ssd.ssd_scan_chunked(**inp, chunk_size=16, return_final_state=True)
+    y32, s32 = scan(**inp, chunk_size=16, return_final_state=True)
     bf = {k: v.bfloat16() for k, v in inp.items()}
-    y16, s16 = ssd.ssd_scan_chunked(**bf, chunk_size=16, return_final_state=True)
+    y16, s16 = scan(**bf, chunk_size=16, return_final_state=True)
     assert y16.dtype == torch.bfloat16 and s16.dtype == torch.float32
     assert (y16.float() - y32).abs().max() <= 0.05 * y32.abs().max()
     assert (s16 - s32).abs().max() <= 0.05 * s32.abs().max()
