@@ -171,16 +171,23 @@ def applies(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def register(kernel: str, library: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """``register_backend(kernel, "native", ...)`` for a backend built on ``csrc/{library}.c``."""
+    """``register_backend(kernel, "native", ...)`` for a backend built on
+    ``csrc/{library}.c``; under ``torch.compile`` the backend is an opaque step
+    (``torch.compiler.disable``: no tracing into ctypes, the graph resumes after it)."""
     from mixstack.kernels.backends import register_backend
 
-    return register_backend(
+    register = register_backend(
         kernel,
         "native",
         available=lambda: unavailable(library),
         applies=applies,
         install_hint=INSTALL_HINT,
     )
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        return register(torch.compiler.disable(fn))
+
+    return decorate
 
 
 def pointer(t: Tensor | None) -> ctypes.c_void_p:

@@ -616,7 +616,6 @@ def ssd_scan_chunked(
 
 
 @native.register(KERNEL, "ssd")
-@torch.compiler.disable  # compiled C called through ctypes: an opaque step for torch.compile
 def ssd_scan_native(
     x: Tensor,
     dt: Tensor,

@@ -214,9 +214,10 @@ def test_native_gated_norm_matches_fp64(width, group, before, gated):
 
 @needs_native
 @pytest.mark.slow(budget_s=60)
-def test_torch_compile_runs_the_native_scan_as_an_opaque_step():
-    """Under torch.compile the native scan is left out of the graph (no tracing into
-    ctypes) and the compiled layer computes what the eager one does, gradients too."""
+def test_torch_compile_runs_the_native_kernels_as_opaque_steps():
+    """Under torch.compile the native kernels (scan, conv, norm) are left out of the
+    graph (no tracing into ctypes) and the compiled layer computes what the eager one
+    does, gradients too."""
     from mixstack.dsl.context import LayerContext
     from mixstack.mixers.mamba2 import Mamba2, Mamba2Config
 
@@ -230,7 +231,9 @@ def test_torch_compile_runs_the_native_scan_as_an_opaque_step():
     # inductor fuses the torch ops around the scan: fp32 rounding differs, nothing more
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(g_compiled, g_eager, rtol=1e-4, atol=1e-5)
-    assert layer.backends.resolved()["ssd_scan@cpu/float32"] == "native"
+    resolved = layer.backends.resolved()
+    for kernel in ("ssd_scan", "causal_conv1d", "gated_rms_norm"):
+        assert resolved[f"{kernel}@cpu/float32"] == "native", kernel
 
 
 @needs_native
