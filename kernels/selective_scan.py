@@ -30,6 +30,10 @@ Backends (one signature, :func:`selective_scan_reference`):
   passed from chunk to chunk, segment by segment with recomputation in backward, so
   memory stays bounded (segment-boundary states plus one segment's working set, never
   the (B, L, Dn, N) history). Runs everywhere.
+* ``native``: :func:`selective_scan_native`: the recurrence in compiled C
+  (``csrc/selective.c``), forward and backward, CPU float32; the state is stored every
+  ``NATIVE_SEGMENT`` steps and recomputed in between by the backward. Packed calls
+  (``seq_idx``) take the torch path.
 
 :func:`selective_scan` is the dispatcher callers use; :func:`selective_scan_step` is
 the one-token update used for decoding.
@@ -37,6 +41,8 @@ the one-token update used for decoding.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 from dataclasses import dataclass
 
@@ -45,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from mixstack.kernels import native
 from mixstack.kernels.backends import (
     BackendPolicy,
     dispatch,
@@ -395,6 +402,143 @@ def selective_scan_chunked(
             y_s, h = _scan_segment(*args)
         ys.append(y_s)
     return _finish(torch.cat(ys, dim=1), scan, h, D, z, u.dtype, return_final_state)
+
+
+# -- native: csrc/selective.c, the recurrence compiled, forward and backward -------------------
+
+# Steps between stored states: the backward recomputes a segment's states and decays from
+# its checkpoint, 2·NATIVE_SEGMENT·N vectors of scratch per thread (64 KiB at N = 16 with
+# AVX-512), and the checkpoints take (B, L/NATIVE_SEGMENT, Dn, N) floats.
+NATIVE_SEGMENT = 32
+
+
+@functools.cache
+def _selective_library() -> ctypes.CDLL:
+    """csrc/selective.c, with its entry points' argument types declared."""
+    return _declare_selective(native.load("selective"))
+
+
+def _declare_selective(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the argument and return types of a build of csrc/selective.c."""
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.selective_forward.argtypes = [i64, i64, *[ptr] * 9, *[i64] * 6]
+    lib.selective_backward.argtypes = [i64, i64, *[ptr] * 14, *[i64] * 6]
+    lib.selective_lanes.argtypes = []
+    for fn in (lib.selective_forward, lib.selective_backward, lib.selective_lanes):
+        fn.restype = ctypes.c_int
+    return lib
+
+
+class _NativeSelective(torch.autograd.Function):
+    """The recurrence (no D, no gate) in ``csrc/selective.c``, float32 contiguous:
+    u, delta (B, L, Dn), At (N, Dn) (A transposed), B, C (B, L, G, N), h0 (B, N, Dn) | None
+    -> y (B, L, Dn), final state (B, N, Dn). Units: (batch row, group, vector of channels);
+    the per-unit partial sums of dB, dC (over a unit's channels) and dA (over batch
+    rows) are summed here, in a fixed order."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        u: Tensor,
+        delta: Tensor,
+        At: Tensor,
+        B: Tensor,
+        C: Tensor,
+        h0: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        lib = _selective_library()
+        bsz, length, channels = u.shape
+        groups, nstate = B.shape[2], B.shape[3]
+        vectors = -(-(channels // groups) // lib.selective_lanes())  # per group
+        units = bsz * groups * vectors
+        y = u.new_empty(bsz, length, channels)
+        final = u.new_empty(bsz, nstate, channels)
+        grad = any(ctx.needs_input_grad)
+        ck = u.new_empty(bsz, -(-length // NATIVE_SEGMENT), nstate, channels) if grad else None
+        native.run_units(
+            lib.selective_forward, units,
+            *map(native.pointer, (u, delta, At, B, C, h0, y, final, ck)),
+            bsz, length, channels, nstate, groups, NATIVE_SEGMENT,
+        )  # fmt: skip
+        ctx.save_for_backward(u, delta, At, B, C, ck)
+        ctx.has_h0 = h0 is not None
+        return y, final
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, dy: Tensor | None, dfinal: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        lib = _selective_library()
+        u, delta, At, B, C, ck = ctx.saved_tensors
+        bsz, length, channels = u.shape
+        groups, nstate = B.shape[2], B.shape[3]
+        vectors = -(-(channels // groups) // lib.selective_lanes())
+        dy = torch.zeros_like(u) if dy is None else dy.contiguous()
+        dfinal = None if dfinal is None else dfinal.contiguous()
+        du, ddelta = torch.empty_like(u), torch.empty_like(u)
+        dA = u.new_empty(bsz, nstate, channels)  # per batch row
+        dB = u.new_empty(bsz, length, groups, vectors, nstate)  # per channel vector
+        dC = torch.empty_like(dB)
+        dh0 = u.new_empty(bsz, nstate, channels) if ctx.has_h0 else None
+        native.run_units(
+            lib.selective_backward, bsz * groups * vectors,
+            *map(native.pointer, (u, delta, At, B, C, ck, dy, dfinal)),
+            *map(native.pointer, (du, ddelta, dA, dB, dC, dh0)),
+            bsz, length, channels, nstate, groups, NATIVE_SEGMENT,
+        )  # fmt: skip
+        return du, ddelta, dA.sum(0), dB.sum(3), dC.sum(3), dh0
+
+
+@native.register(KERNEL, "selective")
+def selective_scan_native(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> ScanResult:
+    """The recurrence in compiled C (``csrc/selective.c``): one sequential pass forward,
+    one backward (states recomputed from checkpoints every ``NATIVE_SEGMENT`` steps),
+    channels vectorised, (batch row, group, channel vector) units spread over threads.
+    D's skip and the silu(z) gate stay in torch around it. CPU, computed in float32
+    (``chunk_size`` is accepted and ignored); packed calls (``seq_idx``) take the torch
+    path. Contract of :func:`selective_scan_reference`."""
+    if seq_idx is not None:
+        return selective_scan_chunked(
+            u, delta, A, B, C, chunk_size=chunk_size, D=D, z=z, seq_idx=seq_idx,
+            initial_state=initial_state, return_final_state=return_final_state,
+        )  # fmt: skip
+    _check_args(u, delta, A, B, C, chunk_size, D, z, seq_idx, initial_state)
+    f = torch.float32
+    if B.dim() == 3:
+        B, C = B.unsqueeze(2), C.unsqueeze(2)  # (B, L, 1, N)
+    uf = u.to(f).contiguous()
+    h0 = None
+    if initial_state is not None:
+        h0 = initial_state.to(f).transpose(1, 2).contiguous()  # (B, N, Dn)
+    y, final = _NativeSelective.apply(
+        uf,
+        delta.to(f).contiguous(),
+        A.to(f).t().contiguous(),  # (N, Dn): a state index's decays contiguous over channels
+        B.to(f).contiguous(),
+        C.to(f).contiguous(),
+        h0,
+    )
+    if D is not None:
+        y = y + uf * D.to(f)
+    if z is not None:
+        y = y * F.silu(z.to(f))
+    y = y.to(u.dtype)
+    if return_final_state:
+        return y, final.transpose(1, 2).contiguous()  # (B, Dn, N)
+    return y
 
 
 # -- dispatcher --------------------------------------------------------------------------------

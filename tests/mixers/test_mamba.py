@@ -15,6 +15,7 @@ import mixstack
 from mixstack.dsl import registry
 from mixstack.dsl.context import LayerContext
 from mixstack.dsl.errors import SpecError
+from mixstack.kernels.backends import BackendPolicy
 from mixstack.mixers.base import apply_materialized, materialize
 from mixstack.mixers.mamba import Mamba, MambaConfig
 
@@ -255,6 +256,7 @@ def test_flops_per_token_matches_counted_matmuls(index: int) -> None:
     state) entry (decay·h and Δx·B) and the conv's taps, which no matmul carries."""
     example = EXAMPLES[index]
     m = Mamba(example.config, example.context())
+    m.backends = BackendPolicy("torch")  # the counter sees torch's matmuls, not compiled C
     length = 20
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         m(torch.randn(2, length, example.d_model))

@@ -1,0 +1,209 @@
+/* Mamba-1's selective scan, forward and backward (mixstack.kernels.selective_scan.
+ * _NativeSelective calls them; docs/math.md#mamba-1). Per channel d and state n, with g
+ * the group of channel d:
+ *
+ *     a_t[d, n] = exp(Δ_t[d] A[d, n])
+ *     h_t[d, n] = a_t[d, n] · h_{t-1}[d, n] + Δ_t[d] u_t[d] · B_t[g, n]
+ *     y_t[d]    = Σ_n C_t[g, n] · h_t[d, n]
+ *
+ * Backward, from dy and the final state's gradient, G_t = ∂loss/∂h_t (all paths):
+ *
+ *     G_t        = dy_t[d] C_t[n] + a_{t+1} G_{t+1}      (G_{L-1} starts from dfinal)
+ *     dC_t[g, n] = Σ_{d in g} dy_t[d] h_t[d, n]
+ *     dΔ_t[d]    = Σ_n G_t (A a_t h_{t-1} + u_t B_t[n])
+ *     dA[d, n]   = Σ_t G_t Δ_t a_t h_{t-1}
+ *     du_t[d]    = Σ_n G_t Δ_t B_t[n]
+ *     dB_t[g, n] = Σ_{d in g} G_t Δ_t u_t
+ *     dh_{-1}    = a_0 G_0
+ *
+ * Memory: the forward stores the state entering every segment of K steps (checkpoints,
+ * (B, ceil(L/K), N, Dn)); the backward walks the segments from the last, recomputes a
+ * segment's states and decays from its checkpoint (2·K·N vectors of scratch), then runs
+ * the segment in reverse.
+ *
+ * Work units: (batch row b, group g, vector j of LANES channels inside the group); a unit
+ * owns its channels of row b, so u, Δ, y, du, dΔ, h0, final and dh0 rows are written by
+ * one thread. Sums over channels (dB, dC: one horizontal sum per unit) and over batch
+ * rows (dA) go to per-unit partial buffers that torch sums in a fixed order: results
+ * never depend on the thread count. Vectors run over channels (contiguous in every
+ * (.., Dn) tensor); B_t and C_t are scalars broadcast over a vector. A tail vector
+ * (group width not a multiple of LANES) loads zeros in its spare lanes: Δ = u = 0 there,
+ * so they stay 0 and add nothing to the sums.
+ *
+ * Layouts (float32, contiguous): u, delta, y, dy, du, ddelta (B, L, Dn); At (N, Dn)
+ * (A transposed); Bm, Cm (B, L, G, N); h0, final, dfinal, dh0 (B, N, Dn) (NULL: zeros /
+ * not wanted); ck (B, S, N, Dn), S = ceil(L / K) (NULL in the forward: not stored);
+ * dA partial (B, N, Dn); dB, dC partials (B, L, G, J, N), J = ceil(Dg / LANES).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "common.h"
+
+INLINE float hsum(vfloat v) {
+    float s = 0.0f;
+    for (int i = 0; i < LANES; ++i) s += v[i];
+    return s;
+}
+
+typedef struct {
+    int64_t B, L, Dn, N, G, K;
+} Dims;
+
+/* The unit's batch row, group, first channel and channel count. */
+INLINE void unit_place(const Dims *s, int64_t unit, int64_t *b, int64_t *g, int64_t *j,
+                       int64_t *c0, int64_t *nl) {
+    const int64_t Dg = s->Dn / s->G, J = (Dg + LANES - 1) / LANES;
+    *j = unit % J;
+    *g = (unit / J) % s->G;
+    *b = unit / (J * s->G);
+    *c0 = *g * Dg + *j * LANES;
+    *nl = min64(LANES, Dg - *j * LANES);
+}
+
+/* Forward of one unit; NN the state size (a constant where specialised). */
+INLINE void forward_unit(const Dims *s, int64_t unit, int64_t NN, const float *u,
+                         const float *delta, const float *At, const float *Bm,
+                         const float *Cm, const float *h0, float *y, float *final, float *ck) {
+    int64_t b, g, j, c0, nl;
+    unit_place(s, unit, &b, &g, &j, &c0, &nl);
+    const int64_t L = s->L, Dn = s->Dn, G = s->G, K = s->K;
+    vfloat A[NN], h[NN];
+    for (int64_t n = 0; n < NN; ++n) {
+        A[n] = load_lanes(At + n * Dn + c0, nl);
+        h[n] = h0 != NULL ? load_lanes(h0 + (b * NN + n) * Dn + c0, nl) : (vfloat){0};
+    }
+    const int64_t S = (L + K - 1) / K;
+    for (int64_t t = 0; t < L; ++t) {
+        if (ck != NULL && t % K == 0)
+            for (int64_t n = 0; n < NN; ++n)
+                store_lanes(ck + ((b * S + t / K) * NN + n) * Dn + c0, h[n], nl);
+        const int64_t row = (b * L + t) * Dn + c0;
+        const vfloat dt = load_lanes(delta + row, nl);
+        const vfloat du = dt * load_lanes(u + row, nl);
+        const float *Bt = Bm + ((b * L + t) * G + g) * NN;
+        const float *Ct = Cm + ((b * L + t) * G + g) * NN;
+        vfloat acc = {0};
+        for (int64_t n = 0; n < NN; ++n) {
+            h[n] = exp_lanes(dt * A[n]) * h[n] + du * Bt[n];
+            acc += Ct[n] * h[n];
+        }
+        store_lanes(y + row, acc, nl);
+    }
+    if (final != NULL)
+        for (int64_t n = 0; n < NN; ++n) store_lanes(final + (b * NN + n) * Dn + c0, h[n], nl);
+}
+
+int selective_forward(int64_t lo, int64_t hi, const float *u, const float *delta,
+                      const float *At, const float *Bm, const float *Cm, const float *h0,
+                      float *y, float *final, float *ck, int64_t B, int64_t L, int64_t Dn,
+                      int64_t N, int64_t G, int64_t K) {
+    unsigned csr;
+    DENORMALS_OFF(csr);
+    const Dims s = {B, L, Dn, N, G, K};
+    for (int64_t unit = lo; unit < hi; ++unit) {
+        if (N == 16)
+            forward_unit(&s, unit, 16, u, delta, At, Bm, Cm, h0, y, final, ck);
+        else
+            forward_unit(&s, unit, N, u, delta, At, Bm, Cm, h0, y, final, ck);
+    }
+    DENORMALS_RESTORE(csr);
+    return 0;
+}
+
+/* Backward of one unit; hs, as: scratch of K·NN vectors each (a segment's states and
+ * decays). */
+INLINE void backward_unit(const Dims *s, int64_t unit, int64_t NN, const float *u,
+                          const float *delta, const float *At, const float *Bm,
+                          const float *Cm, const float *ck, const float *dy,
+                          const float *dfinal, float *du_out, float *ddelta, float *dA,
+                          float *dBp, float *dCp, float *dh0, vfloat *hs, vfloat *as) {
+    int64_t b, g, j, c0, nl;
+    unit_place(s, unit, &b, &g, &j, &c0, &nl);
+    const int64_t L = s->L, Dn = s->Dn, G = s->G, K = s->K;
+    const int64_t J = (Dn / G + LANES - 1) / LANES, S = (L + K - 1) / K;
+    vfloat A[NN], gr[NN], dAv[NN], start[NN];
+    for (int64_t n = 0; n < NN; ++n) {
+        A[n] = load_lanes(At + n * Dn + c0, nl);
+        gr[n] = dfinal != NULL ? load_lanes(dfinal + (b * NN + n) * Dn + c0, nl) : (vfloat){0};
+        dAv[n] = (vfloat){0};
+    }
+    for (int64_t seg = S - 1; seg >= 0; --seg) {
+        const int64_t t0 = seg * K, t1 = min64(L, t0 + K);
+        /* recompute the segment's states from its checkpoint */
+        for (int64_t n = 0; n < NN; ++n)
+            start[n] = load_lanes(ck + ((b * S + seg) * NN + n) * Dn + c0, nl);
+        for (int64_t t = t0; t < t1; ++t) {
+            const int64_t row = (b * L + t) * Dn + c0;
+            const vfloat dt = load_lanes(delta + row, nl);
+            const vfloat du = dt * load_lanes(u + row, nl);
+            const float *Bt = Bm + ((b * L + t) * G + g) * NN;
+            const vfloat *prev = t == t0 ? start : hs + (t - 1 - t0) * NN;
+            vfloat *h = hs + (t - t0) * NN, *a = as + (t - t0) * NN;
+            for (int64_t n = 0; n < NN; ++n) {
+                a[n] = exp_lanes(dt * A[n]);
+                h[n] = a[n] * prev[n] + du * Bt[n];
+            }
+        }
+        /* and run it in reverse */
+        for (int64_t t = t1 - 1; t >= t0; --t) {
+            const int64_t row = (b * L + t) * Dn + c0;
+            const int64_t bc = ((b * L + t) * G + g) * NN;
+            const vfloat dt = load_lanes(delta + row, nl);
+            const vfloat ut = load_lanes(u + row, nl);
+            const vfloat dyt = load_lanes(dy + row, nl);
+            const vfloat dtu = dt * ut;
+            const float *Bt = Bm + bc, *Ct = Cm + bc;
+            float *dBt = dBp + (((b * L + t) * G + g) * J + j) * NN;
+            float *dCt = dCp + (((b * L + t) * G + g) * J + j) * NN;
+            const vfloat *h = hs + (t - t0) * NN, *a = as + (t - t0) * NN;
+            const vfloat *prev = t == t0 ? start : hs + (t - 1 - t0) * NN;
+            vfloat ddt = {0}, dut = {0};
+            for (int64_t n = 0; n < NN; ++n) {
+                gr[n] += dyt * Ct[n];
+                dCt[n] = hsum(dyt * h[n]);
+                const vfloat ghp = gr[n] * a[n] * prev[n];
+                ddt += A[n] * ghp + gr[n] * ut * Bt[n];
+                dAv[n] += dt * ghp;
+                dut += gr[n] * Bt[n];
+                dBt[n] = hsum(gr[n] * dtu);
+                gr[n] = a[n] * gr[n];
+            }
+            store_lanes(ddelta + row, ddt, nl);
+            store_lanes(du_out + row, dut * dt, nl);
+        }
+    }
+    for (int64_t n = 0; n < NN; ++n) {
+        store_lanes(dA + (b * NN + n) * Dn + c0, dAv[n], nl);
+        if (dh0 != NULL) store_lanes(dh0 + (b * NN + n) * Dn + c0, gr[n], nl);
+    }
+}
+
+int selective_backward(int64_t lo, int64_t hi, const float *u, const float *delta,
+                       const float *At, const float *Bm, const float *Cm, const float *ck,
+                       const float *dy, const float *dfinal, float *du, float *ddelta,
+                       float *dA, float *dBp, float *dCp, float *dh0, int64_t B, int64_t L,
+                       int64_t Dn, int64_t N, int64_t G, int64_t K) {
+    Arena arena;
+    if (arena_open(&arena, 2 * K * N * LANES + 32)) return 1;
+    vfloat *hs = (vfloat *)take(&arena, K * N * LANES);
+    vfloat *as = (vfloat *)take(&arena, K * N * LANES);
+    unsigned csr;
+    DENORMALS_OFF(csr);
+    const Dims s = {B, L, Dn, N, G, K};
+    for (int64_t unit = lo; unit < hi; ++unit) {
+        if (N == 16)
+            backward_unit(&s, unit, 16, u, delta, At, Bm, Cm, ck, dy, dfinal, du, ddelta, dA,
+                          dBp, dCp, dh0, hs, as);
+        else
+            backward_unit(&s, unit, N, u, delta, At, Bm, Cm, ck, dy, dfinal, du, ddelta, dA,
+                          dBp, dCp, dh0, hs, as);
+    }
+    DENORMALS_RESTORE(csr);
+    free(arena.base);
+    return 0;
+}
+
+/* The vector width this build runs (channels per work unit). */
+int selective_lanes(void) { return LANES; }
