@@ -41,10 +41,19 @@
 
 #include "common.h"
 
+/* Sum of a vector's lanes, as a tree (halves added, then quarters, ...): log2(LANES)
+ * dependent steps instead of LANES; with AVX-512 the compiler's own reduction, the
+ * same tree. */
 INLINE float hsum(vfloat v) {
-    float s = 0.0f;
-    for (int i = 0; i < LANES; ++i) s += v[i];
-    return s;
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v);
+#else
+    float a[LANES];
+    memcpy(a, &v, sizeof a);
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int i = 0; i < w; ++i) a[i] += a[i + w];
+    return a[0];
+#endif
 }
 
 typedef struct {
