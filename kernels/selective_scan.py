@@ -423,8 +423,9 @@ def _declare_selective(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.selective_forward.argtypes = [i64, i64, *[ptr] * 9, *[i64] * 6]
     lib.selective_backward.argtypes = [i64, i64, *[ptr] * 14, *[i64] * 6]
-    lib.selective_lanes.argtypes = []
-    for fn in (lib.selective_forward, lib.selective_backward, lib.selective_lanes):
+    lib.selective_lanes.argtypes = lib.selective_block.argtypes = []
+    fns = (lib.selective_forward, lib.selective_backward, lib.selective_lanes, lib.selective_block)
+    for fn in fns:
         fn.restype = ctypes.c_int
     return lib
 
@@ -472,16 +473,16 @@ class _NativeSelective(torch.autograd.Function):
         u, delta, At, B, C, ck = ctx.saved_tensors
         bsz, length, channels = u.shape
         groups, nstate = B.shape[2], B.shape[3]
-        vectors = -(-(channels // groups) // lib.selective_lanes())
+        blocks = -(-(channels // groups) // lib.selective_block())  # per group
         dy = torch.zeros_like(u) if dy is None else dy.contiguous()
         dfinal = None if dfinal is None else dfinal.contiguous()
         du, ddelta = torch.empty_like(u), torch.empty_like(u)
         dA = u.new_empty(bsz, nstate, channels)  # per batch row
-        dB = u.new_empty(bsz, length, groups, vectors, nstate)  # per channel vector
+        dB = u.new_empty(bsz, length, groups, blocks, nstate)  # per channel block
         dC = torch.empty_like(dB)
         dh0 = u.new_empty(bsz, nstate, channels) if ctx.has_h0 else None
         native.run_units(
-            lib.selective_backward, bsz * groups * vectors,
+            lib.selective_backward, bsz * groups * blocks,
             *map(native.pointer, (u, delta, At, B, C, ck, dy, dfinal)),
             *map(native.pointer, (du, ddelta, dA, dB, dC, dh0)),
             bsz, length, channels, nstate, groups, NATIVE_SEGMENT,

@@ -41,6 +41,9 @@
 
 #include "common.h"
 
+#define VECS 4               /* vectors per backward work unit */
+#define BLOCK (VECS * LANES) /* channels per backward work unit */
+
 /* Sum of a vector's lanes, as a tree (halves added, then quarters, ...): log2(LANES)
  * dependent steps instead of LANES; with AVX-512 the compiler's own reduction, the
  * same tree. */
@@ -121,72 +124,98 @@ int selective_forward(int64_t lo, int64_t hi, const float *u, const float *delta
     return 0;
 }
 
-/* Backward of one unit; hs, as: scratch of K·NN vectors each (a segment's states and
- * decays). */
-INLINE void backward_unit(const Dims *s, int64_t unit, int64_t NN, const float *u,
+/* Backward of one unit: NV <= VECS vectors of channels from c0 (nl[v] channels each),
+ * NN the state size (constants where specialised); hs, as: scratch of K·NN·NV vectors
+ * each (a segment's states and decays). Every channel's terms of the dB and dC sums are
+ * added over the NV vectors first, then over the lanes: one lane sum per (step, state)
+ * for the whole block. */
+INLINE void backward_unit(const Dims *s, int64_t b, int64_t g, int64_t j, int64_t c0,
+                          const int64_t *nl, int NV, int64_t NN, const float *u,
                           const float *delta, const float *At, const float *Bm,
                           const float *Cm, const float *ck, const float *dy,
                           const float *dfinal, float *du_out, float *ddelta, float *dA,
                           float *dBp, float *dCp, float *dh0, vfloat *hs, vfloat *as) {
-    int64_t b, g, j, c0, nl;
-    unit_place(s, unit, &b, &g, &j, &c0, &nl);
     const int64_t L = s->L, Dn = s->Dn, G = s->G, K = s->K;
-    const int64_t J = (Dn / G + LANES - 1) / LANES, S = (L + K - 1) / K;
-    vfloat A[NN], gr[NN], dAv[NN], start[NN];
-    for (int64_t n = 0; n < NN; ++n) {
-        A[n] = load_lanes(At + n * Dn + c0, nl);
-        gr[n] = dfinal != NULL ? load_lanes(dfinal + (b * NN + n) * Dn + c0, nl) : (vfloat){0};
-        dAv[n] = (vfloat){0};
-    }
+    const int64_t J = (Dn / G + BLOCK - 1) / BLOCK, S = (L + K - 1) / K;
+    const int64_t W = NN * NV; /* vectors per step: state n of vector v at n * NV + v */
+    vfloat A[NN * NV], gr[NN * NV], dAv[NN * NV], start[NN * NV];
+    for (int64_t n = 0; n < NN; ++n)
+        for (int v = 0; v < NV; ++v) {
+            const int64_t c = c0 + v * LANES, k = n * NV + v;
+            A[k] = load_lanes(At + n * Dn + c, nl[v]);
+            gr[k] = dfinal != NULL ? load_lanes(dfinal + (b * NN + n) * Dn + c, nl[v])
+                                   : (vfloat){0};
+            dAv[k] = (vfloat){0};
+        }
     for (int64_t seg = S - 1; seg >= 0; --seg) {
         const int64_t t0 = seg * K, t1 = min64(L, t0 + K);
         /* recompute the segment's states from its checkpoint */
         for (int64_t n = 0; n < NN; ++n)
-            start[n] = load_lanes(ck + ((b * S + seg) * NN + n) * Dn + c0, nl);
+            for (int v = 0; v < NV; ++v)
+                start[n * NV + v] =
+                    load_lanes(ck + ((b * S + seg) * NN + n) * Dn + c0 + v * LANES, nl[v]);
         for (int64_t t = t0; t < t1; ++t) {
             const int64_t row = (b * L + t) * Dn + c0;
-            const vfloat dt = load_lanes(delta + row, nl);
-            const vfloat du = dt * load_lanes(u + row, nl);
-            const float *Bt = Bm + ((b * L + t) * G + g) * NN;
-            const vfloat *prev = t == t0 ? start : hs + (t - 1 - t0) * NN;
-            vfloat *h = hs + (t - t0) * NN, *a = as + (t - t0) * NN;
-            for (int64_t n = 0; n < NN; ++n) {
-                a[n] = exp_lanes(dt * A[n]);
-                h[n] = a[n] * prev[n] + du * Bt[n];
+            vfloat dt[NV], du[NV];
+            for (int v = 0; v < NV; ++v) {
+                dt[v] = load_lanes(delta + row + v * LANES, nl[v]);
+                du[v] = dt[v] * load_lanes(u + row + v * LANES, nl[v]);
             }
+            const float *Bt = Bm + ((b * L + t) * G + g) * NN;
+            const vfloat *prev = t == t0 ? start : hs + (t - 1 - t0) * W;
+            vfloat *h = hs + (t - t0) * W, *a = as + (t - t0) * W;
+            for (int64_t n = 0; n < NN; ++n)
+                for (int v = 0; v < NV; ++v) {
+                    const int64_t k = n * NV + v;
+                    a[k] = exp_lanes(dt[v] * A[k]);
+                    h[k] = a[k] * prev[k] + du[v] * Bt[n];
+                }
         }
         /* and run it in reverse */
         for (int64_t t = t1 - 1; t >= t0; --t) {
             const int64_t row = (b * L + t) * Dn + c0;
             const int64_t bc = ((b * L + t) * G + g) * NN;
-            const vfloat dt = load_lanes(delta + row, nl);
-            const vfloat ut = load_lanes(u + row, nl);
-            const vfloat dyt = load_lanes(dy + row, nl);
-            const vfloat dtu = dt * ut;
+            vfloat dt[NV], ut[NV], dyt[NV], dtu[NV], ddt[NV], dut[NV];
+            for (int v = 0; v < NV; ++v) {
+                dt[v] = load_lanes(delta + row + v * LANES, nl[v]);
+                ut[v] = load_lanes(u + row + v * LANES, nl[v]);
+                dyt[v] = load_lanes(dy + row + v * LANES, nl[v]);
+                dtu[v] = dt[v] * ut[v];
+                ddt[v] = dut[v] = (vfloat){0};
+            }
             const float *Bt = Bm + bc, *Ct = Cm + bc;
             float *dBt = dBp + (((b * L + t) * G + g) * J + j) * NN;
             float *dCt = dCp + (((b * L + t) * G + g) * J + j) * NN;
-            const vfloat *h = hs + (t - t0) * NN, *a = as + (t - t0) * NN;
-            const vfloat *prev = t == t0 ? start : hs + (t - 1 - t0) * NN;
-            vfloat ddt = {0}, dut = {0};
+            const vfloat *h = hs + (t - t0) * W, *a = as + (t - t0) * W;
+            const vfloat *prev = t == t0 ? start : hs + (t - 1 - t0) * W;
             for (int64_t n = 0; n < NN; ++n) {
-                gr[n] += dyt * Ct[n];
-                dCt[n] = hsum(dyt * h[n]);
-                const vfloat ghp = gr[n] * a[n] * prev[n];
-                ddt += A[n] * ghp + gr[n] * ut * Bt[n];
-                dAv[n] += dt * ghp;
-                dut += gr[n] * Bt[n];
-                dBt[n] = hsum(gr[n] * dtu);
-                gr[n] = a[n] * gr[n];
+                vfloat sb = {0}, sc = {0};
+                for (int v = 0; v < NV; ++v) {
+                    const int64_t k = n * NV + v;
+                    gr[k] += dyt[v] * Ct[n];
+                    sc += dyt[v] * h[k];
+                    const vfloat ghp = gr[k] * a[k] * prev[k];
+                    ddt[v] += A[k] * ghp + gr[k] * ut[v] * Bt[n];
+                    dAv[k] += dt[v] * ghp;
+                    dut[v] += gr[k] * Bt[n];
+                    sb += gr[k] * dtu[v];
+                    gr[k] = a[k] * gr[k];
+                }
+                dCt[n] = hsum(sc);
+                dBt[n] = hsum(sb);
             }
-            store_lanes(ddelta + row, ddt, nl);
-            store_lanes(du_out + row, dut * dt, nl);
+            for (int v = 0; v < NV; ++v) {
+                store_lanes(ddelta + row + v * LANES, ddt[v], nl[v]);
+                store_lanes(du_out + row + v * LANES, dut[v] * dt[v], nl[v]);
+            }
         }
     }
-    for (int64_t n = 0; n < NN; ++n) {
-        store_lanes(dA + (b * NN + n) * Dn + c0, dAv[n], nl);
-        if (dh0 != NULL) store_lanes(dh0 + (b * NN + n) * Dn + c0, gr[n], nl);
-    }
+    for (int64_t n = 0; n < NN; ++n)
+        for (int v = 0; v < NV; ++v) {
+            const int64_t c = c0 + v * LANES, k = n * NV + v;
+            store_lanes(dA + (b * NN + n) * Dn + c, dAv[k], nl[v]);
+            if (dh0 != NULL) store_lanes(dh0 + (b * NN + n) * Dn + c, gr[k], nl[v]);
+        }
 }
 
 int selective_backward(int64_t lo, int64_t hi, const float *u, const float *delta,
@@ -195,24 +224,37 @@ int selective_backward(int64_t lo, int64_t hi, const float *u, const float *delt
                        float *dA, float *dBp, float *dCp, float *dh0, int64_t B, int64_t L,
                        int64_t Dn, int64_t N, int64_t G, int64_t K) {
     Arena arena;
-    if (arena_open(&arena, 2 * K * N * LANES + 32)) return 1;
-    vfloat *hs = (vfloat *)take(&arena, K * N * LANES);
-    vfloat *as = (vfloat *)take(&arena, K * N * LANES);
+    if (arena_open(&arena, 2 * K * N * BLOCK + 32)) return 1;
+    vfloat *hs = (vfloat *)take(&arena, K * N * BLOCK);
+    vfloat *as = (vfloat *)take(&arena, K * N * BLOCK);
     unsigned csr;
     DENORMALS_OFF(csr);
     const Dims s = {B, L, Dn, N, G, K};
+    const int64_t Dg = Dn / G, J = (Dg + BLOCK - 1) / BLOCK;
     for (int64_t unit = lo; unit < hi; ++unit) {
-        if (N == 16)
-            backward_unit(&s, unit, 16, u, delta, At, Bm, Cm, ck, dy, dfinal, du, ddelta, dA,
-                          dBp, dCp, dh0, hs, as);
+        const int64_t j = unit % J, g = (unit / J) % G, b = unit / (J * G);
+        const int64_t c0 = g * Dg + j * BLOCK, width = min64(BLOCK, Dg - j * BLOCK);
+        const int NV = (int)((width + LANES - 1) / LANES);
+        int64_t nl[VECS];
+        for (int v = 0; v < VECS; ++v) nl[v] = v < NV ? min64(LANES, width - v * LANES) : 0;
+#define BWD(NVC, NNC)                                                                          \
+    backward_unit(&s, b, g, j, c0, nl, NVC, NNC, u, delta, At, Bm, Cm, ck, dy, dfinal, du,    \
+                  ddelta, dA, dBp, dCp, dh0, hs, as)
+        if (NV == VECS && N == 16)
+            BWD(VECS, 16);
+        else if (NV == VECS)
+            BWD(VECS, N);
         else
-            backward_unit(&s, unit, N, u, delta, At, Bm, Cm, ck, dy, dfinal, du, ddelta, dA,
-                          dBp, dCp, dh0, hs, as);
+            BWD(NV, N);
+#undef BWD
     }
     DENORMALS_RESTORE(csr);
     free(arena.base);
     return 0;
 }
+
+/* Channels per backward work unit (the partial dB and dC sums are per block). */
+int selective_block(void) { return BLOCK; }
 
 /* The vector width this build runs (channels per work unit). */
 int selective_lanes(void) { return LANES; }

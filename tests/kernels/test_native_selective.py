@@ -77,6 +77,7 @@ SHAPES = [
     (2, 70, 42, 16, 2),  # two groups of 21 channels: a full vector and a tail each
     (1, 1, 16, 16, 1),  # L = 1, one full vector
     (2, 64, 35, 16, 0),  # L a multiple of the checkpoint interval, two vectors and a tail
+    (1, 33, 133, 5, 0),  # backward blocks of 4 vectors: two full ones, then 5 channels
 ]
 
 
