@@ -407,8 +407,8 @@ def selective_scan_chunked(
 # -- native: csrc/selective.c, the recurrence compiled, forward and backward -------------------
 
 # Steps between stored states: the backward recomputes a segment's states and decays from
-# its checkpoint, 2·NATIVE_SEGMENT·N vectors of scratch per thread (64 KiB at N = 16 with
-# AVX-512), and the checkpoints take (B, L/NATIVE_SEGMENT, Dn, N) floats.
+# its checkpoint (scratch: 2·NATIVE_SEGMENT·N·64 floats per thread, 256 KiB at N = 16 with
+# AVX-512, in L2), and the checkpoints take (B, L/NATIVE_SEGMENT, Dn, N) floats.
 NATIVE_SEGMENT = 32
 
 
@@ -433,9 +433,10 @@ def _declare_selective(lib: ctypes.CDLL) -> ctypes.CDLL:
 class _NativeSelective(torch.autograd.Function):
     """The recurrence (no D, no gate) in ``csrc/selective.c``, float32 contiguous:
     u, delta (B, L, Dn), At (N, Dn) (A transposed), B, C (B, L, G, N), h0 (B, N, Dn) | None
-    -> y (B, L, Dn), final state (B, N, Dn). Units: (batch row, group, vector of channels);
-    the per-unit partial sums of dB, dC (over a unit's channels) and dA (over batch
-    rows) are summed here, in a fixed order."""
+    -> y (B, L, Dn), final state (B, N, Dn). Units: (batch row, group, block of channels:
+    one vector forward, ``selective_block()`` channels backward); the per-unit partial
+    sums of dB, dC (over a block's channels) and dA (over batch rows) are summed here, in
+    a fixed order."""
 
     @staticmethod
     def forward(

@@ -21,19 +21,20 @@
  * segment's states and decays from its checkpoint (2·K·N vectors of scratch), then runs
  * the segment in reverse.
  *
- * Work units: (batch row b, group g, vector j of LANES channels inside the group); a unit
- * owns its channels of row b, so u, Δ, y, du, dΔ, h0, final and dh0 rows are written by
- * one thread. Sums over channels (dB, dC: one horizontal sum per unit) and over batch
- * rows (dA) go to per-unit partial buffers that torch sums in a fixed order: results
- * never depend on the thread count. Vectors run over channels (contiguous in every
- * (.., Dn) tensor); B_t and C_t are scalars broadcast over a vector. A tail vector
- * (group width not a multiple of LANES) loads zeros in its spare lanes: Δ = u = 0 there,
- * so they stay 0 and add nothing to the sums.
+ * Work units: (batch row b, group g, block of channels inside the group): one vector of
+ * LANES channels in the forward, up to VECS vectors (BLOCK channels) in the backward. A
+ * unit owns its channels of row b, so u, Δ, y, du, dΔ, h0, final and dh0 rows are
+ * written by one thread. Sums over channels (dB, dC: the block's vectors added, then one
+ * lane sum) and over batch rows (dA) go to per-unit partial buffers that torch sums in a
+ * fixed order: results never depend on the thread count. Vectors run over channels
+ * (contiguous in every (.., Dn) tensor); B_t and C_t are scalars broadcast over a
+ * vector. A tail vector (group width not a multiple of LANES) loads zeros in its spare
+ * lanes: Δ = u = 0 there, so they stay 0 and add nothing to the sums.
  *
  * Layouts (float32, contiguous): u, delta, y, dy, du, ddelta (B, L, Dn); At (N, Dn)
  * (A transposed); Bm, Cm (B, L, G, N); h0, final, dfinal, dh0 (B, N, Dn) (NULL: zeros /
  * not wanted); ck (B, S, N, Dn), S = ceil(L / K) (NULL in the forward: not stored);
- * dA partial (B, N, Dn); dB, dC partials (B, L, G, J, N), J = ceil(Dg / LANES).
+ * dA partial (B, N, Dn); dB, dC partials (B, L, G, J, N), J = ceil(Dg / BLOCK).
  */
 #include <math.h>
 #include <stdint.h>
