@@ -421,8 +421,8 @@ def _selective_library() -> ctypes.CDLL:
 def _declare_selective(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the argument and return types of a build of csrc/selective.c."""
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.selective_forward.argtypes = [i64, i64, *[ptr] * 9, *[i64] * 6]
-    lib.selective_backward.argtypes = [i64, i64, *[ptr] * 14, *[i64] * 6]
+    lib.selective_forward.argtypes = [i64, i64, *[ptr] * 11, *[i64] * 6]
+    lib.selective_backward.argtypes = [i64, i64, *[ptr] * 18, *[i64] * 6]
     lib.selective_lanes.argtypes = lib.selective_block.argtypes = []
     fns = (lib.selective_forward, lib.selective_backward, lib.selective_lanes, lib.selective_block)
     for fn in fns:
@@ -431,9 +431,10 @@ def _declare_selective(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 class _NativeSelective(torch.autograd.Function):
-    """The recurrence (no D, no gate) in ``csrc/selective.c``, float32 contiguous:
-    u, delta (B, L, Dn), At (N, Dn) (A transposed), B, C (B, L, G, N), h0 (B, N, Dn) | None
-    -> y (B, L, Dn), final state (B, N, Dn). Units: (batch row, group, block of channels:
+    """The scan, D's skip and the silu(z) gate in ``csrc/selective.c``, float32
+    contiguous: u, delta (B, L, Dn), At (N, Dn) (A transposed), B, C (B, L, G, N),
+    h0 (B, N, Dn) | None, D (Dn,) | None, z (B, L, Dn) | None -> y (B, L, Dn), final
+    state (B, N, Dn). Units: (batch row, group, block of channels:
     one vector forward, ``selective_block()`` channels backward); the per-unit partial
     sums of dB, dC (over a block's channels) and dA (over batch rows) are summed here, in
     a fixed order."""
@@ -447,6 +448,8 @@ class _NativeSelective(torch.autograd.Function):
         B: Tensor,
         C: Tensor,
         h0: Tensor | None,
+        D: Tensor | None,
+        z: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         lib = _selective_library()
         bsz, length, channels = u.shape
@@ -459,10 +462,10 @@ class _NativeSelective(torch.autograd.Function):
         ck = u.new_empty(bsz, -(-length // NATIVE_SEGMENT), nstate, channels) if grad else None
         native.run_units(
             lib.selective_forward, units,
-            *map(native.pointer, (u, delta, At, B, C, h0, y, final, ck)),
+            *map(native.pointer, (u, delta, At, B, C, h0, D, z, y, final, ck)),
             bsz, length, channels, nstate, groups, NATIVE_SEGMENT,
         )  # fmt: skip
-        ctx.save_for_backward(u, delta, At, B, C, ck)
+        ctx.save_for_backward(u, delta, At, B, C, D, z, ck)
         ctx.has_h0 = h0 is not None
         return y, final
 
@@ -471,7 +474,7 @@ class _NativeSelective(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, dy: Tensor | None, dfinal: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         lib = _selective_library()
-        u, delta, At, B, C, ck = ctx.saved_tensors
+        u, delta, At, B, C, D, z, ck = ctx.saved_tensors
         bsz, length, channels = u.shape
         groups, nstate = B.shape[2], B.shape[3]
         blocks = -(-(channels // groups) // lib.selective_block())  # per group
@@ -482,13 +485,16 @@ class _NativeSelective(torch.autograd.Function):
         dB = u.new_empty(bsz, length, groups, blocks, nstate)  # per channel block
         dC = torch.empty_like(dB)
         dh0 = u.new_empty(bsz, nstate, channels) if ctx.has_h0 else None
+        dD = u.new_empty(bsz, channels) if D is not None else None  # per batch row
+        dz = torch.empty_like(u) if z is not None else None
         native.run_units(
             lib.selective_backward, bsz * groups * blocks,
-            *map(native.pointer, (u, delta, At, B, C, ck, dy, dfinal)),
-            *map(native.pointer, (du, ddelta, dA, dB, dC, dh0)),
+            *map(native.pointer, (u, delta, At, B, C, D, z, ck, dy, dfinal)),
+            *map(native.pointer, (du, ddelta, dA, dB, dC, dh0, dD, dz)),
             bsz, length, channels, nstate, groups, NATIVE_SEGMENT,
         )  # fmt: skip
-        return du, ddelta, dA.sum(0), dB.sum(3), dC.sum(3), dh0
+        d_skip = dD.sum(0) if dD is not None else None
+        return du, ddelta, dA.sum(0), dB.sum(3), dC.sum(3), dh0, d_skip, dz
 
 
 @native.register(KERNEL, "selective")
@@ -508,8 +514,8 @@ def selective_scan_native(
 ) -> ScanResult:
     """The recurrence in compiled C (``csrc/selective.c``): one sequential pass forward,
     one backward (states recomputed from checkpoints every ``NATIVE_SEGMENT`` steps),
-    channels vectorised, (batch row, group, channel vector) units spread over threads.
-    D's skip and the silu(z) gate stay in torch around it. CPU, computed in float32
+    channels vectorised, (batch row, group, channel block) units spread over threads,
+    D's skip and the silu(z) gate fused (their backward recomputes C·h). CPU, computed in float32
     (``chunk_size`` is accepted and ignored); packed calls (``seq_idx``) take the torch
     path. Contract of :func:`selective_scan_reference`."""
     if seq_idx is not None:
@@ -532,11 +538,9 @@ def selective_scan_native(
         B.to(f).contiguous(),
         C.to(f).contiguous(),
         h0,
+        None if D is None else D.to(f).contiguous(),
+        None if z is None else z.to(f).contiguous(),
     )
-    if D is not None:
-        y = y + uf * D.to(f)
-    if z is not None:
-        y = y * F.silu(z.to(f))
     y = y.to(u.dtype)
     if return_final_state:
         return y, final.transpose(1, 2).contiguous()  # (B, Dn, N)

@@ -4,7 +4,11 @@
  *
  *     a_t[d, n] = exp(Δ_t[d] A[d, n])
  *     h_t[d, n] = a_t[d, n] · h_{t-1}[d, n] + Δ_t[d] u_t[d] · B_t[g, n]
- *     y_t[d]    = Σ_n C_t[g, n] · h_t[d, n]
+ *     y_t[d]    = (Σ_n C_t[g, n] · h_t[d, n] + D[d] u_t[d]) · silu(z_t[d])
+ *
+ * (D and z optional; the backward recomputes the pre-gate sum from the states and
+ * turns dy into d pre = dy · silu(z) before the scan's terms below, with dz, dD and
+ * the skip's share of du on the side.)
  *
  * Backward, from dy and the final state's gradient, G_t = ∂loss/∂h_t (all paths):
  *
@@ -31,7 +35,8 @@
  * vector. A tail vector (group width not a multiple of LANES) loads zeros in its spare
  * lanes: Δ = u = 0 there, so they stay 0 and add nothing to the sums.
  *
- * Layouts (float32, contiguous): u, delta, y, dy, du, ddelta (B, L, Dn); At (N, Dn)
+ * Layouts (float32, contiguous): u, delta, z, y, dy, du, ddelta, dz (B, L, Dn); D (Dn)
+ * and dD partial (B, Dn) (z, D NULL: none; then dz, dD are not written); At (N, Dn)
  * (A transposed); Bm, Cm (B, L, G, N); h0, final, dfinal, dh0 (B, N, Dn) (NULL: zeros /
  * not wanted); ck (B, S, N, Dn), S = ceil(L / K) (NULL in the forward: not stored);
  * dA partial (B, N, Dn); dB, dC partials (B, L, G, J, N), J = ceil(Dg / BLOCK).
@@ -48,6 +53,8 @@
 /* Sum of a vector's lanes, as a tree (halves added, then quarters, ...): log2(LANES)
  * dependent steps instead of LANES; with AVX-512 the compiler's own reduction, the
  * same tree. */
+INLINE vfloat sigmoid_lanes(vfloat x) { return 1.0f / (1.0f + exp_lanes(-x)); }
+
 INLINE float hsum(vfloat v) {
 #if defined(__AVX512F__)
     return _mm512_reduce_add_ps((__m512)v);
@@ -78,11 +85,13 @@ INLINE void unit_place(const Dims *s, int64_t unit, int64_t *b, int64_t *g, int6
 /* Forward of one unit; NN the state size (a constant where specialised). */
 INLINE void forward_unit(const Dims *s, int64_t unit, int64_t NN, const float *u,
                          const float *delta, const float *At, const float *Bm,
-                         const float *Cm, const float *h0, float *y, float *final, float *ck) {
+                         const float *Cm, const float *h0, const float *D, const float *z,
+                         float *y, float *final, float *ck) {
     int64_t b, g, j, c0, nl;
     unit_place(s, unit, &b, &g, &j, &c0, &nl);
     const int64_t L = s->L, Dn = s->Dn, G = s->G, K = s->K;
     vfloat A[NN], h[NN];
+    const vfloat Dv = D != NULL ? load_lanes(D + c0, nl) : (vfloat){0};
     for (int64_t n = 0; n < NN; ++n) {
         A[n] = load_lanes(At + n * Dn + c0, nl);
         h[n] = h0 != NULL ? load_lanes(h0 + (b * NN + n) * Dn + c0, nl) : (vfloat){0};
@@ -93,14 +102,18 @@ INLINE void forward_unit(const Dims *s, int64_t unit, int64_t NN, const float *u
             for (int64_t n = 0; n < NN; ++n)
                 store_lanes(ck + ((b * S + t / K) * NN + n) * Dn + c0, h[n], nl);
         const int64_t row = (b * L + t) * Dn + c0;
-        const vfloat dt = load_lanes(delta + row, nl);
-        const vfloat du = dt * load_lanes(u + row, nl);
+        const vfloat dt = load_lanes(delta + row, nl), ut = load_lanes(u + row, nl);
+        const vfloat du = dt * ut;
         const float *Bt = Bm + ((b * L + t) * G + g) * NN;
         const float *Ct = Cm + ((b * L + t) * G + g) * NN;
-        vfloat acc = {0};
+        vfloat acc = Dv * ut; /* the skip (0 without D) */
         for (int64_t n = 0; n < NN; ++n) {
             h[n] = exp_lanes(dt * A[n]) * h[n] + du * Bt[n];
             acc += Ct[n] * h[n];
+        }
+        if (z != NULL) {
+            const vfloat zt = load_lanes(z + row, nl);
+            acc = acc * zt * sigmoid_lanes(zt);
         }
         store_lanes(y + row, acc, nl);
     }
@@ -110,16 +123,16 @@ INLINE void forward_unit(const Dims *s, int64_t unit, int64_t NN, const float *u
 
 int selective_forward(int64_t lo, int64_t hi, const float *u, const float *delta,
                       const float *At, const float *Bm, const float *Cm, const float *h0,
-                      float *y, float *final, float *ck, int64_t B, int64_t L, int64_t Dn,
+                      const float *D, const float *z, float *y, float *final, float *ck, int64_t B, int64_t L, int64_t Dn,
                       int64_t N, int64_t G, int64_t K) {
     unsigned csr;
     DENORMALS_OFF(csr);
     const Dims s = {B, L, Dn, N, G, K};
     for (int64_t unit = lo; unit < hi; ++unit) {
         if (N == 16)
-            forward_unit(&s, unit, 16, u, delta, At, Bm, Cm, h0, y, final, ck);
+            forward_unit(&s, unit, 16, u, delta, At, Bm, Cm, h0, D, z, y, final, ck);
         else
-            forward_unit(&s, unit, N, u, delta, At, Bm, Cm, h0, y, final, ck);
+            forward_unit(&s, unit, N, u, delta, At, Bm, Cm, h0, D, z, y, final, ck);
     }
     DENORMALS_RESTORE(csr);
     return 0;
@@ -133,13 +146,18 @@ int selective_forward(int64_t lo, int64_t hi, const float *u, const float *delta
 INLINE void backward_unit(const Dims *s, int64_t b, int64_t g, int64_t j, int64_t c0,
                           const int64_t *nl, int NV, int64_t NN, const float *u,
                           const float *delta, const float *At, const float *Bm,
-                          const float *Cm, const float *ck, const float *dy,
-                          const float *dfinal, float *du_out, float *ddelta, float *dA,
-                          float *dBp, float *dCp, float *dh0, vfloat *hs, vfloat *as) {
+                          const float *Cm, const float *D, const float *z, const float *ck,
+                          const float *dy, const float *dfinal, float *du_out,
+                          float *ddelta, float *dA, float *dBp, float *dCp, float *dh0,
+                          float *dD, float *dz, vfloat *hs, vfloat *as) {
     const int64_t L = s->L, Dn = s->Dn, G = s->G, K = s->K;
     const int64_t J = (Dn / G + BLOCK - 1) / BLOCK, S = (L + K - 1) / K;
     const int64_t W = NN * NV; /* vectors per step: state n of vector v at n * NV + v */
-    vfloat A[NN * NV], gr[NN * NV], dAv[NN * NV], start[NN * NV];
+    vfloat A[NN * NV], gr[NN * NV], dAv[NN * NV], start[NN * NV], Dv[NV], dDv[NV];
+    for (int v = 0; v < NV; ++v) {
+        Dv[v] = D != NULL ? load_lanes(D + c0 + v * LANES, nl[v]) : (vfloat){0};
+        dDv[v] = (vfloat){0};
+    }
     for (int64_t n = 0; n < NN; ++n)
         for (int v = 0; v < NV; ++v) {
             const int64_t c = c0 + v * LANES, k = n * NV + v;
@@ -177,6 +195,7 @@ INLINE void backward_unit(const Dims *s, int64_t b, int64_t g, int64_t j, int64_
             const int64_t row = (b * L + t) * Dn + c0;
             const int64_t bc = ((b * L + t) * G + g) * NN;
             vfloat dt[NV], ut[NV], dyt[NV], dtu[NV], ddt[NV], dut[NV];
+            const float *Bt = Bm + bc, *Ct = Cm + bc;
             for (int v = 0; v < NV; ++v) {
                 dt[v] = load_lanes(delta + row + v * LANES, nl[v]);
                 ut[v] = load_lanes(u + row + v * LANES, nl[v]);
@@ -184,7 +203,20 @@ INLINE void backward_unit(const Dims *s, int64_t b, int64_t g, int64_t j, int64_
                 dtu[v] = dt[v] * ut[v];
                 ddt[v] = dut[v] = (vfloat){0};
             }
-            const float *Bt = Bm + bc, *Ct = Cm + bc;
+            if (z != NULL) {
+                /* the gate: y = pre · silu(z), pre = C·h + D·u recomputed from the states */
+                const vfloat *hn = hs + (t - t0) * W;
+                for (int v = 0; v < NV; ++v) {
+                    vfloat pre = Dv[v] * ut[v];
+                    for (int64_t n = 0; n < NN; ++n) pre += Ct[n] * hn[n * NV + v];
+                    const vfloat zt = load_lanes(z + row + v * LANES, nl[v]);
+                    const vfloat sg = sigmoid_lanes(zt);
+                    store_lanes(dz + row + v * LANES,
+                                dyt[v] * pre * sg * (1.0f + zt * (1.0f - sg)), nl[v]);
+                    dyt[v] = dyt[v] * zt * sg; /* d pre */
+                }
+            }
+            for (int v = 0; v < NV; ++v) dDv[v] += dyt[v] * ut[v];
             float *dBt = dBp + (((b * L + t) * G + g) * J + j) * NN;
             float *dCt = dCp + (((b * L + t) * G + g) * J + j) * NN;
             const vfloat *h = hs + (t - t0) * W, *a = as + (t - t0) * W;
@@ -207,10 +239,12 @@ INLINE void backward_unit(const Dims *s, int64_t b, int64_t g, int64_t j, int64_
             }
             for (int v = 0; v < NV; ++v) {
                 store_lanes(ddelta + row + v * LANES, ddt[v], nl[v]);
-                store_lanes(du_out + row + v * LANES, dut[v] * dt[v], nl[v]);
+                store_lanes(du_out + row + v * LANES, dut[v] * dt[v] + dyt[v] * Dv[v], nl[v]);
             }
         }
     }
+    for (int v = 0; v < NV; ++v)
+        if (dD != NULL) store_lanes(dD + b * Dn + c0 + v * LANES, dDv[v], nl[v]);
     for (int64_t n = 0; n < NN; ++n)
         for (int v = 0; v < NV; ++v) {
             const int64_t c = c0 + v * LANES, k = n * NV + v;
@@ -220,9 +254,10 @@ INLINE void backward_unit(const Dims *s, int64_t b, int64_t g, int64_t j, int64_
 }
 
 int selective_backward(int64_t lo, int64_t hi, const float *u, const float *delta,
-                       const float *At, const float *Bm, const float *Cm, const float *ck,
-                       const float *dy, const float *dfinal, float *du, float *ddelta,
-                       float *dA, float *dBp, float *dCp, float *dh0, int64_t B, int64_t L,
+                       const float *At, const float *Bm, const float *Cm, const float *D,
+                       const float *z, const float *ck, const float *dy, const float *dfinal,
+                       float *du, float *ddelta, float *dA, float *dBp, float *dCp,
+                       float *dh0, float *dD, float *dz, int64_t B, int64_t L,
                        int64_t Dn, int64_t N, int64_t G, int64_t K) {
     Arena arena;
     if (arena_open(&arena, 2 * K * N * BLOCK + 32)) return 1;
@@ -239,8 +274,8 @@ int selective_backward(int64_t lo, int64_t hi, const float *u, const float *delt
         int64_t nl[VECS];
         for (int v = 0; v < VECS; ++v) nl[v] = v < NV ? min64(LANES, width - v * LANES) : 0;
 #define BWD(NVC, NNC)                                                                          \
-    backward_unit(&s, b, g, j, c0, nl, NVC, NNC, u, delta, At, Bm, Cm, ck, dy, dfinal, du,    \
-                  ddelta, dA, dBp, dCp, dh0, hs, as)
+    backward_unit(&s, b, g, j, c0, nl, NVC, NNC, u, delta, At, Bm, Cm, D, z, ck, dy, dfinal,  \
+                  du, ddelta, dA, dBp, dCp, dh0, dD, dz, hs, as)
         if (NV == VECS && N == 16)
             BWD(VECS, 16);
         else if (NV == VECS)
