@@ -450,6 +450,7 @@ class _NativeSelective(torch.autograd.Function):
         h0: Tensor | None,
         D: Tensor | None,
         z: Tensor | None,
+        store: bool,
     ) -> tuple[Tensor, Tensor]:
         lib = _selective_library()
         bsz, length, channels = u.shape
@@ -458,8 +459,8 @@ class _NativeSelective(torch.autograd.Function):
         units = bsz * groups * vectors
         y = u.new_empty(bsz, length, channels)
         final = u.new_empty(bsz, nstate, channels)
-        grad = any(ctx.needs_input_grad)
-        ck = u.new_empty(bsz, -(-length // NATIVE_SEGMENT), nstate, channels) if grad else None
+        # checkpoints only where a backward can follow (not under no_grad)
+        ck = u.new_empty(bsz, -(-length // NATIVE_SEGMENT), nstate, channels) if store else None
         native.run_units(
             lib.selective_forward, units,
             *map(native.pointer, (u, delta, At, B, C, h0, D, z, y, final, ck)),
@@ -494,7 +495,7 @@ class _NativeSelective(torch.autograd.Function):
             bsz, length, channels, nstate, groups, NATIVE_SEGMENT,
         )  # fmt: skip
         d_skip = dD.sum(0) if dD is not None else None
-        return du, ddelta, dA.sum(0), dB.sum(3), dC.sum(3), dh0, d_skip, dz
+        return du, ddelta, dA.sum(0), dB.sum(3), dC.sum(3), dh0, d_skip, dz, None
 
 
 @native.register(KERNEL, "selective")
@@ -531,6 +532,8 @@ def selective_scan_native(
     h0 = None
     if initial_state is not None:
         h0 = initial_state.to(f).transpose(1, 2).contiguous()  # (B, N, Dn)
+    inputs = (u, delta, A, B, C, D, z, initial_state)
+    store = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     y, final = _NativeSelective.apply(
         uf,
         delta.to(f).contiguous(),
@@ -540,6 +543,7 @@ def selective_scan_native(
         h0,
         None if D is None else D.to(f).contiguous(),
         None if z is None else z.to(f).contiguous(),
+        store,
     )
     y = y.to(u.dtype)
     if return_final_state:

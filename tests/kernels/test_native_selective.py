@@ -171,3 +171,17 @@ def test_auto_picks_native_for_cpu_float32_and_torch_for_float64():
     expected = "native" if REASON is None else "torch"
     assert BackendPolicy("auto").resolve(ss.KERNEL, cpu, torch.float32).provider == expected
     assert BackendPolicy("auto").resolve(ss.KERNEL, cpu, torch.float64).provider == "torch"
+
+
+@needs_native
+def test_no_grad_call_matches_the_grad_call():
+    """Under no_grad (inputs that require grad, as a model's parameters at inference)
+    no checkpoints are stored; the outputs are the same bits as with autograd on."""
+    leaves = _leaves(8, 2, 40, 20, 16, 0, skip=True, gate=True, state=True)
+    cast = {k: v.float().requires_grad_() for k, v in leaves.items()}
+    with torch.no_grad():
+        plain = ss.selective_scan_native(**cast, return_final_state=True)
+    tracked = ss.selective_scan_native(**cast, return_final_state=True)
+    assert tracked[0].requires_grad and not plain[0].requires_grad
+    for a, b in zip(plain, tracked, strict=True):
+        assert torch.equal(a, b.detach())
