@@ -32,7 +32,8 @@ backward stream is scanned with the flipped ``seq_idx``.
 Matrix view: one term, v = post-conv x (B, L, H, P); ``mix`` = both shifted scans plus
 the diagonal; ``finish`` = norm, gate, ``out_proj``. Capabilities: never causal, no
 decode (the output at t reads the whole sequence), so no decode state. Kernels:
-``centered_conv1d`` and ``ssd_scan`` (backends ``torch``, ``reference``).
+``centered_conv1d``, ``ssd_scan`` and ``gated_rms_norm`` (backends ``torch``,
+``reference`` and, on the CPU, ``native``).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ Matrix view (one term, H = d_inner channels, P = 1, v = post-conv x):
 Capabilities: causal, decode. Decode state per sequence: ``d_inner·d_conv`` pre-conv
 inputs (model dtype) + ``d_inner·N`` SSM state (fp32, fp64 for fp64), independent of
 length. Kernels: ``causal_conv1d`` and ``selective_scan`` (backends ``torch``,
-``reference``); decoding uses their single-step functions.
+``reference`` and, on the CPU, ``native``); decoding uses their single-step functions.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ d_mlp branch, ``out_proj``.
 
 Capabilities: causal, decode. Decode state per sequence: ``conv_dim·d_conv`` pre-conv
 inputs (model dtype) + ``H·P·N`` SSM state (fp32), independent of length; conv_dim =
-d_ssm + 2GN. Kernels: ``causal_conv1d`` and ``ssd_scan`` (backends ``torch``,
-``reference``); decoding uses their single-step functions.
+d_ssm + 2GN. Kernels: ``causal_conv1d``, ``ssd_scan`` and ``gated_rms_norm`` (backends
+``torch``, ``reference`` and, on the CPU, ``native``); decoding uses the single-step
+functions of the first two.
 """
 
 from __future__ import annotations

@@ -90,6 +90,8 @@ INLINE vfloat exp_lanes(vfloat x) {
 }
 #endif
 
+INLINE vfloat sigmoid_lanes(vfloat x) { return 1.0f / (1.0f + exp_lanes(-x)); }
+
 /* v[i] = exp(v[i]) for i < n, a vector at a time (the tail through a padded vector). */
 static inline void exp_inplace(float *restrict v, int64_t n) {
     int64_t i = 0;

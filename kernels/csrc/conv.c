@@ -46,7 +46,6 @@
 #define PREFETCH 16
 #define TILE 64  /* time steps summed in float before the double accumulators */
 
-INLINE vfloat sigmoid_lanes(vfloat x) { return 1.0f / (1.0f + exp_lanes(-x)); }
 
 static const float ZEROS[LANES] = {0};
 

@@ -53,7 +53,6 @@
 /* Sum of a vector's lanes, as a tree (halves added, then quarters, ...): log2(LANES)
  * dependent steps instead of LANES; with AVX-512 the compiler's own reduction, the
  * same tree. */
-INLINE vfloat sigmoid_lanes(vfloat x) { return 1.0f / (1.0f + exp_lanes(-x)); }
 
 INLINE float hsum(vfloat v) {
 #if defined(__AVX512F__)
