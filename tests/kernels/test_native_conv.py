@@ -5,9 +5,6 @@ that take the four-vector forward blocks, the single vectors and the channel tai
 
 from __future__ import annotations
 
-import ctypes
-import subprocess
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +12,7 @@ import torch.nn.functional as F
 from mixstack.kernels import causal_conv1d as cc
 from mixstack.kernels import native
 from mixstack.kernels.backends import BackendPolicy
+from tests.kernels.native_builds import portable_build
 
 F64 = torch.float64
 REASON = native.unavailable("conv")
@@ -205,15 +203,8 @@ def test_portable_build_matches_float64_reference(tmp_path, monkeypatch):
     """conv.c built for no particular CPU (4-lane vectors, the exp without AVX-512's
     vscalefps; -O1 keeps the build under a second), as a machine without AVX-512 runs
     it: outputs and gradients against the float64 reference, tails included."""
-    lib_path = tmp_path / "conv_portable.so"
-    flags = ["-O1", "-std=c11", "-shared", "-fPIC", "-fno-math-errno", "-fopenmp-simd"]
-    source = native.SOURCE_DIR / "conv.c"
-    subprocess.run(
-        [native._compiler(), *flags, "-o", str(lib_path), str(source), "-lm"],
-        check=True,
-        capture_output=True,
-    )
-    monkeypatch.setattr(cc, "_conv_library", lambda: cc._declare_conv(ctypes.CDLL(lib_path)))
+    lib = cc._declare_conv(portable_build("conv", tmp_path))
+    monkeypatch.setattr(cc, "_conv_library", lambda: lib)
     leaves = {
         "x": _rand(70, 2, 19, 23),
         "weight": _rand(71, 23, 4),

@@ -6,15 +6,13 @@ one and two groups, L = 1 and L not a multiple of the checkpoint interval."""
 
 from __future__ import annotations
 
-import ctypes
-import subprocess
-
 import pytest
 import torch
 
 from mixstack.kernels import native
 from mixstack.kernels import selective_scan as ss
 from mixstack.kernels.backends import BackendPolicy
+from tests.kernels.native_builds import portable_build
 
 F64 = torch.float64
 REASON = native.unavailable("selective")
@@ -152,15 +150,7 @@ def test_portable_build_matches_float64_reference(tmp_path, monkeypatch):
     """selective.c built for no particular CPU (4-lane vectors, the exp without
     AVX-512's vscalefps), as a machine without AVX-512 runs it: y, the final state and
     every gradient against the float64 reference, tails included."""
-    lib_path = tmp_path / "selective_portable.so"
-    flags = ["-O1", "-std=c11", "-shared", "-fPIC", "-fno-math-errno", "-fopenmp-simd"]
-    source = native.SOURCE_DIR / "selective.c"
-    subprocess.run(
-        [native._compiler(), *flags, "-o", str(lib_path), str(source), "-lm"],
-        check=True,
-        capture_output=True,
-    )
-    lib = ss._declare_selective(ctypes.CDLL(str(lib_path)))
+    lib = ss._declare_selective(portable_build("selective", tmp_path))
     assert lib.selective_lanes() == 4
     monkeypatch.setattr(ss, "_selective_library", lambda: lib)
     _compare(_leaves(7, 2, 35, 10, 5, 2, skip=True, gate=True, state=True), final=True)
