@@ -364,13 +364,15 @@ def _conv_library() -> ctypes.CDLL:
 def _declare_conv(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the argument and return types of a build of csrc/conv.c."""
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
-    lib.conv_forward.argtypes = [i64, i64, ptr, i64, i64, *[ptr] * 4, *[i64] * 5, i32]
-    lib.conv_backward.argtypes = [
-        i64, i64, ptr, i64, i64, *[ptr] * 4, i64, i64, *[ptr] * 4, *[i64] * 5, i32,
-    ]  # fmt: skip
-    for fn in (lib.conv_forward, lib.conv_backward):
-        fn.restype = ctypes.c_int
-    return lib
+    return native.declare(
+        lib,
+        {
+            "conv_forward": [i64, i64, ptr, i64, i64, *[ptr] * 4, *[i64] * 5, i32],
+            "conv_backward": [
+                i64, i64, ptr, i64, i64, *[ptr] * 4, i64, i64, *[ptr] * 4, *[i64] * 5, i32,
+            ],
+        },
+    )  # fmt: skip
 
 
 def _rows(t: Tensor) -> tuple[ctypes.c_void_p, int, int]:

@@ -186,11 +186,13 @@ def _norm_library() -> ctypes.CDLL:
     """csrc/norm.c, with its entry points' argument types declared."""
     lib = native.load("norm")
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.gated_norm_forward.argtypes = [i64, i64, *[ptr] * 5, *[i64] * 4, ctypes.c_float, i64]
-    lib.gated_norm_backward.argtypes = [i64, i64, *[ptr] * 8, *[i64] * 5]
-    for fn in (lib.gated_norm_forward, lib.gated_norm_backward):
-        fn.restype = ctypes.c_int
-    return lib
+    return native.declare(
+        lib,
+        {
+            "gated_norm_forward": [i64, i64, *[ptr] * 5, *[i64] * 4, ctypes.c_float, i64],
+            "gated_norm_backward": [i64, i64, *[ptr] * 8, *[i64] * 5],
+        },
+    )
 
 
 class _NativeGatedNorm(torch.autograd.Function):

@@ -153,6 +153,16 @@ def _build_and_load(name: str) -> ctypes.CDLL:
         raise NativeUnavailable(f"loading {target} failed: {err}") from err
 
 
+def declare(lib: ctypes.CDLL, argtypes: dict[str, list[Any]]) -> ctypes.CDLL:
+    """Set each named entry point's argument types; every entry point of the native
+    sources returns an ``int`` (0, or nonzero when its scratch allocation failed)."""
+    for name, types in argtypes.items():
+        fn = getattr(lib, name)
+        fn.argtypes = types
+        fn.restype = ctypes.c_int
+    return lib
+
+
 def unavailable(name: str) -> str | None:
     """Why the library ``name`` cannot be used here (None: it can)."""
     try:

@@ -421,13 +421,15 @@ def _selective_library() -> ctypes.CDLL:
 def _declare_selective(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the argument and return types of a build of csrc/selective.c."""
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.selective_forward.argtypes = [i64, i64, *[ptr] * 11, *[i64] * 6]
-    lib.selective_backward.argtypes = [i64, i64, *[ptr] * 18, *[i64] * 6]
-    lib.selective_lanes.argtypes = lib.selective_block.argtypes = []
-    fns = (lib.selective_forward, lib.selective_backward, lib.selective_lanes, lib.selective_block)
-    for fn in fns:
-        fn.restype = ctypes.c_int
-    return lib
+    return native.declare(
+        lib,
+        {
+            "selective_forward": [i64, i64, *[ptr] * 11, *[i64] * 6],
+            "selective_backward": [i64, i64, *[ptr] * 18, *[i64] * 6],
+            "selective_lanes": [],
+            "selective_block": [],
+        },
+    )
 
 
 class _NativeSelective(torch.autograd.Function):

@@ -436,11 +436,13 @@ def _ssd_library() -> ctypes.CDLL:
         "ssd_scan_back_pass": (6, 6),
         "ssd_scan_back_grads": (16, 7),
     }
-    for name, (pointers, sizes) in signatures.items():
-        fn = getattr(lib, name)
-        fn.argtypes = [i64, i64, *[ptr] * pointers, *[i64] * sizes]
-        fn.restype = ctypes.c_int
-    return lib
+    return native.declare(
+        lib,
+        {
+            name: [i64, i64, *[ptr] * pointers, *[i64] * sizes]
+            for name, (pointers, sizes) in signatures.items()
+        },
+    )
 
 
 class _NativeScan(torch.autograd.Function):
